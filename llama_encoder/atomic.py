@@ -1,0 +1,154 @@
+"""The one writer helper: build an output in a temporary sibling, fsync it, rename it into place.
+
+Every output of the package (checkpoints, adapters, training checkpoints, embedding shards) goes through
+`atomic_directory` or `atomic_file`, so a crash at any point leaves either the previous good state or the new
+complete one, never a half-written output under the final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_TMP_PREFIX = ".tmp-"
+
+
+class OutputExistsError(FileExistsError):
+    """The destination exists and the caller did not ask to overwrite it."""
+
+
+def check_destination(dest: str | os.PathLike, *, overwrite: bool = False, kind: str = "directory") -> Path:
+    """Refuse a destination that cannot be written, before any work starts.
+
+    Returns the destination as an absolute `Path`. Raises `OutputExistsError` when it exists and `overwrite` is
+    false, `NotADirectoryError`/`IsADirectoryError` when it is the wrong kind of thing, and `PermissionError` when
+    its parent is not writable.
+    """
+    dest = Path(dest).expanduser().absolute()
+    if dest.exists():
+        if kind == "directory" and not dest.is_dir():
+            raise NotADirectoryError(
+                f"Output path {dest} exists and is a file, not a folder. Choose another path or remove the file."
+            )
+        if kind == "file" and dest.is_dir():
+            raise IsADirectoryError(f"Output path {dest} is a folder; give a file path instead.")
+        if not overwrite:
+            raise OutputExistsError(
+                f"Output path {dest} already exists. Pass --overwrite (overwrite=True) to replace it, "
+                "or choose another path."
+            )
+    parent = _existing_ancestor(dest.parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"Cannot write under {parent}: permission denied. Choose a writable output path.")
+    return dest
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _fsync_path(path: Path) -> None:
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some filesystems refuse to open directories; fsync is best effort there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
+
+
+def _explain_disk_full(exc: OSError, dest: Path, needed_bytes: int | None) -> OSError:
+    if exc.errno != errno.ENOSPC:
+        return exc
+    free = shutil.disk_usage(_existing_ancestor(dest.parent)).free
+    need = f"about {needed_bytes / 2**20:.1f} MiB" if needed_bytes else "more space"
+    return OSError(
+        errno.ENOSPC,
+        f"No space left on the device while writing {dest}: it needs {need}, {free / 2**20:.1f} MiB are free. "
+        "Nothing was left in place; free some space or choose another output path.",
+    )
+
+
+@contextlib.contextmanager
+def atomic_directory(
+    dest: str | os.PathLike, *, overwrite: bool = False, needed_bytes: int | None = None
+) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `dest`; on clean exit, fsync it and rename it to `dest`.
+
+    On any exception the temporary folder is removed and `dest` is left as it was. With `overwrite`, an existing
+    `dest` is replaced only after the new folder is complete (it is moved aside, the new one renamed in, then
+    the old one deleted). `needed_bytes`, when known, makes a disk-full error say how much space was needed.
+    """
+    dest = check_destination(dest, overwrite=overwrite, kind="directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{dest.name}-", dir=dest.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if dest.exists():
+            if not overwrite:  # appeared while we worked
+                raise OutputExistsError(f"Output path {dest} appeared while writing; nothing was replaced.")
+            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{dest.name}-old-", dir=dest.parent))
+            os.rename(dest, old / dest.name)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+        _fsync_path(dest.parent)
+        logger.info("Wrote %s", dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        explained = _explain_disk_full(exc, dest, needed_bytes)
+        if explained is exc:
+            raise
+        raise explained from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(
+    dest: str | os.PathLike, *, overwrite: bool = False, needed_bytes: int | None = None
+) -> Iterator[Path]:
+    """Yield a temporary path beside `dest` to write one file; on clean exit, fsync it and rename it to `dest`."""
+    dest = check_destination(dest, overwrite=overwrite, kind="file")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{dest.name}-", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        _fsync_path(tmp)
+        os.replace(tmp, dest)
+        _fsync_path(dest.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        explained = _explain_disk_full(exc, dest, needed_bytes)
+        if explained is exc:
+            raise
+        raise explained from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

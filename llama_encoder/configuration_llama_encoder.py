@@ -1,0 +1,77 @@
+"""Configuration of a bidirectional Llama encoder (a Hub file: imports only transformers).
+
+This file is copied into every checkpoint the package writes, so it is the single source of truth for the
+encoder's defaults: pooling mode, latent-attention sizes, normalisation and the instruction template.
+"""
+
+from transformers import LlamaConfig
+
+POOLING_MODES = ("mean", "weighted_mean", "eos", "last_token", "bos", "latent_attention")
+
+# LLM2Vec's query format; the instruction part is attended to but excluded from pooling.
+DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
+
+
+class LlamaEncoderConfig(LlamaConfig):
+    r"""A `LlamaConfig` for an encoder: attention is always bidirectional (`is_causal` is saved as `false`).
+
+    Args:
+        pooling_mode (`str`, defaults to `"mean"`):
+            How token states become one sentence embedding: `"mean"`, `"weighted_mean"` (weights 1..n over the n
+            pooled tokens, later tokens heavier), `"eos"` / `"last_token"` (the last pooled token; with `"eos"` the
+            encoder's callers append the EOS token to every input), `"bos"` (the first pooled token) or
+            `"latent_attention"` (NV-Embed's latent attention layer followed by a masked mean).
+        normalize_embeddings (`bool`, defaults to `True`):
+            Whether the sentence embedding (`pooler_output`) is L2-normalised.
+        latent_attention_num_latents (`int`, defaults to 512):
+            Rows of the trainable latent array that supplies keys and values.
+        latent_attention_num_heads (`int`, defaults to 8):
+            Heads of the cross-attention from token states to latents.
+        latent_attention_head_dim (`int`, *optional*):
+            Width of each head; defaults to `hidden_size // latent_attention_num_heads`.
+        latent_attention_mlp_dim (`int`, *optional*):
+            Inner width of the GELU-gated MLP; defaults to `4 * hidden_size`.
+        instruction_template (`str`, defaults to `"Instruct: {instruction}\nQuery: "`):
+            How an instruction is written before a query; its tokens are attended to but not pooled.
+    """
+
+    model_type = "llama_encoder"
+
+    def __init__(
+        self,
+        pooling_mode: str = "mean",
+        normalize_embeddings: bool = True,
+        latent_attention_num_latents: int = 512,
+        latent_attention_num_heads: int = 8,
+        latent_attention_head_dim: int | None = None,
+        latent_attention_mlp_dim: int | None = None,
+        instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE,
+        **kwargs,
+    ):
+        if pooling_mode not in POOLING_MODES:
+            raise ValueError(f"pooling_mode must be one of {', '.join(POOLING_MODES)}; got {pooling_mode!r}.")
+        if "{instruction}" not in instruction_template:
+            raise ValueError(
+                f"instruction_template must contain the placeholder '{{instruction}}'; got {instruction_template!r}."
+            )
+        if kwargs.pop("is_causal", False):
+            raise ValueError("LlamaEncoderConfig is bidirectional; is_causal=True is not supported.")
+        self.pooling_mode = pooling_mode
+        self.normalize_embeddings = normalize_embeddings
+        self.latent_attention_num_latents = latent_attention_num_latents
+        self.latent_attention_num_heads = latent_attention_num_heads
+        self.latent_attention_head_dim = latent_attention_head_dim
+        self.latent_attention_mlp_dim = latent_attention_mlp_dim
+        self.instruction_template = instruction_template
+        kwargs.setdefault("use_cache", False)
+        super().__init__(**kwargs)
+        # Set after the parent's init so no version of LlamaConfig can reset it.
+        self.is_causal = False
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["is_causal"] = False
+        return output
+
+
+__all__ = ["LlamaEncoderConfig", "POOLING_MODES", "DEFAULT_INSTRUCTION_TEMPLATE"]

@@ -1,0 +1,332 @@
+"""A bidirectional Llama encoder with sentence pooling (a Hub file: imports only torch, transformers and
+`configuration_llama_encoder`).
+
+Classes follow the data: the decoder layer with causality switched off, the latent-attention pooling head,
+pooling, then the model. Every token attends to every non-padding token on every attention backend, because the
+mask is built here (padding only) and every attention module is constructed with `is_causal = False`; nothing is
+toggled per call, so one model can serve several threads.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+
+from .configuration_llama_encoder import LlamaEncoderConfig
+
+try:  # transformers 5.x: init functions that skip tensors already loaded from a checkpoint
+    from transformers import initialization as _init
+except ImportError:  # transformers 4.x initialises only modules whose weights were missing
+    _init = nn.init
+
+
+def tokenize_for_encoder(
+    tokenizer,
+    texts: list[str],
+    prompts: str | list[str] | None = None,
+    *,
+    max_length: int | None = None,
+    append_eos: bool = False,
+    return_tensors: str | None = "pt",
+    padding: bool | str = True,
+) -> dict:
+    """Tokenise `prompt + text` for each text and mark which tokens are pooled.
+
+    The prompt (an instruction such as `"Instruct: ...\\nQuery: "`) is tokenised together with its text, as the
+    model sees it, and a token is pooled from the first token that ends past the prompt's characters onwards.
+    Counting the prompt's tokens on their own is wrong for byte-level BPE: `"Query: "` alone ends in a lone-space
+    token that, joined to the text, merges into the text's first token. A fast tokenizer is required (offsets).
+
+    Returns a dict with `input_ids`, `attention_mask` and `pool_mask` (and `num_truncated`, the count of inputs
+    that were cut at `max_length`). With `append_eos`, the tokenizer's EOS token ends every input.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("tokenize_for_encoder needs a fast tokenizer (offset mappings); load it with use_fast=True.")
+    if isinstance(prompts, str) or prompts is None:
+        prompts = [prompts or ""] * len(texts)
+    if len(prompts) != len(texts):
+        raise ValueError(f"Got {len(prompts)} prompts for {len(texts)} texts; pass one prompt, or one per text.")
+    suffix = tokenizer.eos_token if append_eos else ""
+    if append_eos and not suffix:
+        raise ValueError("append_eos=True needs a tokenizer with an EOS token; set tokenizer.eos_token first.")
+    full = [prompt + text + suffix for prompt, text in zip(prompts, texts)]
+    untruncated = tokenizer(full, add_special_tokens=True)["input_ids"] if max_length else None
+    encoded = tokenizer(
+        full,
+        padding=padding,
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_offsets_mapping=True,
+    )
+    pool_masks = []
+    for row, prompt in enumerate(prompts):
+        attention = encoded["attention_mask"][row]
+        offsets = encoded["offset_mapping"][row]
+        first = 0
+        if prompt:
+            # Padding positions are skipped by the attention mask; special tokens before the text have end 0.
+            first = next(
+                (i for i, (keep, (_, end)) in enumerate(zip(attention, offsets)) if keep and end > len(prompt)),
+                len(attention),
+            )
+        pool_masks.append([int(keep and i >= first) for i, keep in enumerate(attention)])
+    result = {
+        "input_ids": encoded["input_ids"],
+        "attention_mask": encoded["attention_mask"],
+        "pool_mask": pool_masks,
+    }
+    if return_tensors == "pt":
+        result = {key: torch.tensor(value, dtype=torch.long) for key, value in result.items()}
+    result["num_truncated"] = (
+        sum(len(ids) > max_length for ids in untruncated) if untruncated is not None else 0
+    )
+    return result
+
+
+class ModifiedLlamaDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer whose self-attention is bidirectional (`is_causal = False`), set once at build."""
+
+    def __init__(self, config: LlamaEncoderConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn.is_causal = False
+
+
+class LatentAttentionPooling(nn.Module):
+    """NV-Embed's latent attention layer: token states are the queries against a trainable latent array that
+    supplies keys and values (multi-head cross-attention, pre-LayerNorm on both sides, residual), then a GELU-gated
+    MLP with a residual. Each token is processed independently of the others, so padding cannot change a real
+    token's output; the masked mean over the pool mask happens in `pool`.
+    """
+
+    def __init__(self, config: LlamaEncoderConfig):
+        super().__init__()
+        hidden = config.hidden_size
+        self.num_heads = config.latent_attention_num_heads
+        self.head_dim = config.latent_attention_head_dim or hidden // self.num_heads
+        inner = self.num_heads * self.head_dim
+        mlp_dim = config.latent_attention_mlp_dim or 4 * hidden
+
+        self.latents = nn.Parameter(torch.empty(config.latent_attention_num_latents, hidden))
+        self.query_norm = nn.LayerNorm(hidden)
+        self.latent_norm = nn.LayerNorm(hidden)
+        self.q_proj = nn.Linear(hidden, inner, bias=False)
+        self.kv_proj = nn.Linear(hidden, 2 * inner, bias=False)
+        self.o_proj = nn.Linear(inner, hidden)
+        self.mlp_norm = nn.LayerNorm(hidden)
+        self.mlp_in = nn.Linear(hidden, 2 * mlp_dim)
+        self.mlp_out = nn.Linear(mlp_dim, hidden)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = hidden_states.shape
+        query = self.q_proj(self.query_norm(hidden_states))
+        query = query.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        key, value = self.kv_proj(self.latent_norm(self.latents)).chunk(2, dim=-1)
+        key = key.view(1, -1, self.num_heads, self.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
+        value = value.view(1, -1, self.num_heads, self.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
+        attended = F.scaled_dot_product_attention(query, key, value)
+        attended = attended.transpose(1, 2).reshape(batch, seq_len, -1)
+        hidden_states = hidden_states + self.o_proj(attended)
+
+        value_part, gate = self.mlp_in(self.mlp_norm(hidden_states)).chunk(2, dim=-1)
+        return hidden_states + self.mlp_out(value_part * F.gelu(gate))
+
+
+def _masked_mean(hidden_states: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp(min=1e-9)
+    return torch.einsum("bs,bsh->bh", weights, hidden_states)
+
+
+def pool(
+    hidden_states: torch.Tensor,
+    pool_mask: torch.Tensor,
+    pooling_mode: str,
+    latent_attention: LatentAttentionPooling | None = None,
+) -> torch.Tensor:
+    """Reduce token states `(batch, seq, hidden)` to one float32 vector per row over the tokens where
+    `pool_mask` is 1. `pool_mask` is the attention mask with instruction tokens (and padding) zeroed."""
+    pool_mask = pool_mask.to(hidden_states.device)
+    if bool((pool_mask.sum(dim=1) == 0).any()):
+        raise ValueError("pool_mask selects no token in at least one row; every input needs a token to pool.")
+    weights = pool_mask.float()
+    if pooling_mode == "latent_attention":
+        if latent_attention is None:
+            raise ValueError("pooling_mode 'latent_attention' needs the model's latent attention head.")
+        return _masked_mean(latent_attention(hidden_states).float(), weights)
+    states = hidden_states.float()
+    if pooling_mode == "mean":
+        return _masked_mean(states, weights)
+    if pooling_mode == "weighted_mean":
+        # 1..n over the n pooled tokens, wherever they sit in the row (left or right padding alike).
+        return _masked_mean(states, torch.cumsum(weights, dim=1) * weights)
+    positions = torch.arange(weights.shape[1], device=weights.device)
+    if pooling_mode in ("eos", "last_token"):
+        index = torch.where(weights > 0, positions, -1).amax(dim=1)
+    elif pooling_mode == "bos":
+        index = torch.where(weights > 0, positions, weights.shape[1]).amin(dim=1)
+    else:
+        raise ValueError(f"Unknown pooling_mode {pooling_mode!r}.")
+    return states[torch.arange(states.shape[0], device=states.device), index]
+
+
+def bidirectional_attention_mask(
+    attention_mask: torch.Tensor | None, attn_implementation: str, dtype: torch.dtype
+) -> torch.Tensor | object | None:
+    """The padding-only mask each attention backend expects, or `None` when nothing is padded.
+
+    With `None`, every backend attends to all tokens because the attention modules are not causal.
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    keep = attention_mask.bool()
+    batch, seq_len = keep.shape
+    if "flash" in attn_implementation:
+        return attention_mask  # flash kernels unpad from the 2D mask themselves
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def keep_key(b, h, q_idx, kv_idx):
+            return keep[b, kv_idx]
+
+        return create_block_mask(keep_key, batch, None, seq_len, seq_len, device=keep.device)
+    expanded = keep[:, None, None, :].expand(batch, 1, seq_len, seq_len)
+    if attn_implementation == "sdpa":
+        return expanded  # boolean: valid whatever dtype autocast gives the queries
+    return torch.zeros(expanded.shape, dtype=dtype, device=keep.device).masked_fill(
+        ~expanded, torch.finfo(dtype).min
+    )
+
+
+@dataclass
+class LlamaEncoderOutput(ModelOutput):
+    """`last_hidden_state`: token states `(batch, seq, hidden)`; `pooler_output`: sentence embeddings
+    `(batch, hidden)` in float32, L2-normalised when the config says so; `hidden_states`: per-layer states when
+    asked for."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class LlamaEncoderModel(LlamaPreTrainedModel):
+    """A Llama model built from `ModifiedLlamaDecoderLayer`s, with pooling. Loads plain `LlamaModel` and
+    `LlamaForCausalLM` weights; only the latent-attention head (when used) is newly initialised."""
+
+    config_class = LlamaEncoderConfig
+    config: LlamaEncoderConfig
+    _no_split_modules = ["ModifiedLlamaDecoderLayer"]
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
+    def __init__(self, config: LlamaEncoderConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [ModifiedLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.latent_attention = (
+            LatentAttentionPooling(config) if config.pooling_mode == "latent_attention" else None
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LatentAttentionPooling):
+            _init.normal_(module.latents, mean=0.0, std=self.config.initializer_range)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def pool(self, hidden_states: torch.Tensor, pool_mask: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings from token states with the configured pooling mode and normalisation."""
+        pooled = pool(hidden_states, pool_mask, self.config.pooling_mode, self.latent_attention)
+        return F.normalize(pooled, p=2, dim=-1) if self.config.normalize_embeddings else pooled
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pool_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> LlamaEncoderOutput | tuple:
+        """Encode a batch. `attention_mask` marks real tokens (1) and padding (0), on either side;
+        `pool_mask` (defaults to `attention_mask`) marks the tokens that are pooled, so an instruction can be
+        attended to but not pooled. Positions count real tokens only, so left and right padding agree."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        for unsupported in ("past_key_values", "cache", "use_cache", "is_causal"):
+            kwargs.pop(unsupported, None)  # an encoder has no cache and is never causal
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, seq_len, dtype=torch.long, device=inputs_embeds.device)
+        if attention_mask.shape != (batch, seq_len):
+            raise ValueError(
+                f"attention_mask must have shape (batch, seq) = {(batch, seq_len)}; got {tuple(attention_mask.shape)}."
+            )
+        if pool_mask is None:
+            pool_mask = attention_mask
+        elif pool_mask.shape != attention_mask.shape:
+            raise ValueError(
+                f"pool_mask must have the shape of attention_mask {tuple(attention_mask.shape)}; "
+                f"got {tuple(pool_mask.shape)}."
+            )
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+        mask = bidirectional_attention_mask(attention_mask, self.config._attn_implementation, inputs_embeds.dtype)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = [] if output_hidden_states else None
+        for layer in self.layers:
+            if all_hidden_states is not None:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **kwargs,
+            )
+            if isinstance(hidden_states, tuple):  # older decoder layers return (hidden_states, ...)
+                hidden_states = hidden_states[0]
+        hidden_states = self.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
+
+        output = LlamaEncoderOutput(
+            last_hidden_state=hidden_states,
+            pooler_output=self.pool(hidden_states, pool_mask),
+            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+        )
+        return output.to_tuple() if return_dict is False else output
+
+
+__all__ = [
+    "LatentAttentionPooling",
+    "LlamaEncoderModel",
+    "LlamaEncoderOutput",
+    "ModifiedLlamaDecoderLayer",
+    "bidirectional_attention_mask",
+    "pool",
+    "tokenize_for_encoder",
+]

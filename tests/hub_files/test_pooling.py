@@ -1,0 +1,115 @@
+"""Every pooling mode against an independent, loop-written computation; pool_mask excludes instructions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llama_encoder import LlamaEncoderConfig
+from llama_encoder.modeling_llama_encoder import LatentAttentionPooling, pool
+from tests.tiny import TINY_LATENTS, TINY_LLAMA, tiny_encoder
+
+MODES = ["mean", "weighted_mean", "eos", "last_token", "bos"]
+
+
+def reference_pool(states: torch.Tensor, pool_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pooling written as plain loops over rows and positions."""
+    rows = []
+    for row in range(states.shape[0]):
+        positions = [i for i in range(states.shape[1]) if pool_mask[row, i] == 1]
+        vectors = [states[row, i].double() for i in positions]
+        if mode == "mean":
+            rows.append(sum(vectors) / len(vectors))
+        elif mode == "weighted_mean":
+            weights = [k + 1 for k in range(len(vectors))]
+            rows.append(sum(w * v for w, v in zip(weights, vectors)) / sum(weights))
+        elif mode in ("eos", "last_token"):
+            rows.append(vectors[-1])
+        elif mode == "bos":
+            rows.append(vectors[0])
+    return torch.stack(rows).float()
+
+
+def _masks() -> torch.Tensor:
+    # right padding, left padding, no padding, an instruction excluded (first 3 real tokens), one token only
+    return torch.tensor(
+        [
+            [1, 1, 1, 1, 1, 0, 0],
+            [0, 0, 1, 1, 1, 1, 1],
+            [1, 1, 1, 1, 1, 1, 1],
+            [0, 0, 0, 1, 1, 1, 0],
+            [0, 0, 0, 1, 0, 0, 0],
+        ]
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pool_matches_reference(mode):
+    states = torch.randn(5, 7, 16)
+    mask = _masks()
+    torch.testing.assert_close(pool(states, mask, mode), reference_pool(states, mask, mode), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES + ["latent_attention"])
+def test_model_pooler_output_is_pool_of_its_token_states(mode):
+    model = tiny_encoder(pooling_mode=mode, normalize_embeddings=False)
+    ids = torch.randint(3, TINY_LLAMA["vocab_size"], (2, 6))
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    pool_mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=attention, pool_mask=pool_mask)
+        states = out.last_hidden_state
+        if mode == "latent_attention":
+            states = model.latent_attention(states)
+            expected = reference_pool(states, pool_mask, "mean")
+        else:
+            expected = reference_pool(states, pool_mask, mode)
+    torch.testing.assert_close(out.pooler_output, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_normalised_embeddings_have_unit_norm_and_the_same_direction():
+    raw = tiny_encoder(normalize_embeddings=False)
+    normalised = tiny_encoder(normalize_embeddings=True)
+    ids = torch.randint(3, TINY_LLAMA["vocab_size"], (3, 5))
+    with torch.no_grad():
+        a, b = raw(input_ids=ids).pooler_output, normalised(input_ids=ids).pooler_output
+    torch.testing.assert_close(b.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(b, a / a.norm(dim=-1, keepdim=True))
+
+
+@pytest.mark.parametrize("mode", MODES + ["latent_attention"])
+def test_instruction_states_carry_no_pooling_weight(mode):
+    """Whatever the instruction tokens' states are, the embedding depends only on the pooled tokens."""
+    head = LatentAttentionPooling(LlamaEncoderConfig(**TINY_LLAMA, **TINY_LATENTS)) if mode == "latent_attention" else None
+    if head is not None:
+        torch.nn.init.normal_(head.latents)
+    states = torch.randn(2, 8, TINY_LLAMA["hidden_size"])
+    pool_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1]])
+    scrambled = states.clone()
+    scrambled[pool_mask == 0] = torch.randn(int((pool_mask == 0).sum()), TINY_LLAMA["hidden_size"]) * 10
+    with torch.no_grad():
+        torch.testing.assert_close(pool(states, pool_mask, mode, head), pool(scrambled, pool_mask, mode, head))
+
+
+def test_excluding_the_instruction_changes_the_embedding_but_not_the_attention():
+    model = tiny_encoder(pooling_mode="mean", normalize_embeddings=False)
+    ids = torch.randint(3, TINY_LLAMA["vocab_size"], (1, 8))
+    instruction_excluded = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        full = model(input_ids=ids)
+        excluded = model(input_ids=ids, pool_mask=instruction_excluded)
+    # Token states are identical (the instruction is still attended to) ...
+    torch.testing.assert_close(full.last_hidden_state, excluded.last_hidden_state, atol=0, rtol=0)
+    # ... and the embedding is the mean over the text tokens only.
+    torch.testing.assert_close(excluded.pooler_output, full.last_hidden_state[0, 3:].mean(dim=0, keepdim=True))
+    assert (full.pooler_output - excluded.pooler_output).abs().max() > 1e-4
+
+
+def test_empty_pool_mask_is_refused():
+    with pytest.raises(ValueError, match="pool_mask selects no token"):
+        pool(torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [0, 0, 0]]), "mean")
+
+
+def test_unknown_pooling_mode_is_refused_by_the_config():
+    with pytest.raises(ValueError, match="pooling_mode must be one of"):
+        LlamaEncoderConfig(**TINY_LLAMA, pooling_mode="max")
