@@ -57,6 +57,12 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_path(path: Path) -> None:
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if path.is_dir() else os.O_RDONLY
     try:
@@ -103,6 +109,7 @@ def atomic_directory(
     dest = check_destination(dest, overwrite=overwrite, kind="directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{dest.name}-", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should get the usual permissions
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -138,6 +145,7 @@ def atomic_file(
     fd, name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{dest.name}-", dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
     try:
         yield tmp
         _fsync_path(tmp)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
+from transformers.tokenization_utils_base import BatchEncoding
+from transformers.utils import logging
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaPreTrainedModel,
@@ -21,6 +23,8 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_llama_encoder import LlamaEncoderConfig
+
+logger = logging.get_logger(__name__)
 
 try:  # transformers 5.x: init functions that skip tensors already loaded from a checkpoint
     from transformers import initialization as _init
@@ -36,8 +40,7 @@ def tokenize_for_encoder(
     max_length: int | None = None,
     append_eos: bool = False,
     return_tensors: str | None = "pt",
-    padding: bool | str = True,
-) -> dict:
+) -> BatchEncoding:
     """Tokenise `prompt + text` for each text and mark which tokens are pooled.
 
     The prompt (an instruction such as `"Instruct: ...\\nQuery: "`) is tokenised together with its text, as the
@@ -45,49 +48,58 @@ def tokenize_for_encoder(
     Counting the prompt's tokens on their own is wrong for byte-level BPE: `"Query: "` alone ends in a lone-space
     token that, joined to the text, merges into the text's first token. A fast tokenizer is required (offsets).
 
-    Returns a dict with `input_ids`, `attention_mask` and `pool_mask` (and `num_truncated`, the count of inputs
-    that were cut at `max_length`). With `append_eos`, the tokenizer's EOS token ends every input.
+    With `append_eos`, the tokenizer's EOS token ends every input, also one cut at `max_length`. Rows are padded
+    on the tokenizer's `padding_side`. Returns a `BatchEncoding` with `input_ids`, `attention_mask` and
+    `pool_mask` (ready for `model(**batch)`); its attribute `num_truncated` counts the inputs cut at `max_length`,
+    and one warning says how many were.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenize_for_encoder needs a fast tokenizer (offset mappings); load it with use_fast=True.")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("The tokenizer has no pad token; set one first, e.g. tokenizer.pad_token = tokenizer.eos_token.")
     if isinstance(prompts, str) or prompts is None:
         prompts = [prompts or ""] * len(texts)
     if len(prompts) != len(texts):
         raise ValueError(f"Got {len(prompts)} prompts for {len(texts)} texts; pass one prompt, or one per text.")
-    suffix = tokenizer.eos_token if append_eos else ""
-    if append_eos and not suffix:
+    eos_id = tokenizer.eos_token_id
+    if append_eos and eos_id is None:
         raise ValueError("append_eos=True needs a tokenizer with an EOS token; set tokenizer.eos_token first.")
-    full = [prompt + text + suffix for prompt, text in zip(prompts, texts)]
-    untruncated = tokenizer(full, add_special_tokens=True)["input_ids"] if max_length else None
-    encoded = tokenizer(
-        full,
-        padding=padding,
-        truncation=max_length is not None,
-        max_length=max_length,
-        return_offsets_mapping=True,
-    )
-    pool_masks = []
-    for row, prompt in enumerate(prompts):
-        attention = encoded["attention_mask"][row]
-        offsets = encoded["offset_mapping"][row]
-        first = 0
-        if prompt:
-            # Padding positions are skipped by the attention mask; special tokens before the text have end 0.
-            first = next(
-                (i for i, (keep, (_, end)) in enumerate(zip(attention, offsets)) if keep and end > len(prompt)),
-                len(attention),
-            )
-        pool_masks.append([int(keep and i >= first) for i, keep in enumerate(attention)])
-    result = {
-        "input_ids": encoded["input_ids"],
-        "attention_mask": encoded["attention_mask"],
-        "pool_mask": pool_masks,
-    }
-    if return_tensors == "pt":
-        result = {key: torch.tensor(value, dtype=torch.long) for key, value in result.items()}
-    result["num_truncated"] = (
-        sum(len(ids) > max_length for ids in untruncated) if untruncated is not None else 0
-    )
+    limit = None if max_length is None else max_length - int(append_eos)
+    if limit is not None and limit < 1:
+        raise ValueError(f"max_length={max_length} leaves no room for text; use a larger max_length.")
+
+    full = [prompt + text for prompt, text in zip(prompts, texts)]
+    encoded = tokenizer(full, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    too_long = [row for row, row_ids in enumerate(ids) if limit is not None and len(row_ids) > limit]
+    if too_long:  # re-tokenise only those, so the tokenizer keeps any special tokens it adds at the end
+        cut = tokenizer([full[row] for row in too_long], truncation=True, max_length=limit, return_offsets_mapping=True)
+        for position, row in enumerate(too_long):
+            ids[row], offsets[row] = cut["input_ids"][position], cut["offset_mapping"][position]
+        logger.warning(
+            "%d of %d inputs were longer than %d tokens and were truncated.", len(too_long), len(texts), max_length
+        )
+
+    rows, pooled = [], []
+    for row_ids, row_offsets, prompt in zip(ids, offsets, prompts):
+        row_ids = list(row_ids)
+        # Special tokens before the text have end offset 0, so they count as part of the prompt.
+        first = next((i for i, (_, end) in enumerate(row_offsets) if end > len(prompt)), len(row_ids)) if prompt else 0
+        if append_eos and (not row_ids or row_ids[-1] != eos_id):
+            row_ids.append(eos_id)
+        rows.append(row_ids)
+        pooled.append([int(i >= first) for i in range(len(row_ids))])
+
+    width = max(len(row) for row in rows)
+    batch = {"input_ids": [], "attention_mask": [], "pool_mask": []}
+    for row_ids, row_pool in zip(rows, pooled):
+        pad = width - len(row_ids)
+        values = (row_ids, [1] * len(row_ids), row_pool)
+        fills = (tokenizer.pad_token_id, 0, 0)
+        for key, value, fill in zip(batch, values, fills):
+            batch[key].append(value + [fill] * pad if tokenizer.padding_side == "right" else [fill] * pad + value)
+    result = BatchEncoding(batch, tensor_type=return_tensors)
+    result.num_truncated = len(too_long)
     return result
 
 

