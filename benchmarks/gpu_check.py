@@ -92,7 +92,7 @@ def throughput(device: str, dtype: torch.dtype, attn: str, batch: int, seq_len: 
                 mask[row, seq_len // 2 + (row * seq_len) // (2 * batch) :] = 0
         tokens = int(mask.sum())
 
-        def run(model):
+        def run(model, mask=mask):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()

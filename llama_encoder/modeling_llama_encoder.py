@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
-from transformers.tokenization_utils_base import BatchEncoding
-from transformers.utils import logging
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaPreTrainedModel,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
+from transformers.tokenization_utils_base import BatchEncoding
+from transformers.utils import logging
 
 from .configuration_llama_encoder import LlamaEncoderConfig
 
@@ -56,7 +56,9 @@ def tokenize_for_encoder(
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenize_for_encoder needs a fast tokenizer (offset mappings); load it with use_fast=True.")
     if tokenizer.pad_token_id is None:
-        raise ValueError("The tokenizer has no pad token; set one first, e.g. tokenizer.pad_token = tokenizer.eos_token.")
+        raise ValueError(
+            "The tokenizer has no pad token; set one first, e.g. tokenizer.pad_token = tokenizer.eos_token."
+        )
     if isinstance(prompts, str) or prompts is None:
         prompts = [prompts or ""] * len(texts)
     if len(prompts) != len(texts):
@@ -68,7 +70,7 @@ def tokenize_for_encoder(
     if limit is not None and limit < 1:
         raise ValueError(f"max_length={max_length} leaves no room for text; use a larger max_length.")
 
-    full = [prompt + text for prompt, text in zip(prompts, texts)]
+    full = [prompt + text for prompt, text in zip(prompts, texts, strict=True)]
     encoded = tokenizer(full, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     too_long = [row for row, row_ids in enumerate(ids) if limit is not None and len(row_ids) > limit]
@@ -81,7 +83,7 @@ def tokenize_for_encoder(
         )
 
     rows, pooled = [], []
-    for row_ids, row_offsets, prompt in zip(ids, offsets, prompts):
+    for row_ids, row_offsets, prompt in zip(ids, offsets, prompts, strict=True):
         row_ids = list(row_ids)
         # Special tokens before the text have end offset 0, so they count as part of the prompt.
         first = next((i for i, (_, end) in enumerate(row_offsets) if end > len(prompt)), len(row_ids)) if prompt else 0
@@ -92,11 +94,11 @@ def tokenize_for_encoder(
 
     width = max(len(row) for row in rows)
     batch = {"input_ids": [], "attention_mask": [], "pool_mask": []}
-    for row_ids, row_pool in zip(rows, pooled):
+    for row_ids, row_pool in zip(rows, pooled, strict=True):
         pad = width - len(row_ids)
         values = (row_ids, [1] * len(row_ids), row_pool)
         fills = (tokenizer.pad_token_id, 0, 0)
-        for key, value, fill in zip(batch, values, fills):
+        for key, value, fill in zip(batch, values, fills, strict=True):
             batch[key].append(value + [fill] * pad if tokenizer.padding_side == "right" else [fill] * pad + value)
     result = BatchEncoding(batch, tensor_type=return_tensors)
     result.num_truncated = len(too_long)

@@ -24,7 +24,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import Transformer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from llama_encoder import POOLING_MODES
@@ -47,33 +46,12 @@ from llama_encoder.conversion_scripts.verify import (
     write_verification_manifest,
 )
 from llama_encoder.modeling_llama_encoder import tokenize_for_encoder
-from tests.tiny import tiny_encoder
+from tests.tiny import tiny_bpe_tokenizer, tiny_encoder
 
 SENTENCES = list(DEFAULT_SENTENCES)
 ADAPTERS = [{"name": "mntp-lora", "r": 16, "alpha": 32}, {"name": "simcse-lora", "r": 8, "alpha": 16}]
 CHAT_TEMPLATE = "{% for m in messages %}<|begin|>{{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
 TOLERANCE = 1e-5
-
-
-def _train_tokenizer(query_prompt: str) -> PreTrainedTokenizerFast:
-    corpus = SENTENCES + [query_prompt + sentence for sentence in SENTENCES]
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|pad|>", "<|begin|>", "<|end|>"],  # ids 0, 1, 2 as in tests.tiny.TINY_LLAMA
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus * 3, trainer)
-    backend.post_processor = processors.Sequence([
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|begin|> $A", special_tokens=[("<|begin|>", 1)]),
-    ])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin|>", eos_token="<|end|>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +62,7 @@ def query_prompt() -> str:
 @pytest.fixture(scope="module")
 def tokenizer(query_prompt) -> PreTrainedTokenizerFast:
     """The tiny tokenizer without a pad token (write_tokenizer must supply one)."""
-    return _train_tokenizer(query_prompt)
+    return tiny_bpe_tokenizer(SENTENCES + [query_prompt + sentence for sentence in SENTENCES], CHAT_TEMPLATE)
 
 
 def _model(tokenizer, pooling_mode: str = "mean", seed: int = 0):

@@ -32,3 +32,29 @@ def tiny_encoder(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return LlamaEncoderModel(tiny_encoder_config(**overrides)).eval()
+
+
+def tiny_bpe_tokenizer(corpus: list[str], chat_template: str | None = None):
+    """A byte-level BPE fast tokenizer (like Llama 3's and SmolLM2's) trained on `corpus`; it adds a BOS token,
+    has no pad token, and ids 0, 1, 2 are `<|pad|>`, `<|begin|>` (BOS) and `<|end|>` (EOS) as in TINY_LLAMA."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|pad|>", "<|begin|>", "<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus * 3, trainer)
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin|> $A", special_tokens=[("<|begin|>", 1)]),
+    ])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin|>", eos_token="<|end|>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -377,9 +378,11 @@ def write_model_card(
         )
     if license is None:
         logger.warning("No license given for the model card; pass the base model's license, e.g. 'apache-2.0'.")
+    # The Hub links base_model to a repo; a local path there would be a broken link, so it stays in the text only.
+    is_repo_id = re.fullmatch(r"[\w.-]+/[\w.-]+", base_name) is not None and not Path(base_name).exists()
     metadata = [
         "---",
-        f"base_model: {_quoted(base_name)}",
+        *([f"base_model: {_quoted(base_name)}"] if is_repo_id else []),
         "library_name: sentence-transformers",
         *([f"license: {_quoted(license)}"] if license else []),
         "pipeline_tag: feature-extraction",

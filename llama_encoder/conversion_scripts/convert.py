@@ -24,8 +24,8 @@ from ..configuration_llama_encoder import POOLING_MODES, LlamaEncoderConfig
 from ..modeling_llama_encoder import LatentAttentionPooling, LlamaEncoderModel
 from .base_model import BaseModel, resolve_base
 from .checkpoint import default_prompts, resolve_max_seq_length, write_checkpoint, write_model_card
-from .lora import LoraAdapter, read_adapter
-from .streaming import stream_merge
+from .lora import LoraAdapter, read_adapter, validate_adapter_against
+from .streaming import base_weight_shapes, normalize_base_key, stream_merge
 from .verify import DEFAULT_SENTENCES, compute_reference_embeddings, verify_checkpoint, write_verification_manifest
 
 logger = logging.getLogger(__name__)
@@ -124,6 +124,13 @@ def _initial_latent_head(config: LlamaEncoderConfig) -> dict[str, torch.Tensor]:
     return {f"latent_attention.{name}": tensor.detach().clone() for name, tensor in head.state_dict().items()}
 
 
+def _weight_shapes(source: BaseModel) -> dict[str, tuple[int, ...]]:
+    if source.safetensors_files:
+        return base_weight_shapes(source.safetensors_files)
+    named = ((normalize_base_key(key), tuple(tensor.shape)) for key, tensor in source.state_dict.items())
+    return {name: shape for name, shape in named if name is not None}
+
+
 def _adapter_record(adapter: LoraAdapter) -> dict:
     trained_on = f" (trained on {adapter.base_model_name_or_path})" if adapter.base_model_name_or_path else ""
     return {
@@ -172,9 +179,13 @@ def convert(
     shard_bytes = parse_size(shard_size)
     dest = check_destination(out, overwrite=overwrite)
 
-    source = resolve_base(base=base, gguf=gguf, cache_dir=Path(cache_dir) if cache_dir else None, allow_pickle=allow_pickle)
+    source = resolve_base(
+        base=base, gguf=gguf, cache_dir=Path(cache_dir) if cache_dir else None, allow_pickle=allow_pickle
+    )
     loaded = [read_adapter(path, allow_pickle=allow_pickle) for path in adapters]
+    shapes = _weight_shapes(source)
     for adapter in loaded:
+        validate_adapter_against(adapter, source.config.to_dict(), shapes)
         if adapter.base_model_name_or_path and adapter.base_model_name_or_path != source.name:
             logger.warning(
                 "Adapter %s names %s as its base; merging it into %s. Shapes are checked, but make sure this is the "

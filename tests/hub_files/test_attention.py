@@ -119,7 +119,9 @@ def test_padded_batch_equals_each_sequence_alone(backend, padding_side):
         for row in range(ids.shape[0]):
             real = mask[row].bool()
             alone = model(input_ids=ids[row][real][None])
-            torch.testing.assert_close(batch.last_hidden_state[row][real], alone.last_hidden_state[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                batch.last_hidden_state[row][real], alone.last_hidden_state[0], atol=1e-5, rtol=1e-5
+            )
             torch.testing.assert_close(batch.pooler_output[row], alone.pooler_output[0], atol=1e-5, rtol=1e-5)
 
 
@@ -143,5 +145,5 @@ def test_threads_sharing_one_model_get_sequential_results():
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
             threaded = list(pool.map(encode, batches))
-    for expected, got in zip(sequential, threaded):
+    for expected, got in zip(sequential, threaded, strict=True):
         torch.testing.assert_close(expected, got, atol=0, rtol=0)

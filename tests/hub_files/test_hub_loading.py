@@ -40,7 +40,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def _load_in_fresh_process(folder: Path, ids: torch.Tensor, mask: torch.Tensor, workdir: Path) -> tuple[np.ndarray, str]:
+def _load_in_fresh_process(
+    folder: Path, ids: torch.Tensor, mask: torch.Tensor, workdir: Path
+) -> tuple[np.ndarray, str]:
     np.savez(workdir / "inputs.npz", ids=ids.numpy(), mask=mask.numpy())
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_HOME=str(workdir / "hf_home"))

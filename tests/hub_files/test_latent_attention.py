@@ -32,9 +32,8 @@ def test_head_matches_explicit_attention():
     model = tiny_encoder(pooling_mode="latent_attention")
     states = torch.randn(2, 5, TINY_LLAMA["hidden_size"])
     with torch.no_grad():
-        torch.testing.assert_close(
-            model.latent_attention(states), reference_latent_attention(model.latent_attention, states), atol=1e-5, rtol=1e-5
-        )
+        expected = reference_latent_attention(model.latent_attention, states)
+        torch.testing.assert_close(model.latent_attention(states), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_output_shape_and_sizes_follow_the_config():

@@ -22,7 +22,7 @@ def reference_pool(states: torch.Tensor, pool_mask: torch.Tensor, mode: str) -> 
             rows.append(sum(vectors) / len(vectors))
         elif mode == "weighted_mean":
             weights = [k + 1 for k in range(len(vectors))]
-            rows.append(sum(w * v for w, v in zip(weights, vectors)) / sum(weights))
+            rows.append(sum(w * v for w, v in zip(weights, vectors, strict=True)) / sum(weights))
         elif mode in ("eos", "last_token"):
             rows.append(vectors[-1])
         elif mode == "bos":
@@ -80,8 +80,9 @@ def test_normalised_embeddings_have_unit_norm_and_the_same_direction():
 @pytest.mark.parametrize("mode", MODES + ["latent_attention"])
 def test_instruction_states_carry_no_pooling_weight(mode):
     """Whatever the instruction tokens' states are, the embedding depends only on the pooled tokens."""
-    head = LatentAttentionPooling(LlamaEncoderConfig(**TINY_LLAMA, **TINY_LATENTS)) if mode == "latent_attention" else None
-    if head is not None:
+    head = None
+    if mode == "latent_attention":
+        head = LatentAttentionPooling(LlamaEncoderConfig(**TINY_LLAMA, **TINY_LATENTS))
         torch.nn.init.normal_(head.latents)
     states = torch.randn(2, 8, TINY_LLAMA["hidden_size"])
     pool_mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1, 1, 1]])

@@ -1,0 +1,230 @@
+"""`convert` end to end on tiny random Llama folders with peft adapters, and once on the real SmolLM2."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+from llama_encoder import LlamaEncoderModel
+from llama_encoder.atomic import OutputExistsError
+from llama_encoder.cli import build_parser
+from llama_encoder.cli import main as cli_main
+from llama_encoder.conversion_scripts import convert as convert_module
+from llama_encoder.conversion_scripts.convert import convert, parse_size
+from llama_encoder.conversion_scripts.verify import VerificationError
+from tests.test_lora_merge import peft_merged_state, save_lora_adapter
+from tests.tiny import TINY_LATENTS, TINY_LLAMA, tiny_bpe_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CORPUS = [
+    "The cat sat on the mat.",
+    "A dog ran in the park.",
+    "Instruct: Given a query, retrieve relevant passages that answer the query\nQuery: where is the cat?",
+    "Plants make sugar from light.",
+]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A sharded tiny LlamaForCausalLM folder with a byte-level BPE tokenizer that has no pad token."""
+    folder = tmp_path_factory.mktemp("base")
+    tokenizer = tiny_bpe_tokenizer(CORPUS)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tokenizer)}))
+    model.save_pretrained(folder, max_shard_size="100KB")
+    tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_base, tmp_path_factory) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    """An MNTP-like adapter on the base and a second one on the merged result, plus peft's own merged weights."""
+    root = tmp_path_factory.mktemp("adapters")
+    first = save_lora_adapter(LlamaForCausalLM.from_pretrained(tiny_base), root / "mntp", seed=1, r=4,
+                              lora_alpha=8, target_modules=TARGETS)
+    merged_once = first.merge_and_unload()
+    second = save_lora_adapter(merged_once, root / "supervised", seed=2, r=2, lora_alpha=4,
+                               target_modules=["q_proj", "v_proj"])
+    return root / "mntp", root / "supervised", peft_merged_state(second)
+
+
+def _sha256_tree(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_stacked_adapters_convert_to_peft_merge_and_verify(tiny_base, two_adapters, tmp_path):
+    mntp, supervised, expected_state = two_adapters
+    result = convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[mntp, supervised],
+                     pooling="weighted_mean", shard_size="150KB", query_instruction="Find the animal")
+    out = result.out_dir
+    assert out == (tmp_path / "encoder").absolute()
+    assert (out / "model.safetensors.index.json").is_file()  # small shard size: sharded output
+    model = LlamaEncoderModel.from_pretrained(out).eval()
+    for name, tensor in expected_state.items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, atol=1e-5, rtol=1e-5)
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama_encoder" and config["is_causal"] is False
+    assert config["pooling_mode"] == "weighted_mean" and "auto_map" in config
+    st_config = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert st_config["prompts"]["query"] == "Instruct: Find the animal\nQuery: "
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["pad_token"] and tokenizer_config["padding_side"] == "right"
+    manifest = json.loads((out / "verification.json").read_text())
+    assert manifest["passed"] and manifest["max_cosine_distance"] <= 1e-4
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"verification.json"}
+    card = (out / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["license"] == "mit" and "base_model" not in metadata  # a local path is no Hub link
+    assert "mntp" in card and "supervised" in card
+    assert not list(tmp_path.glob(".tmp-*")), "temporary folders left behind"
+
+    # The merged encoder equals a stock LlamaModel with peft's merged weights, run without causality.
+    stock = LlamaModel(LlamaConfig(**{**TINY_LLAMA, "vocab_size": model.config.vocab_size})).eval()
+    stock.load_state_dict(expected_state)
+    ids = torch.randint(3, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state,
+                                   stock(input_ids=ids, is_causal=False).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "eos", "bos"])
+def test_every_pooling_mode_converts_and_verifies(tiny_base, tmp_path, pooling):
+    result = convert(out=tmp_path / pooling, base=str(tiny_base), pooling=pooling, padding_side="left")
+    assert result.pooling_mode == pooling
+    assert result.verification["passed"]
+    assert json.loads((result.out_dir / "tokenizer_config.json").read_text())["padding_side"] == "left"
+
+
+def test_latent_attention_head_from_training_is_carried_over(tiny_base, two_adapters, tmp_path):
+    mntp = two_adapters[0]
+    adapter = tmp_path / "with-head"
+    adapter.mkdir()
+    for item in mntp.iterdir():
+        (adapter / item.name).write_bytes(item.read_bytes())
+    sizes = {**TINY_LATENTS, "latent_attention_head_dim": 16}
+    head_model = LlamaEncoderModel(LlamaEncoderModel.config_class(**TINY_LLAMA, pooling_mode="latent_attention",
+                                                                  **sizes))
+    head = {f"latent_attention.{k}": torch.randn_like(v) for k, v in head_model.latent_attention.state_dict().items()}
+    save_file(head, adapter / "pooling_head.safetensors")
+    (adapter / "pooling_config.json").write_text(json.dumps({"pooling_mode": "latent_attention", **sizes}))
+
+    result = convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[adapter])
+    assert result.pooling_mode == "latent_attention"
+    model = LlamaEncoderModel.from_pretrained(result.out_dir)
+    assert model.config.latent_attention_head_dim == 16
+    for name, tensor in head.items():
+        torch.testing.assert_close(model.state_dict()[name], tensor)
+
+    with pytest.raises(ValueError, match="trained with pooling 'latent_attention' but --pooling 'mean'"):
+        convert(out=tmp_path / "other", base=str(tiny_base), adapters=[adapter], pooling="mean")
+
+
+def test_existing_output_is_refused_before_any_work(tiny_base, tmp_path, monkeypatch):
+    out = tmp_path / "encoder"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    monkeypatch.setattr(convert_module, "resolve_base", lambda **_: pytest.fail("work started"))
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        convert(out=out, base=str(tiny_base))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("failing_step", ["write_checkpoint", "verify_checkpoint"])
+def test_interrupted_conversion_leaves_nothing_and_keeps_the_old_checkpoint(tiny_base, tmp_path, monkeypatch,
+                                                                           failing_step):
+    out = tmp_path / "encoder"
+    convert(out=out, base=str(tiny_base))
+    before = _sha256_tree(out)
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("injected failure mid-write")
+
+    monkeypatch.setattr(convert_module, failing_step, explode)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        convert(out=out, base=str(tiny_base), pooling="bos", overwrite=True)
+    assert _sha256_tree(out) == before
+    with pytest.raises(RuntimeError, match="injected failure"):
+        convert(out=tmp_path / "fresh", base=str(tiny_base))
+    assert not (tmp_path / "fresh").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_verification_mismatch_fails_and_leaves_nothing(tiny_base, tmp_path, monkeypatch):
+    real = convert_module.compute_reference_embeddings
+
+    def perturbed(*args, **kwargs):
+        embeddings = real(*args, **kwargs)
+        embeddings[0] = -embeddings[0]
+        return embeddings
+
+    monkeypatch.setattr(convert_module, "compute_reference_embeddings", perturbed)
+    with pytest.raises(VerificationError):
+        convert(out=tmp_path / "encoder", base=str(tiny_base))
+    assert not (tmp_path / "encoder").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_adapter_for_another_base_is_refused_before_writing(tiny_base, tmp_path):
+    other = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "hidden_size": 32, "intermediate_size": 64}))
+    save_lora_adapter(other, tmp_path / "other", seed=3, r=2, lora_alpha=4, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match="hidden_size"):
+        convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[tmp_path / "other"])
+    assert not (tmp_path / "encoder").exists()
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2_000_000_000
+    assert parse_size("1.5GiB") == int(1.5 * 2**30)
+    assert parse_size("500MB") == 500_000_000
+    assert parse_size(1234) == 1234
+    with pytest.raises(ValueError, match="2GB"):
+        parse_size("lots")
+
+
+def test_cli_convert_and_push_dry_run(tiny_base, tmp_path, capsys):
+    assert cli_main(["convert", "--base", str(tiny_base), "--pooling", "mean", "--out", str(tmp_path / "e")]) == 0
+    assert "Verified" in capsys.readouterr().out
+    assert cli_main(["push", str(tmp_path / "e"), "--repo-id", "me/tiny", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Would upload" in out and "model.safetensors" in out and "verification.json" in out
+    assert cli_main(["convert", "--base", str(tiny_base), "--out", str(tmp_path / "e")]) == 1
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_cli_help_explains_every_option():
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"convert", "push"}
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help and len(action.help) > 15, f"{name} {action.option_strings or action.dest} has no help"
+        result = subprocess.run([sys.executable, "-m", "llama_encoder.cli", name, "--help"], capture_output=True,
+                                text=True, cwd=REPO_ROOT)
+        assert result.returncode == 0 and all(o in result.stdout for a in command._actions for o in a.option_strings)
+
+
+@pytest.mark.integration
+def test_main_job_on_the_embedded_smollm2(tmp_path):
+    """The README's first command: convert SmolLM2, load it with AutoModel and SentenceTransformer, compare."""
+    out = tmp_path / "smollm2-encoder"
+    result = convert(out=out)
+    assert result.verification["max_cosine_distance"] <= 1e-4
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
+    run = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "compare_sentences.py"), str(out)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Largest difference between the two loaders" in run.stdout
