@@ -15,15 +15,13 @@ import sys
 import time
 
 import torch
+from encoder_forward import SMOLLM2_SHAPE  # benchmarks/ is on sys.path when this script runs
 from transformers import LlamaConfig, LlamaModel
 
 from llama_encoder import LlamaEncoderConfig, LlamaEncoderModel
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, pad_token_id=0)
-SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
-                     tie_word_embeddings=True, pad_token_id=2)
 FAILURES: list[str] = []
 
 

@@ -40,6 +40,7 @@ def tokenize_for_encoder(
     max_length: int | None = None,
     append_eos: bool = False,
     return_tensors: str | None = "pt",
+    padding: bool = True,
 ) -> BatchEncoding:
     """Tokenise `prompt + text` for each text and mark which tokens are pooled.
 
@@ -49,9 +50,9 @@ def tokenize_for_encoder(
     token that, joined to the text, merges into the text's first token. A fast tokenizer is required (offsets).
 
     With `append_eos`, the tokenizer's EOS token ends every input, also one cut at `max_length`. Rows are padded
-    on the tokenizer's `padding_side`. Returns a `BatchEncoding` with `input_ids`, `attention_mask` and
-    `pool_mask` (ready for `model(**batch)`); its attribute `num_truncated` counts the inputs cut at `max_length`,
-    and one warning says how many were.
+    on the tokenizer's `padding_side` (with `padding=False`, they are returned as unpadded lists). Returns a
+    `BatchEncoding` with `input_ids`, `attention_mask` and `pool_mask` (ready for `model(**batch)`); its attribute
+    `num_truncated` counts the inputs cut at `max_length`, and one warning says how many were.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenize_for_encoder needs a fast tokenizer (offset mappings); load it with use_fast=True.")
@@ -92,17 +93,40 @@ def tokenize_for_encoder(
         rows.append(row_ids)
         pooled.append([int(i >= first) for i in range(len(row_ids))])
 
-    width = max(len(row) for row in rows)
-    batch = {"input_ids": [], "attention_mask": [], "pool_mask": []}
-    for row_ids, row_pool in zip(rows, pooled, strict=True):
-        pad = width - len(row_ids)
-        values = (row_ids, [1] * len(row_ids), row_pool)
-        fills = (tokenizer.pad_token_id, 0, 0)
-        for key, value, fill in zip(batch, values, fills, strict=True):
-            batch[key].append(value + [fill] * pad if tokenizer.padding_side == "right" else [fill] * pad + value)
-    result = BatchEncoding(batch, tensor_type=return_tensors)
+    if not padding:
+        attention = [[1] * len(row) for row in rows]
+        result = BatchEncoding({"input_ids": rows, "attention_mask": attention, "pool_mask": pooled})
+    else:
+        result = pad_for_encoder(
+            rows, pooled, pad_token_id=tokenizer.pad_token_id, padding_side=tokenizer.padding_side,
+            return_tensors=return_tensors,
+        )
     result.num_truncated = len(too_long)
     return result
+
+
+def pad_for_encoder(
+    input_ids: list[list[int]],
+    pool_masks: list[list[int]],
+    *,
+    pad_token_id: int,
+    padding_side: str = "right",
+    return_tensors: str | None = "pt",
+) -> BatchEncoding:
+    """Pad token rows (and their pool masks) to the longest row on `padding_side`; returns a `BatchEncoding` with
+    `input_ids`, `attention_mask` and `pool_mask`. Lets a caller tokenise once (`tokenize_for_encoder(...,
+    padding=False)`) and batch later, e.g. by length."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
+    width = max(len(row) for row in input_ids)
+    batch = {"input_ids": [], "attention_mask": [], "pool_mask": []}
+    for row_ids, row_pool in zip(input_ids, pool_masks, strict=True):
+        pad = width - len(row_ids)
+        values = (list(row_ids), [1] * len(row_ids), list(row_pool))
+        fills = (pad_token_id, 0, 0)
+        for key, value, fill in zip(batch, values, fills, strict=True):
+            batch[key].append(value + [fill] * pad if padding_side == "right" else [fill] * pad + value)
+    return BatchEncoding(batch, tensor_type=return_tensors)
 
 
 class ModifiedLlamaDecoderLayer(LlamaDecoderLayer):
@@ -341,6 +365,7 @@ __all__ = [
     "LlamaEncoderOutput",
     "ModifiedLlamaDecoderLayer",
     "bidirectional_attention_mask",
+    "pad_for_encoder",
     "pool",
     "tokenize_for_encoder",
 ]
