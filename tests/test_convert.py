@@ -23,29 +23,15 @@ from llama_encoder.conversion_scripts import convert as convert_module
 from llama_encoder.conversion_scripts.convert import convert, parse_size
 from llama_encoder.conversion_scripts.verify import VerificationError
 from tests.test_lora_merge import peft_merged_state, save_lora_adapter
-from tests.tiny import TINY_LATENTS, TINY_LLAMA, tiny_bpe_tokenizer
+from tests.tiny import TINY_LATENTS, TINY_LLAMA, save_tiny_base
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CORPUS = [
-    "The cat sat on the mat.",
-    "A dog ran in the park.",
-    "Instruct: Given a query, retrieve relevant passages that answer the query\nQuery: where is the cat?",
-    "Plants make sugar from light.",
-]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory) -> Path:
-    """A sharded tiny LlamaForCausalLM folder with a byte-level BPE tokenizer that has no pad token."""
-    folder = tmp_path_factory.mktemp("base")
-    tokenizer = tiny_bpe_tokenizer(CORPUS)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tokenizer)}))
-    model.save_pretrained(folder, max_shard_size="100KB")
-    tokenizer.save_pretrained(folder)
-    (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
-    return folder
+    return save_tiny_base(tmp_path_factory.mktemp("base"))
 
 
 @pytest.fixture(scope="module")

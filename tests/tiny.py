@@ -58,3 +58,24 @@ def tiny_bpe_tokenizer(corpus: list[str], chat_template: str | None = None):
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     return tokenizer
+
+
+TINY_CORPUS = [
+    "The cat sat on the mat.",
+    "A dog ran in the park.",
+    "Instruct: Given a query, retrieve relevant passages that answer the query\nQuery: where is the cat?",
+    "Plants make sugar from light.",
+]
+
+
+def save_tiny_base(folder, *, seed: int = 0):
+    """A sharded tiny LlamaForCausalLM folder with a byte-level BPE tokenizer that has no pad token; returns it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_bpe_tokenizer(TINY_CORPUS)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tokenizer)}))
+    model.save_pretrained(folder, max_shard_size="100KB")
+    tokenizer.save_pretrained(folder)
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    return folder

@@ -1,0 +1,248 @@
+"""The encode API: texts or (instruction, text) pairs in, float32 embeddings out, in input order.
+
+Inputs are tokenised once, sorted by length (longest first) and cut into batches whose padded size stays within a
+token budget, so almost no arithmetic is spent on padding; each batch runs under `torch.inference_mode`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from ..configuration_llama_encoder import LlamaEncoderConfig
+from ..modeling_llama_encoder import LlamaEncoderModel, pad_for_encoder, tokenize_for_encoder
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _checkpoint_file(path: str, name: str) -> Path | None:
+    """A file of a local checkpoint folder, or of a Hub repo already in the cache; None when absent."""
+    if os.path.isdir(path):
+        candidate = Path(path) / name
+        return candidate if candidate.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, name)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def length_sorted_batches(lengths: Sequence[int], *, batch_tokens: int, max_batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches, longest inputs first, each batch's rows x longest row <= `batch_tokens`
+    (a single longer input gets a batch of its own) and at most `max_batch_size` rows."""
+    if batch_tokens < 1 or max_batch_size < 1:
+        raise ValueError("batch_tokens and max_batch_size must be at least 1.")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, current = [], []
+    for index in order:
+        longest = lengths[current[0]] if current else lengths[index]
+        if current and ((len(current) + 1) * longest > batch_tokens or len(current) == max_batch_size):
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Encoder:
+    """An encoder checkpoint ready to embed: `Encoder.from_pretrained(path).encode(texts)`.
+
+    `prompts` (from the checkpoint's `config_sentence_transformers.json`: `query`, `document`) can be used by name;
+    `max_seq_length` (from `sentence_bert_config.json`, else the model's positions) is where inputs are cut.
+    """
+
+    def __init__(
+        self,
+        model: LlamaEncoderModel,
+        tokenizer,
+        *,
+        prompts: dict[str, str] | None = None,
+        max_seq_length: int | None = None,
+    ):
+        if not isinstance(model.config, LlamaEncoderConfig):
+            raise TypeError(f"Encoder needs a LlamaEncoderModel; got {type(model).__name__}.")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its EOS token).")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.prompts = dict(prompts or {})
+        self.max_seq_length = max_seq_length or model.config.max_position_embeddings
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: str | None = None,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+    ) -> Encoder:
+        """Load a checkpoint written by `llama-encoder convert` (a folder or a Hub repo id) with the package's own
+        model class. `dtype`: float32, bfloat16, float16, or auto (what config.json says)."""
+        path = str(path)
+        if dtype != "auto" and dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}; got {dtype!r}.")
+        config_file = _checkpoint_file(path, "config.json")
+        if config_file is not None:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+            if model_type != LlamaEncoderConfig.model_type:
+                raise ValueError(
+                    f"{path} holds a {model_type!r} model, not a llama_encoder checkpoint; convert it first with "
+                    "`llama-encoder convert`."
+                )
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = LlamaEncoderModel.from_pretrained(
+            path, dtype="auto" if dtype == "auto" else DTYPES[dtype], attn_implementation=attn_implementation
+        ).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+        prompts, max_seq_length = {}, None
+        st_config = _checkpoint_file(path, "config_sentence_transformers.json")
+        if st_config is not None:
+            prompts = json.loads(st_config.read_text()).get("prompts", {})
+        bert_config = _checkpoint_file(path, "sentence_bert_config.json")
+        if bert_config is not None:
+            max_seq_length = json.loads(bert_config.read_text()).get("max_seq_length")
+        return cls(model, tokenizer, prompts=prompts, max_seq_length=max_seq_length)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dimension(self) -> int:
+        return self.model.config.hidden_size
+
+    def instruction_prompt(self, instruction: str) -> str:
+        """The prompt an instruction becomes: the config's template, e.g. `Instruct: {instruction}\\nQuery: `."""
+        return self.model.config.instruction_template.replace("{instruction}", instruction)
+
+    def _prompts_for(self, inputs, instruction, prompt, prompt_name) -> tuple[list[str], list[str]]:
+        if sum(x is not None for x in (instruction, prompt, prompt_name)) > 1:
+            raise ValueError("Give at most one of instruction, prompt and prompt_name.")
+        if prompt_name is not None:
+            if prompt_name not in self.prompts:
+                raise ValueError(f"No prompt named {prompt_name!r}; this checkpoint has {sorted(self.prompts)}.")
+            prompt = self.prompts[prompt_name]
+        elif instruction is not None:
+            prompt = self.instruction_prompt(instruction)
+        texts, prompts = [], []
+        for index, item in enumerate(inputs):
+            if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):
+                texts.append(item[1])
+                prompts.append(self.instruction_prompt(item[0]))
+            elif isinstance(item, str):
+                texts.append(item)
+                prompts.append(prompt or "")
+            else:
+                raise ValueError(
+                    f"Input {index} is a {type(item).__name__}; give strings or (instruction, text) pairs of strings."
+                )
+        return texts, prompts
+
+    def encode(
+        self,
+        inputs: Sequence[str | tuple[str, str]],
+        *,
+        instruction: str | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
+        batch_tokens: int = 16384,
+        max_batch_size: int = 512,
+        normalize: bool | None = None,
+        convert_to: str = "numpy",
+        show_progress: bool | None = None,
+        max_length: int | None = None,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed `inputs` (strings, or (instruction, text) pairs whose instruction is attended to but not pooled).
+
+        Plain strings get `prompt`, the saved prompt `prompt_name` (e.g. "query"), the template filled with
+        `instruction`, or nothing. Returns float32 embeddings `(len(inputs), hidden)` in input order, as numpy or
+        a CPU torch tensor (`convert_to="torch"`); L2-normalised when `normalize` (default: the checkpoint's
+        setting). Inputs longer than `max_length` (default: the checkpoint's max_seq_length) are cut, with one
+        warning that counts them.
+        """
+        if convert_to not in ("numpy", "torch"):
+            raise ValueError(f"convert_to must be 'numpy' or 'torch'; got {convert_to!r}.")
+        if isinstance(inputs, str):
+            raise ValueError("encode takes a list of texts; wrap a single text in a list.")
+        if normalize is False and self.model.config.normalize_embeddings:
+            raise ValueError("This checkpoint normalises its embeddings (normalize_embeddings in config.json); "
+                             "unnormalised ones are not available from it.")
+        inputs = list(inputs)
+        texts, prompts = self._prompts_for(inputs, instruction, prompt, prompt_name)
+        output = torch.empty(len(texts), self.dimension, dtype=torch.float32)
+        if texts:
+            self._encode_into(output, texts, prompts, batch_tokens, max_batch_size, normalize, show_progress,
+                              max_length or self.max_seq_length)
+        return output.numpy() if convert_to == "numpy" else output
+
+    def _encode_into(self, output, texts, prompts, batch_tokens, max_batch_size, normalize, show_progress, limit):
+        config = self.model.config
+        rows = tokenize_for_encoder(
+            self.tokenizer, texts, prompts, max_length=limit, append_eos=config.pooling_mode == "eos",
+            padding=False, return_tensors=None,
+        )
+        for index, pooled in enumerate(rows["pool_mask"]):
+            if not any(pooled):
+                raise ValueError(
+                    f"Input {index} ({texts[index][:40]!r}) has no token to pool: it is empty, or its prompt fills "
+                    "max_length. Remove it or give a text."
+                )
+        batches = length_sorted_batches(
+            [len(ids) for ids in rows["input_ids"]], batch_tokens=batch_tokens, max_batch_size=max_batch_size
+        )
+        progress = tqdm(total=len(texts), desc="Encoding", unit="text",
+                        disable=not (show_progress if show_progress is not None else len(batches) > 1))
+        device = self.device
+        with torch.inference_mode(), progress:
+            for batch in batches:
+                padded = pad_for_encoder(
+                    [rows["input_ids"][i] for i in batch], [rows["pool_mask"][i] for i in batch],
+                    pad_token_id=self.tokenizer.pad_token_id, padding_side=self.tokenizer.padding_side,
+                )
+                embeddings = self.model(**{k: v.to(device) for k, v in padded.items()}).pooler_output.float()
+                if normalize and not config.normalize_embeddings:
+                    embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+                output[torch.tensor(batch)] = embeddings.cpu()
+                progress.update(len(batch))
+
+    def encode_queries(self, texts: Sequence[str], *, instruction: str | None = None, **kwargs) -> np.ndarray:
+        """Queries behind `instruction` (via the template), else behind the checkpoint's saved query prompt."""
+        if instruction is not None:
+            return self.encode(texts, instruction=instruction, **kwargs)
+        return self.encode(texts, prompt=self.prompts.get("query", ""), **kwargs)
+
+    def encode_documents(self, texts: Sequence[str], **kwargs) -> np.ndarray:
+        """Documents behind the checkpoint's saved document prompt (usually none)."""
+        return self.encode(texts, prompt=self.prompts.get("document", ""), **kwargs)
+
+
+class MTEBModel:
+    """What MTEB calls: `encode(sentences, task_name=..., prompt_type=...)`. Queries get the task's instruction
+    (from `task_instructions`, else the checkpoint's query prompt); documents get the document prompt."""
+
+    def __init__(self, encoder: Encoder, task_instructions: dict[str, str] | None = None, batch_tokens: int = 16384):
+        self.encoder = encoder
+        self.task_instructions = dict(task_instructions or {})
+        self.batch_tokens = batch_tokens
+
+    def encode(self, sentences, *, task_name: str | None = None, prompt_type=None, **kwargs) -> np.ndarray:
+        kind = getattr(prompt_type, "value", prompt_type)
+        texts = [s if isinstance(s, str) else str(s) for s in sentences]
+        if kind == "document":
+            return self.encoder.encode_documents(texts, batch_tokens=self.batch_tokens, show_progress=False)
+        instruction = self.task_instructions.get(task_name) if task_name else None
+        if kind == "query" or instruction is not None:
+            return self.encoder.encode_queries(texts, instruction=instruction, batch_tokens=self.batch_tokens,
+                                               show_progress=False)
+        return self.encoder.encode(texts, batch_tokens=self.batch_tokens, show_progress=False)
