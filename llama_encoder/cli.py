@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -123,6 +124,93 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_encoder_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
+                        help="weights dtype for encoding (default: float32; bfloat16 is faster on recent CPUs/GPUs)")
+    parser.add_argument("--batch-tokens", type=int, default=16384, metavar="N",
+                        help="padded tokens per batch; inputs are sorted by length so little is padding")
+
+
+def _add_embed(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "embed",
+        help="embed a corpus into sharded .npy files, resumable and shareable between processes",
+        description="Embed a corpus (.txt: one text per line, ids are line numbers; .jsonl: an id and a text "
+        "field) into OUTPUT/shard-NNNNN.npy + shard-NNNNN.ids.json and a manifest.json. Each shard is written "
+        "atomically; re-running the same command resumes, skipping finished shards. Several processes share the "
+        "work with --shard-index/--num-shards, or under torchrun (RANK/WORLD_SIZE); the output equals one process's.",
+    )
+    parser.add_argument("checkpoint", help="an encoder checkpoint folder or Hub repo id")
+    parser.add_argument("input", help="the corpus: a .txt or .jsonl file")
+    parser.add_argument("output", help="the output folder")
+    parser.add_argument("--id-field", default="id", help="jsonl field holding each record's id (default: id)")
+    parser.add_argument("--text-field", default="text", help="jsonl field holding each record's text (default: text)")
+    parser.add_argument("--shard-size", type=int, default=10000, metavar="N", help="records per output shard")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-name", help="a prompt saved in the checkpoint, e.g. query or document")
+    prompt.add_argument("--prompt", help="a prompt written before every text, verbatim")
+    prompt.add_argument("--instruction", help="an instruction, written with the checkpoint's instruction template")
+    parser.add_argument("--shard-index", type=int, help="this process's index among --num-shards processes")
+    parser.add_argument("--num-shards", type=int, help="how many processes share the corpus")
+    parser.add_argument("--overwrite", action="store_true", help="replace an output folder from a different run")
+    _add_encoder_options(parser)
+    parser.set_defaults(handler=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from .encoding.embed import embed_corpus
+    from .encoding.encode import Encoder
+
+    encoder = Encoder.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
+    summary = embed_corpus(
+        encoder, args.input, args.output, id_field=args.id_field, text_field=args.text_field,
+        shard_size=args.shard_size, prompt=args.prompt, prompt_name=args.prompt_name, instruction=args.instruction,
+        shard_index=args.shard_index, num_shards=args.num_shards, overwrite=args.overwrite,
+        batch_tokens=args.batch_tokens,
+    )
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _add_evaluate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="STS (Spearman/Pearson) or retrieval (nDCG@10, Recall@100) figures of a checkpoint",
+        description="Evaluate an encoder checkpoint. STS: a tab-separated STS Benchmark file or a csv with score, "
+        "sentence1, sentence2 -> Spearman and Pearson (x100) of cosine similarity against the gold scores. "
+        "Retrieval: BEIR-style corpus.jsonl, queries.jsonl and qrels (tsv or jsonl) -> nDCG@10 and Recall@100.",
+    )
+    parser.add_argument("checkpoint", help="an encoder checkpoint folder or Hub repo id")
+    task = parser.add_mutually_exclusive_group(required=True)
+    task.add_argument("--sts", metavar="FILE", help="STS pairs with gold scores")
+    task.add_argument("--retrieval", nargs=3, metavar=("CORPUS", "QUERIES", "QRELS"), help="a retrieval task")
+    instruction = parser.add_mutually_exclusive_group()
+    instruction.add_argument("--query-instruction", metavar="TEXT",
+                             help="retrieval: instruction for queries, written with the instruction template "
+                             "(default: the checkpoint's saved query prompt)")
+    instruction.add_argument("--prompt", metavar="TEXT", help="STS: a prompt before both sentences (default: none)")
+    _add_encoder_options(parser)
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .encoding import evaluate
+    from .encoding.encode import Encoder
+
+    encoder = Encoder.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
+    if args.sts:
+        result = evaluate.evaluate_sts(encoder, evaluate.read_sts(args.sts), prompt=args.prompt,
+                                       batch_tokens=args.batch_tokens)
+    else:
+        corpus, queries, qrels = evaluate.read_retrieval(*args.retrieval)
+        query_prompt = None if args.query_instruction else encoder.prompts.get("query")
+        result = evaluate.evaluate_retrieval(encoder, corpus, queries, qrels, query_instruction=args.query_instruction,
+                                             query_prompt=query_prompt, batch_tokens=args.batch_tokens)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-encoder",
@@ -133,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(subparsers)
     _add_push(subparsers)
+    _add_embed(subparsers)
+    _add_evaluate(subparsers)
     return parser
 
 

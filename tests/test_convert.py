@@ -193,7 +193,7 @@ def test_cli_convert_and_push_dry_run(tiny_base, tmp_path, capsys):
 def test_cli_help_explains_every_option():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"convert", "push"}
+    assert set(commands) == {"convert", "push", "embed", "evaluate"}
     for name, command in commands.items():
         for action in command._actions:
             assert action.help and len(action.help) > 15, f"{name} {action.option_strings or action.dest} has no help"

@@ -68,6 +68,7 @@ class Encoder:
         *,
         prompts: dict[str, str] | None = None,
         max_seq_length: int | None = None,
+        name_or_path: str | None = None,
     ):
         if not isinstance(model.config, LlamaEncoderConfig):
             raise TypeError(f"Encoder needs a LlamaEncoderModel; got {type(model).__name__}.")
@@ -77,6 +78,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.prompts = dict(prompts or {})
         self.max_seq_length = max_seq_length or model.config.max_position_embeddings
+        self.name_or_path = name_or_path or getattr(model.config, "_name_or_path", None) or "in-memory model"
 
     @classmethod
     def from_pretrained(
@@ -112,7 +114,7 @@ class Encoder:
         bert_config = _checkpoint_file(path, "sentence_bert_config.json")
         if bert_config is not None:
             max_seq_length = json.loads(bert_config.read_text()).get("max_seq_length")
-        return cls(model, tokenizer, prompts=prompts, max_seq_length=max_seq_length)
+        return cls(model, tokenizer, prompts=prompts, max_seq_length=max_seq_length, name_or_path=path)
 
     @property
     def device(self) -> torch.device:
