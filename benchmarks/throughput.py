@@ -56,7 +56,7 @@ def _worker(args) -> None:
     texts = json.loads(Path(args.texts_file).read_text())[args.worker_set]
     from llama_encoder.encoding.encode import Encoder
 
-    encoder = Encoder.from_pretrained(args.checkpoint, device="cpu", dtype=args.worker_dtype)
+    encoder = Encoder.from_pretrained(args.checkpoint, device="cpu", dtype=str(dtype).removeprefix("torch."))
     from llama_encoder.modeling_llama_encoder import tokenize_for_encoder
 
     rows = tokenize_for_encoder(encoder.tokenizer, texts, padding=False, return_tensors=None)["input_ids"]
@@ -145,7 +145,8 @@ def _spearman(args, dtype: str) -> float:
         "from llama_encoder.encoding.evaluate import evaluate_sts, read_sts\n"
         "e = Encoder.from_pretrained({c!r}, device='cpu', dtype={d!r})\n"
         "print(json.dumps(evaluate_sts(e, read_sts({p!r}))))"
-    ).format(t=max(args.threads), c=args.checkpoint, d=dtype, p=str(Path(args.sts_dir) / "sts-dev.csv"))
+    ).format(t=max(args.threads), c=args.checkpoint, d={"fp32": "float32", "bf16": "bfloat16"}[dtype],
+             p=str(Path(args.sts_dir) / "sts-dev.csv"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])

@@ -205,8 +205,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     else:
         corpus, queries, qrels = evaluate.read_retrieval(*args.retrieval)
         query_prompt = None if args.query_instruction else encoder.prompts.get("query")
-        result = evaluate.evaluate_retrieval(encoder, corpus, queries, qrels, query_instruction=args.query_instruction,
-                                             query_prompt=query_prompt, batch_tokens=args.batch_tokens)
+        result = evaluate.evaluate_retrieval(
+            encoder, corpus, queries, qrels, query_instruction=args.query_instruction, query_prompt=query_prompt,
+            document_prompt=encoder.prompts.get("document") or None, batch_tokens=args.batch_tokens,
+        )
     print(json.dumps(result, indent=2))
     return 0
 

@@ -55,15 +55,18 @@ def test_order_is_preserved_whatever_the_input_order(encoder):
         np.testing.assert_allclose(embedding, reference[text], atol=1e-5)
 
 
-def test_length_sorted_batches_respect_the_budget():
-    lengths = [5, 1, 9, 3, 3, 7, 2, 12]
-    batches = length_sorted_batches(lengths, batch_tokens=14, max_batch_size=3)
+@pytest.mark.parametrize(("budget", "rows", "padding"), [(14, 3, 0.9), (40, 8, 0.25), (1000, 100, 0.5), (1, 1, 0.0)])
+def test_length_sorted_batches_respect_budget_rows_and_padding(budget, rows, padding):
+    lengths = [5, 1, 9, 3, 3, 7, 2, 12, 8, 8, 11, 4]
+    batches = length_sorted_batches(lengths, batch_tokens=budget, max_batch_size=rows, max_padding=padding)
     assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
     for batch in batches:
         longest = max(lengths[i] for i in batch)
-        assert len(batch) <= 3 and (len(batch) * longest <= 14 or len(batch) == 1)
+        assert len(batch) <= rows and (len(batch) * longest <= budget or len(batch) == 1)
+        assert all(lengths[i] >= (1 - padding) * longest for i in batch)
     flat = [lengths[i] for batch in batches for i in batch]
     assert flat == sorted(lengths, reverse=True)
+    assert length_sorted_batches([1024, 512, 16], batch_tokens=10**6, max_batch_size=10) == [[0], [1], [2]]
 
 
 def test_instruction_pairs_equal_the_template_prompt_and_are_not_pooled(encoder):

@@ -12,13 +12,13 @@ import ctypes.util
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
@@ -198,42 +198,64 @@ def base_weight_shapes(base: str | os.PathLike | Sequence[str | os.PathLike]) ->
     return shapes
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
 class _ShardWriter:
-    """Collect tensors into shards of at most `shard_size_bytes` (a bigger single tensor gets its own shard),
-    write each under a temporary name once full, and name them `model-0000i-of-0000N` when all are known."""
+    """Write tensors into safetensors shards of at most `shard_size_bytes` (a bigger single tensor gets its own
+    shard) without holding a shard in memory: each tensor's bytes go to a data file as soon as it is merged, and a
+    full shard becomes `length + JSON header + data` by streaming that file after its header. Shards get temporary
+    names until all are known, then `model-0000i-of-0000N`."""
 
     def __init__(self, out_dir: Path, shard_size_bytes: int):
         self.out_dir = out_dir
         self.shard_size_bytes = shard_size_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        self.header: dict[str, dict] = {}
+        self.data_path = out_dir / ".shard-data.tmp"
+        self.data = None
         self.pending_bytes = 0
         self.written: list[tuple[Path, list[str]]] = []
         self.total_size = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.shard_size_bytes:
+        if self.header and self.pending_bytes + nbytes > self.shard_size_bytes:
             self.flush()
-        seen = {t.untyped_storage().data_ptr() for t in self.pending.values()}
-        standalone = (
-            tensor.is_contiguous()
-            and tensor.storage_offset() == 0
-            and tensor.untyped_storage().nbytes() == nbytes
-            and tensor.untyped_storage().data_ptr() not in seen
-        )
-        # safetensors refuses views and tensors that share storage (tied weights in an in-memory state dict).
-        self.pending[name] = tensor if standalone else tensor.contiguous().clone()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"Tensor {name} has dtype {tensor.dtype}, which safetensors cannot store.")
+        if self.data is None:
+            self.data = self.data_path.open("wb")
+        flat = tensor.detach().contiguous().reshape(-1)
+        if nbytes:  # raw little-endian bytes, written without a copy
+            self.data.write(memoryview(flat.view(torch.uint8).numpy()))
+        self.header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.pending_bytes, self.pending_bytes + nbytes],
+        }
         self.pending_bytes += nbytes
         self.total_size += nbytes
 
     def flush(self) -> None:
-        if not self.pending:
+        if not self.header:
             return
+        self.data.close()
+        self.data = None
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned
         path = self.out_dir / f".shard-{len(self.written) + 1:05d}.safetensors.tmp"
-        save_file(self.pending, path, metadata={"format": "pt"})
+        with path.open("wb") as shard, self.data_path.open("rb") as data:
+            shard.write(len(header).to_bytes(8, "little"))
+            shard.write(header)
+            shutil.copyfileobj(data, shard, length=16 * 2**20)
+        self.data_path.unlink()
         logger.info("Wrote shard %d (%.1f MiB)", len(self.written) + 1, self.pending_bytes / 2**20)
-        self.written.append((path, list(self.pending)))
-        self.pending = {}
+        self.written.append((path, list(self.header)))
+        self.header = {}
         self.pending_bytes = 0
         _release_freed_memory()
 

@@ -36,18 +36,27 @@ def _checkpoint_file(path: str, name: str) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-def length_sorted_batches(lengths: Sequence[int], *, batch_tokens: int, max_batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches, longest inputs first, each batch's rows x longest row <= `batch_tokens`
-    (a single longer input gets a batch of its own) and at most `max_batch_size` rows."""
-    if batch_tokens < 1 or max_batch_size < 1:
-        raise ValueError("batch_tokens and max_batch_size must be at least 1.")
+def length_sorted_batches(
+    lengths: Sequence[int], *, batch_tokens: int, max_batch_size: int, max_padding: float = 0.25
+) -> list[list[int]]:
+    """Indices grouped into batches, longest inputs first. A batch's rows x longest row stays within
+    `batch_tokens` (a single longer input gets a batch of its own), it has at most `max_batch_size` rows, and no
+    row is padded by more than `max_padding` of the batch's longest row: padding a 16-token text to 1024 costs more
+    than a forward call of its own."""
+    if batch_tokens < 1 or max_batch_size < 1 or not 0 <= max_padding < 1:
+        raise ValueError("batch_tokens and max_batch_size must be at least 1, and max_padding in [0, 1).")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches, current = [], []
     for index in order:
-        longest = lengths[current[0]] if current else lengths[index]
-        if current and ((len(current) + 1) * longest > batch_tokens or len(current) == max_batch_size):
-            batches.append(current)
-            current = []
+        if current:
+            longest = lengths[current[0]]
+            if (
+                (len(current) + 1) * longest > batch_tokens
+                or len(current) == max_batch_size
+                or lengths[index] < (1 - max_padding) * longest
+            ):
+                batches.append(current)
+                current = []
         current.append(index)
     if current:
         batches.append(current)
@@ -160,6 +169,7 @@ class Encoder:
         prompt_name: str | None = None,
         batch_tokens: int = 16384,
         max_batch_size: int = 512,
+        max_padding: float = 0.25,
         normalize: bool | None = None,
         convert_to: str = "numpy",
         show_progress: bool | None = None,
@@ -171,7 +181,8 @@ class Encoder:
         `instruction`, or nothing. Returns float32 embeddings `(len(inputs), hidden)` in input order, as numpy or
         a CPU torch tensor (`convert_to="torch"`); L2-normalised when `normalize` (default: the checkpoint's
         setting). Inputs longer than `max_length` (default: the checkpoint's max_seq_length) are cut, with one
-        warning that counts them.
+        warning that counts them. Batches hold at most `batch_tokens` padded tokens and `max_batch_size` rows, and
+        pad no row by more than `max_padding` of the batch's longest.
         """
         if convert_to not in ("numpy", "torch"):
             raise ValueError(f"convert_to must be 'numpy' or 'torch'; got {convert_to!r}.")
@@ -184,11 +195,12 @@ class Encoder:
         texts, prompts = self._prompts_for(inputs, instruction, prompt, prompt_name)
         output = torch.empty(len(texts), self.dimension, dtype=torch.float32)
         if texts:
-            self._encode_into(output, texts, prompts, batch_tokens, max_batch_size, normalize, show_progress,
-                              max_length or self.max_seq_length)
+            self._encode_into(output, texts, prompts, batch_tokens, max_batch_size, max_padding, normalize,
+                              show_progress, max_length or self.max_seq_length)
         return output.numpy() if convert_to == "numpy" else output
 
-    def _encode_into(self, output, texts, prompts, batch_tokens, max_batch_size, normalize, show_progress, limit):
+    def _encode_into(self, output, texts, prompts, batch_tokens, max_batch_size, max_padding, normalize,
+                     show_progress, limit):
         config = self.model.config
         rows = tokenize_for_encoder(
             self.tokenizer, texts, prompts, max_length=limit, append_eos=config.pooling_mode == "eos",
@@ -201,7 +213,8 @@ class Encoder:
                     "max_length. Remove it or give a text."
                 )
         batches = length_sorted_batches(
-            [len(ids) for ids in rows["input_ids"]], batch_tokens=batch_tokens, max_batch_size=max_batch_size
+            [len(ids) for ids in rows["input_ids"]], batch_tokens=batch_tokens, max_batch_size=max_batch_size,
+            max_padding=max_padding,
         )
         progress = tqdm(total=len(texts), desc="Encoding", unit="text",
                         disable=not (show_progress if show_progress is not None else len(batches) > 1))

@@ -1,209 +1,403 @@
-"""Evaluation: STS (Spearman and Pearson of cosine similarity) and retrieval (nDCG@k, Recall@k).
+"""Evaluation: STS (Spearman and Pearson of cosine similarity) and BEIR-style retrieval (nDCG@k, Recall@k).
 
-Works with any object that has `encode(inputs, *, prompt=None, instruction=None, batch_tokens=..., show_progress=...)`
-returning float32 embeddings in input order, such as `Encoder`.
+The evaluators take any object with an `encode(inputs, *, prompt=None, instruction=None, batch_tokens=...,
+show_progress=None)` method that returns float32 embeddings in input order, such as `Encoder`.
+Correlations and metrics are returned raw, in [-1, 1] or [0, 1]; papers and leaderboards report them x100.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their average rank."""
-    order = np.argsort(values, kind="mergesort")
+STS_FIELDS = ("score", "sentence1", "sentence2")
+QRELS_FIELDS = ("query-id", "corpus-id", "score")
+
+
+class SupportsEncode(Protocol):
+    """Anything that embeds a list of texts, like `Encoder`."""
+
+    def encode(self, inputs: Sequence[str], **kwargs: Any) -> np.ndarray: ...
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of `values`; tied values share the average of the ranks they span."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts_group = np.r_[True, ordered[1:] != ordered[:-1]]
+    starts = np.flatnonzero(starts_group)
+    ends = np.r_[starts[1:], len(values)]  # exclusive
     ranks = np.empty(len(values), dtype=np.float64)
-    sorted_values = values[order]
-    start = 0
-    while start < len(values):
-        end = start
-        while end + 1 < len(values) and sorted_values[end + 1] == sorted_values[start]:
-            end += 1
-        ranks[order[start : end + 1]] = (start + end) / 2 + 1
-        start = end + 1
+    ranks[order] = ((starts + ends + 1) / 2)[np.cumsum(starts_group) - 1]
     return ranks
 
 
+def _paired(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    if len(x) != len(y):
+        raise ValueError(f"Correlation needs two sequences of the same length; got {len(x)} and {len(y)}.")
+    if len(x) < 2:
+        raise ValueError(f"Correlation needs at least 2 pairs; got {len(x)}.")
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise ValueError("Correlation got NaN or infinite values; check the embeddings and gold scores.")
+    return x, y
+
+
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    """Pearson correlation of two equally long sequences, in [-1, 1]. Raises ValueError when either is constant
+    (the correlation is undefined then)."""
+    x, y = _paired(x, y)
     x, y = x - x.mean(), y - y.mean()
-    return float((x * y).sum() / math.sqrt((x * x).sum() * (y * y).sum()))
+    norm = math.sqrt((x @ x) * (y @ y))
+    if norm == 0:
+        raise ValueError(
+            "Correlation is undefined: one of the sequences is constant (e.g. the encoder gives every sentence the "
+            "same embedding, or all gold scores are equal)."
+        )
+    return float(np.clip((x @ y) / norm, -1.0, 1.0))
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    return pearson(_ranks(np.asarray(x, dtype=np.float64)), _ranks(np.asarray(y, dtype=np.float64)))
-
-
-def read_sts(path: str | os.PathLike) -> list[tuple[str, str, float]]:
-    """STS pairs `(sentence1, sentence2, score)` from the STS Benchmark's tab-separated files (genre, file, year,
-    id, score, sentence1, sentence2[, extra fields]; no header) or from a csv with a header naming `score`,
-    `sentence1` and `sentence2`. Errors name file:line."""
-    path = Path(path)
-    with path.open(encoding="utf-8", newline="") as handle:
-        first = handle.readline()
-        handle.seek(0)
-        header = [field.strip().lower() for field in next(csv.reader([first]))]
-        if {"score", "sentence1", "sentence2"} <= set(header):
-            rows = csv.DictReader(handle)
-            pairs = []
-            for line, row in enumerate(rows, start=2):
-                pairs.append((row["sentence1"], row["sentence2"], _score(row["score"], path, line)))
-            return _nonempty(pairs, path)
-        pairs = []
-        for line, row in enumerate(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
-            if not row or row == [""]:
-                continue
-            if len(row) < 7:
-                raise ValueError(
-                    f"{path}:{line}: expected 7 tab-separated fields (genre, file, year, id, score, sentence1, "
-                    f"sentence2); found {len(row)}. Use the STS Benchmark format or a csv with a score, sentence1, "
-                    "sentence2 header."
-                )
-            pairs.append((row[5], row[6], _score(row[4], path, line)))
-    return _nonempty(pairs, path)
+    """Spearman rank correlation of two equally long sequences, in [-1, 1]: Pearson of their ranks, ties getting
+    their average rank (as scipy.stats.spearmanr)."""
+    x, y = _paired(x, y)
+    return pearson(_average_ranks(x), _average_ranks(y))
 
 
 def _score(value: str, path: Path, line: int) -> float:
     try:
-        return float(value)
+        score = float(value)
     except ValueError:
-        raise ValueError(f"{path}:{line}: the score {value!r} is not a number.") from None
+        score = math.nan
+    if not math.isfinite(score):
+        raise ValueError(f"{path}:{line}: the score {value!r} is not a number; fix or remove that line.")
+    return score
 
 
-def _nonempty(pairs: list, path: Path) -> list:
+def read_sts(path: str | os.PathLike) -> list[tuple[str, str, float]]:
+    """Read STS pairs `(sentence1, sentence2, score)` from `path`, in file order.
+
+    Takes the STS Benchmark's tab-separated files (no header; genre, file, year, id, score, sentence1, sentence2,
+    sometimes followed by source fields, which are ignored; quotes are literal) or a file whose header names
+    `score`, `sentence1` and `sentence2` (comma-separated csv with csv quoting, or tab-separated with literal
+    quotes). Raises ValueError naming file:line for a malformed line, FileNotFoundError for a missing file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No STS file at {path}; give the path of e.g. sts-dev.csv from the STS Benchmark.")
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        first = handle.readline().rstrip("\r\n")
+        handle.seek(0)
+        delimiter = "\t" if "\t" in first else ","
+        header = [field.strip().lower() for field in next(csv.reader([first], delimiter=delimiter), [])]
+        has_header = set(STS_FIELDS) <= set(header)
+        # tab-separated STS files use literal quotes (sentences contain unbalanced ones); csv files use csv quoting
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+        if has_header:
+            next(reader)
+            columns = [header.index(name) for name in STS_FIELDS]
+            expected = f"{max(columns) + 1} fields as the header says"
+        else:
+            columns = [4, 5, 6]
+            expected = "7 tab-separated fields (genre, file, year, id, score, sentence1, sentence2)"
+        pairs = []
+        for row in reader:
+            if not row or row == [""]:
+                continue
+            if len(row) <= max(columns):
+                raise ValueError(
+                    f"{path}:{reader.line_num}: expected {expected}; found {len(row)}. Use the STS Benchmark "
+                    "format or a csv with a score,sentence1,sentence2 header."
+                )
+            score, sentence1, sentence2 = (row[column] for column in columns)
+            pairs.append((sentence1, sentence2, _score(score, path, reader.line_num)))
     if not pairs:
-        raise ValueError(f"{path} holds no STS pairs.")
+        raise ValueError(f"{path} holds no STS pairs; check that it is the right file.")
     return pairs
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of `a` with the same row of `b`."""
     a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(min=1e-12)
     b = b / np.linalg.norm(b, axis=1, keepdims=True).clip(min=1e-12)
     return (a * b).sum(axis=1)
 
 
-def evaluate_sts(encoder, pairs: Sequence[tuple[str, str, float]], *, prompt: str | None = None,
-                 batch_tokens: int = 16384) -> dict:
-    """Spearman and Pearson correlations (in [-1, 1]; reports usually multiply by 100) between the cosine
-    similarity of each pair's embeddings and its gold score. Each distinct sentence is encoded once."""
-    if not pairs:
-        raise ValueError("No STS pairs to evaluate.")
-    sentences = list(dict.fromkeys(s for a, b, _ in pairs for s in (a, b)))
-    index = {s: i for i, s in enumerate(sentences)}
-    embeddings = np.asarray(encoder.encode(sentences, prompt=prompt, batch_tokens=batch_tokens, show_progress=False))
-    left = embeddings[[index[a] for a, _, _ in pairs]]
-    right = embeddings[[index[b] for _, b, _ in pairs]]
-    similarity, gold = _cosine(left, right), [score for _, _, score in pairs]
-    return {"spearman": spearman(similarity, gold), "pearson": pearson(similarity, gold), "n": len(pairs)}
+def _embed(encoder: SupportsEncode, texts: list[str], what: str, **kwargs: Any) -> np.ndarray:
+    """`encoder.encode(texts, **kwargs)` as a float32 matrix, checked to have one finite row per text."""
+    embeddings = np.asarray(encoder.encode(texts, **kwargs), dtype=np.float32)
+    if embeddings.ndim != 2 or len(embeddings) != len(texts):
+        raise ValueError(
+            f"The encoder returned an array of shape {embeddings.shape} for {len(texts)} {what}; "
+            "it must return one embedding row per input, in input order."
+        )
+    bad = int((~np.isfinite(embeddings).all(axis=1)).sum())
+    if bad:
+        raise ValueError(
+            f"The encoder returned NaN or infinite embeddings for {bad} of {len(texts)} {what}; "
+            "encode in float32 (e.g. dtype='float32') or check the checkpoint."
+        )
+    return embeddings
 
 
-def _read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
-    records = []
-    with path.open(encoding="utf-8") as handle:
+def evaluate_sts(
+    encoder: SupportsEncode,
+    pairs: Sequence[tuple[str, str, float]],
+    *,
+    prompt: str | None = None,
+    batch_tokens: int = 16384,
+    show_progress: bool | None = None,
+) -> dict[str, float | int]:
+    """Score an encoder on STS `pairs` of `(sentence1, sentence2, gold score)`.
+
+    Each distinct sentence is encoded once (behind `prompt`, if given). Returns `spearman` and `pearson`, the raw
+    correlations in [-1, 1] between the cosine similarity of each pair's embeddings and its gold score (reports
+    multiply by 100; Spearman is the headline STS figure), and `n`, the number of pairs.
+    """
+    if len(pairs) < 2:
+        raise ValueError(f"STS needs at least 2 pairs to correlate; got {len(pairs)}.")
+    sentences = list(dict.fromkeys(sentence for a, b, _ in pairs for sentence in (a, b)))
+    row = {sentence: index for index, sentence in enumerate(sentences)}
+    embeddings = _embed(encoder, sentences, "sentences", prompt=prompt, batch_tokens=batch_tokens,
+                        show_progress=show_progress)
+    similarity = _cosine_rows(embeddings[[row[a] for a, _, _ in pairs]], embeddings[[row[b] for _, b, _ in pairs]])
+    gold = [score for _, _, score in pairs]
+    result = {"spearman": spearman(similarity, gold), "pearson": pearson(similarity, gold), "n": len(pairs)}
+    logger.info("STS on %d pairs: Spearman %.2f, Pearson %.2f (x100)", len(pairs), 100 * result["spearman"],
+                100 * result["pearson"])
+    return result
+
+
+def _jsonl_records(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    """`(line number, record)` for each non-blank line of a jsonl file; each record must hold `required`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No file at {path}; give the path of a BEIR-style jsonl file.")
+    with path.open(encoding="utf-8-sig") as handle:
         for line, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line}: not valid JSON ({exc.msg}).") from None
+                message = f"{path}:{line}: not valid JSON ({exc.msg}); each line must be one JSON object."
+                raise ValueError(message) from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{line}: expected a JSON object with {', '.join(required)}; "
+                                 f"found a {type(record).__name__}.")
             missing = [field for field in required if field not in record]
-            if not isinstance(record, dict) or missing:
-                raise ValueError(f"{path}:{line}: missing field(s) {', '.join(missing) or 'all'}.")
-            records.append(record)
-    return records
+            if missing:
+                raise ValueError(f"{path}:{line}: missing field(s) {', '.join(missing)}; each line needs "
+                                 f"{', '.join(required)}.")
+            yield line, record
 
 
-def read_retrieval(corpus_path, queries_path, qrels_path) -> tuple[dict[str, str], dict[str, str],
-                                                                   dict[str, dict[str, int]]]:
-    """A BEIR-style task: corpus.jsonl (`_id`, optional `title`, `text`), queries.jsonl (`_id`, `text`) and qrels
-    (tsv with a `query-id corpus-id score` header, or jsonl with those keys). Returns `(corpus, queries, qrels)`:
-    id -> text (title and text joined), id -> text, query id -> {document id: relevance}."""
+def _id(value: Any, path: Path, line: int, field: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{path}:{line}: {field} must be a string or an integer; found {value!r}.")
+    return str(value)
+
+
+def _text(value: Any, path: Path, line: int, field: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{path}:{line}: {field} must be a string; found {type(value).__name__}.")
+    return value
+
+
+def _read_texts(path: Path, *, with_title: bool) -> dict[str, str]:
+    """id -> text of a BEIR corpus (`title` + " " + `text` when a title is given) or queries file."""
+    texts: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for line, record in _jsonl_records(path, ("_id", "text")):
+        key = _id(record["_id"], path, line, "_id")
+        if key in first_line:
+            raise ValueError(f"{path}:{line}: _id {key!r} already appeared on line {first_line[key]}; ids must be "
+                             "unique.")
+        text = _text(record["text"], path, line, "text")
+        title = record.get("title") if with_title else None
+        if title:
+            text = f"{_text(title, path, line, 'title')} {text}"
+        texts[key], first_line[key] = text, line
+    if not texts:
+        raise ValueError(f"{path} holds no records; check that it is the right file.")
+    return texts
+
+
+def _qrels_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any]]:
+    """`(line number, query id, document id, score)` for each judgement in a qrels tsv or jsonl file."""
+    if path.suffix == ".jsonl":
+        for line, record in _jsonl_records(path, QRELS_FIELDS):
+            yield line, record["query-id"], record["corpus-id"], record["score"]
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"No qrels file at {path}; give a tsv with a query-id, corpus-id, score header.")
+    with path.open(encoding="utf-8-sig") as handle:
+        header = handle.readline().rstrip("\r\n").split("\t")
+        if [field.strip() for field in header[:3]] != list(QRELS_FIELDS):
+            raise ValueError(f"{path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score' of a BEIR qrels "
+                             f"file; found {header!r}.")
+        for line, text in enumerate(handle, start=2):
+            if not text.strip():
+                continue
+            fields = text.rstrip("\r\n").split("\t")
+            if len(fields) < 3:
+                raise ValueError(f"{path}:{line}: expected 3 tab-separated fields (query-id, corpus-id, score); "
+                                 f"found {len(fields)}.")
+            yield line, fields[0], fields[1], fields[2]
+
+
+def _relevance(value: Any, path: Path, line: int) -> int:
+    """An integer relevance grade from a qrels score such as 1, "2" or "1.0"."""
+    try:
+        grade = float(value)
+    except (TypeError, ValueError):
+        grade = math.nan
+    if isinstance(value, bool) or not math.isfinite(grade) or grade != int(grade):
+        raise ValueError(f"{path}:{line}: the score {value!r} is not an integer relevance grade (0, 1, 2, ...).")
+    return int(grade)
+
+
+def read_retrieval(
+    corpus_path: str | os.PathLike, queries_path: str | os.PathLike, qrels_path: str | os.PathLike
+) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+    """Read a BEIR-style retrieval task.
+
+    Takes corpus.jsonl (`_id`, optional `title`, `text`), queries.jsonl (`_id`, `text`) and qrels: a tsv with the
+    header `query-id corpus-id score`, or a `.jsonl` file with those keys. Returns `(corpus, queries, qrels)`:
+    document id -> text (title + " " + text when there is a title), query id -> text, and query id -> {document
+    id: integer relevance}. Judged documents missing from the corpus are kept (they still count as relevant, as
+    in BEIR) with a warning. Raises ValueError naming file:line for a malformed line.
+    """
     corpus_path, queries_path, qrels_path = Path(corpus_path), Path(queries_path), Path(qrels_path)
-    corpus = {}
-    for record in _read_jsonl(corpus_path, ("_id", "text")):
-        title = record.get("title") or ""
-        corpus[str(record["_id"])] = f"{title} {record['text']}".strip() if title else record["text"]
-    queries = {str(r["_id"]): r["text"] for r in _read_jsonl(queries_path, ("_id", "text"))}
+    corpus = _read_texts(corpus_path, with_title=True)
+    queries = _read_texts(queries_path, with_title=False)
     qrels: dict[str, dict[str, int]] = {}
-    if qrels_path.suffix == ".jsonl":
-        rows = [(r["query-id"], r["corpus-id"], r["score"], line) for line, r in
-                enumerate(_read_jsonl(qrels_path, ("query-id", "corpus-id", "score")), start=1)]
-    else:
-        with qrels_path.open(encoding="utf-8", newline="") as handle:
-            reader = csv.reader(handle, delimiter="\t")
-            header = next(reader, None)
-            if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
-                raise ValueError(f"{qrels_path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score'.")
-            rows = []
-            for line, row in enumerate(reader, start=2):
-                if len(row) < 3:
-                    raise ValueError(f"{qrels_path}:{line}: expected query-id, corpus-id and score.")
-                rows.append((row[0], row[1], row[2], line))
-    for query_id, doc_id, score, line in rows:
-        try:
-            relevance = int(float(score))
-        except ValueError:
-            raise ValueError(f"{qrels_path}:{line}: the score {score!r} is not a number.") from None
-        if str(doc_id) not in corpus:
-            raise ValueError(f"{qrels_path}:{line}: document {doc_id!r} is not in {corpus_path}.")
-        qrels.setdefault(str(query_id), {})[str(doc_id)] = relevance
+    for line, query_value, doc_value, score in _qrels_rows(qrels_path):
+        query_id = _id(query_value, qrels_path, line, "query-id")
+        doc_id = _id(doc_value, qrels_path, line, "corpus-id")
+        grade = _relevance(score, qrels_path, line)
+        judged = qrels.setdefault(query_id, {})
+        if judged.get(doc_id, grade) != grade:
+            raise ValueError(f"{qrels_path}:{line}: ({query_id!r}, {doc_id!r}) was judged {judged[doc_id]} before "
+                             f"and {grade} here; keep one judgement per pair.")
+        judged[doc_id] = grade
+    if not qrels:
+        raise ValueError(f"{qrels_path} holds no judgements; check that it is the right file.")
+    missing_docs = {doc for judged in qrels.values() for doc in judged if doc not in corpus}
+    if missing_docs:
+        logger.warning("%d judged document(s) of %s are not in %s (e.g. %r); they count as relevant but can never "
+                       "be retrieved.", len(missing_docs), qrels_path, corpus_path, sorted(missing_docs)[0])
+    missing_queries = [query for query in qrels if query not in queries]
+    if missing_queries:
+        logger.warning("%d query id(s) of %s are not in %s (e.g. %r); they are left out.", len(missing_queries),
+                       qrels_path, queries_path, missing_queries[0])
     return corpus, queries, qrels
 
 
-def _top_k(query_embeddings: np.ndarray, doc_embeddings: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
-    """Indices of each query's k most cosine-similar documents, best first; documents scored blockwise."""
+def top_k(query_embeddings: np.ndarray, doc_embeddings: np.ndarray, k: int, *, query_block: int = 1024,
+          doc_block: int = 16384) -> np.ndarray:
+    """Row indices of each query's `k` (at most the corpus size) most cosine-similar documents, best first; equal
+    scores are ordered by document index. Scores are computed `query_block` x `doc_block` at a time, so memory
+    stays bounded whatever the corpus size. Returns an int64 array `(queries, min(k, documents))`."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1; got {k}.")
     queries = query_embeddings / np.linalg.norm(query_embeddings, axis=1, keepdims=True).clip(min=1e-12)
     docs = doc_embeddings / np.linalg.norm(doc_embeddings, axis=1, keepdims=True).clip(min=1e-12)
     k = min(k, len(docs))
-    best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
-    best_ids = np.zeros((len(queries), 0), dtype=np.int64)
-    for start in range(0, len(docs), block):
-        scores = queries @ docs[start : start + block].T
-        ids = np.broadcast_to(np.arange(start, start + scores.shape[1]), scores.shape)
-        scores, ids = np.concatenate([best_scores, scores], 1), np.concatenate([best_ids, ids], 1)
-        keep = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        best_scores, best_ids = np.take_along_axis(scores, keep, 1), np.take_along_axis(ids, keep, 1)
-    return best_ids
+    result = np.empty((len(queries), k), dtype=np.int64)
+    for q_start in range(0, len(queries), query_block):
+        block_queries = queries[q_start : q_start + query_block]
+        best_scores = np.empty((len(block_queries), 0), dtype=np.float32)
+        best_ids = np.empty((len(block_queries), 0), dtype=np.int64)
+        for d_start in range(0, len(docs), doc_block):
+            scores = block_queries @ docs[d_start : d_start + doc_block].T
+            ids = np.broadcast_to(np.arange(d_start, d_start + scores.shape[1]), scores.shape)
+            scores, ids = np.concatenate([best_scores, scores], axis=1), np.concatenate([best_ids, ids], axis=1)
+            if scores.shape[1] > k:
+                keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                kth = np.take_along_axis(scores, keep, axis=1).min(axis=1, keepdims=True)
+                # argpartition picks arbitrarily among scores tied at the k-th place: sort those (rare) rows fully
+                for row in np.flatnonzero((scores >= kth).sum(axis=1) > k):
+                    keep[row] = np.lexsort((ids[row], -scores[row]))[:k]
+                scores, ids = np.take_along_axis(scores, keep, axis=1), np.take_along_axis(ids, keep, axis=1)
+            best_scores, best_ids = scores, ids
+        order = np.lexsort((best_ids, -best_scores), axis=1)
+        result[q_start : q_start + query_block] = np.take_along_axis(best_ids, order, axis=1)
+    return result
 
 
 def ndcg_at_k(ranked: Sequence[str], relevant: dict[str, int], k: int) -> float:
-    dcg = sum(relevant.get(doc, 0) / math.log2(rank + 2) for rank, doc in enumerate(ranked[:k]))
-    ideal = sorted((r for r in relevant.values() if r > 0), reverse=True)[:k]
-    idcg = sum(r / math.log2(rank + 2) for rank, r in enumerate(ideal))
+    """nDCG@k of one ranking: gain = relevance grade (grades <= 0 gain nothing), discount log2(rank + 1), divided by
+    the DCG of the ideal ranking of all judged documents; 0 when none is relevant."""
+    dcg = sum(max(relevant.get(doc, 0), 0) / math.log2(rank + 2) for rank, doc in enumerate(ranked[:k]))
+    ideal = sorted((grade for grade in relevant.values() if grade > 0), reverse=True)[:k]
+    idcg = sum(grade / math.log2(rank + 2) for rank, grade in enumerate(ideal))
     return dcg / idcg if idcg > 0 else 0.0
 
 
 def recall_at_k(ranked: Sequence[str], relevant: dict[str, int], k: int) -> float:
-    positives = {doc for doc, r in relevant.items() if r > 0}
-    return len(positives & set(ranked[:k])) / len(positives)
+    """Recall@k of one ranking: relevant documents (grade > 0) in the top k / all relevant ones; 0 when none is."""
+    positives = {doc for doc, grade in relevant.items() if grade > 0}
+    return len(positives.intersection(ranked[:k])) / len(positives) if positives else 0.0
 
 
-def evaluate_retrieval(encoder, corpus: dict[str, str], queries: dict[str, str], qrels: dict[str, dict[str, int]],
-                       *, query_instruction: str | None = None, query_prompt: str | None = None,
-                       k_values: Sequence[int] = (10, 100), batch_tokens: int = 16384) -> dict:
-    """Exact cosine retrieval of every judged query over the corpus: mean `ndcg@k` and `recall@k` for each k,
-    plus `queries` (evaluated) and `skipped` (queries without a relevant document)."""
-    judged = [q for q in queries if any(r > 0 for r in qrels.get(q, {}).values())]
-    if not judged:
-        raise ValueError("No query has a relevant document in the qrels; nothing to evaluate.")
+def evaluate_retrieval(
+    encoder: SupportsEncode,
+    corpus: dict[str, str],
+    queries: dict[str, str],
+    qrels: dict[str, dict[str, int]],
+    *,
+    query_instruction: str | None = None,
+    query_prompt: str | None = None,
+    document_prompt: str | None = None,
+    k_values: Sequence[int] = (10, 100),
+    batch_tokens: int = 16384,
+    show_progress: bool | None = None,
+) -> dict[str, float | int]:
+    """Score an encoder on a retrieval task (as returned by `read_retrieval`) by exact cosine search.
+
+    Documents are encoded behind `document_prompt`, queries behind `query_instruction` (through the encoder's
+    instruction template) or `query_prompt`. Every query with at least one relevant document (grade > 0) is
+    ranked against the whole corpus. Returns the mean `ndcg@k` and `recall@k` over those queries for each k
+    (raw, in [0, 1]; reports multiply by 100), `queries` (how many were evaluated) and `skipped` (queries without
+    a relevant document, left out of the means).
+    """
+    if not k_values or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in k_values):
+        raise ValueError(f"k_values must be positive integers such as (10, 100); got {k_values!r}.")
+    k_values = sorted(set(k_values))
+    if not corpus:
+        raise ValueError("The corpus is empty; there is nothing to retrieve.")
+    evaluated = [query for query in queries if any(grade > 0 for grade in qrels.get(query, {}).values())]
+    if not evaluated:
+        raise ValueError("No query has a relevant document (score > 0) in the qrels; check that the queries and "
+                         "qrels belong to the same task.")
     doc_ids = list(corpus)
-    doc_embeddings = np.asarray(encoder.encode([corpus[d] for d in doc_ids], batch_tokens=batch_tokens,
-                                               show_progress=False))
-    query_embeddings = np.asarray(encoder.encode([queries[q] for q in judged], instruction=query_instruction,
-                                                 prompt=query_prompt, batch_tokens=batch_tokens, show_progress=False))
-    top = _top_k(query_embeddings, doc_embeddings, max(k_values))
-    result = {"queries": len(judged), "skipped": len(queries) - len(judged)}
+    doc_embeddings = _embed(encoder, [corpus[doc] for doc in doc_ids], "documents", prompt=document_prompt,
+                            batch_tokens=batch_tokens, show_progress=show_progress)
+    query_embeddings = _embed(encoder, [queries[query] for query in evaluated], "queries",
+                              instruction=query_instruction, prompt=query_prompt, batch_tokens=batch_tokens,
+                              show_progress=show_progress)
+    if query_embeddings.shape[1] != doc_embeddings.shape[1]:
+        raise ValueError(f"Query embeddings have {query_embeddings.shape[1]} dimensions but document embeddings "
+                         f"{doc_embeddings.shape[1]}; encode both with the same model.")
+    rankings = [[doc_ids[i] for i in row] for row in top_k(query_embeddings, doc_embeddings, k_values[-1])]
+    ranked_and_judged = list(zip(rankings, (qrels[query] for query in evaluated), strict=True))
+    result: dict[str, float | int] = {}
     for k in k_values:
-        ranked = [[doc_ids[i] for i in row] for row in top]
-        result[f"ndcg@{k}"] = float(np.mean([ndcg_at_k(r, qrels[q], k) for r, q in zip(ranked, judged, strict=True)]))
-        result[f"recall@{k}"] = float(np.mean([recall_at_k(r, qrels[q], k) for r, q in zip(ranked, judged,
-                                                                                             strict=True)]))
+        result[f"ndcg@{k}"] = float(np.mean([ndcg_at_k(r, judged, k) for r, judged in ranked_and_judged]))
+        result[f"recall@{k}"] = float(np.mean([recall_at_k(r, judged, k) for r, judged in ranked_and_judged]))
+    result["queries"], result["skipped"] = len(evaluated), len(queries) - len(evaluated)
+    logger.info("Retrieval over %d documents for %d queries (%d without a relevant document skipped): %s",
+                len(corpus), len(evaluated), result["skipped"],
+                ", ".join(f"{name} {100 * value:.2f}" for name, value in result.items() if "@" in name))
     return result
