@@ -30,8 +30,9 @@ DOC_LENGTHS = (16, 32, 64, 128, 256, 512, 1024)
 
 
 def _texts(args) -> dict[str, list[str]]:
-    from llama_encoder.encoding.evaluate import read_sts
     from transformers import AutoTokenizer
+
+    from llama_encoder.encoding.evaluate import read_sts
 
     pairs = read_sts(Path(args.sts_dir) / "sts-dev.csv")
     sentences = list(dict.fromkeys(s for a, b, _ in pairs for s in (a, b)))
