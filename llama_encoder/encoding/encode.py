@@ -37,7 +37,7 @@ def _checkpoint_file(path: str, name: str) -> Path | None:
 
 
 def length_sorted_batches(
-    lengths: Sequence[int], *, batch_tokens: int, max_batch_size: int, max_padding: float = 0.25
+    lengths: Sequence[int], *, batch_tokens: int, max_batch_size: int, max_padding: float = 0.1
 ) -> list[list[int]]:
     """Indices grouped into batches, longest inputs first. A batch's rows x longest row stays within
     `batch_tokens` (a single longer input gets a batch of its own), it has at most `max_batch_size` rows, and no
@@ -169,7 +169,7 @@ class Encoder:
         prompt_name: str | None = None,
         batch_tokens: int = 16384,
         max_batch_size: int = 512,
-        max_padding: float = 0.25,
+        max_padding: float = 0.1,
         normalize: bool | None = None,
         convert_to: str = "numpy",
         show_progress: bool | None = None,
