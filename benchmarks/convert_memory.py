@@ -3,6 +3,9 @@
 Builds a synthetic Llama checkpoint (random weights, several safetensors shards, at least 3 GiB with the
 defaults) and two random rank-16 adapters in peft's on-disk layout under a temporary folder, then runs each merge
 in its own subprocess, which prints its peak resident set size (`getrusage(RUSAGE_SELF).ru_maxrss`) and wall time.
+Linux carries a process's high-water mark over into the programs it starts (ru_maxrss survives fork and exec), so
+the checkpoint is also built in a subprocess and this launcher never imports torch: its own small peak, printed
+at the end, is the floor under the children's figures (each child also reports its VmHWM, which exec resets).
 The defaults fit a machine with 24 GiB of memory and about 16 GiB of free disk.
 
     python benchmarks/convert_memory.py            # defaults: hidden 2048, 24 layers, float32 (~4.4 GiB)
@@ -27,13 +30,15 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
+MEMORY_TARGET = 1.5  # the issue's bound: peak RSS over (largest base shard + adapters)
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _rss_now_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (`VmRSS`: now, `VmHWM`: peak of this program)."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -64,6 +69,17 @@ def _tensor_shapes(config) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def _report(start: float, baseline: int) -> None:
+    """Print a merge child's figures as the JSON line the launcher reads."""
+    figures = {
+        "seconds": time.perf_counter() - start,
+        "peak_rss": _peak_rss_bytes(),
+        "hwm": _status_bytes("VmHWM"),
+        "baseline": baseline,
+    }
+    print(json.dumps(figures))
 
 
 def build_base(folder: Path, args: argparse.Namespace) -> dict:
@@ -132,12 +148,12 @@ def child_stream(work: Path, out_shard_bytes: int) -> None:
     from llama_encoder.conversion_scripts.lora import read_adapter
     from llama_encoder.conversion_scripts.streaming import stream_merge
 
-    baseline = _rss_now_bytes()
+    baseline = _status_bytes("VmRSS")
     start = time.perf_counter()
     adapters = [read_adapter(work / "adapter1"), read_adapter(work / "adapter2")]
     with atomic_directory(work / "out-stream") as tmp:
         stream_merge(work / "base", adapters, tmp, shard_size_bytes=out_shard_bytes)
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": _peak_rss_bytes(), "baseline": baseline}))
+    _report(start, baseline)
 
 
 def child_peft(work: Path, out_shard_bytes: int, dtype_name: str) -> None:
@@ -147,19 +163,39 @@ def child_peft(work: Path, out_shard_bytes: int, dtype_name: str) -> None:
 
     from llama_encoder.atomic import atomic_directory
 
-    baseline = _rss_now_bytes()
+    baseline = _status_bytes("VmRSS")
     start = time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(work / "base", dtype=getattr(torch, dtype_name))
     model = PeftModel.from_pretrained(model, work / "adapter1").merge_and_unload()
     model = PeftModel.from_pretrained(model, work / "adapter2").merge_and_unload()
     with atomic_directory(work / "out-peft") as tmp:
         model.save_pretrained(tmp, max_shard_size=out_shard_bytes)
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": _peak_rss_bytes(), "baseline": baseline}))
+    _report(start, baseline)
+
+
+def child_build(work: Path, args: argparse.Namespace) -> None:
+    """Check the free disk, then write the base and both adapters into `work`; print their sizes as JSON."""
+    element = 4 if args.dtype == "float32" else 2
+    expected = element * sum(math.prod(shape) for shape in _tensor_shapes(_llama_config(args)).values())
+    needed = int(expected * (2 if args.skip_peft else 3) * 1.05)  # the base and each merged copy
+    free = shutil.disk_usage(work).free
+    if free < needed:
+        raise SystemExit(
+            f"{work} has {free / GIB:.1f} GiB free but the benchmark needs about {needed / GIB:.1f} GiB "
+            "(the base and each merged copy); pass --workdir on a larger disk or fewer --layers."
+        )
+    sizes = build_base(work / "base", args)
+    sizes["adapter_bytes"] = [build_adapter(work / f"adapter{n}", args, seed=n) for n in (1, 2)]
+    print(json.dumps(sizes))
 
 
 def _run_child(mode: str, work: Path, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--workdir", str(work), "--dtype", args.dtype]
-    command += ["--out-shard-gib", str(args.out_shard_gib)]
+    """Run this script with `--child mode` and the same options; return the JSON its last output line holds."""
+    command = [sys.executable, __file__, "--child", mode, "--workdir", str(work)]
+    for option in ("hidden_size", "intermediate_size", "layers", "heads", "kv_heads", "vocab_size", "dtype", "rank",
+                   "base_shard_gib", "out_shard_gib"):
+        command += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    command += ["--skip-peft"] if args.skip_peft else []
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -192,28 +228,82 @@ def _max_abs_difference(work: Path, names: list[str]) -> float:
     return worst
 
 
+def _met(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden-size", type=int, default=2048, help="hidden size (default 2048)")
-    parser.add_argument("--intermediate-size", type=int, default=5632, help="MLP width (default 5632)")
-    parser.add_argument("--layers", type=int, default=24, help="decoder layers (default 24)")
-    parser.add_argument("--heads", type=int, default=32, help="attention heads (default 32)")
-    parser.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default 4)")
-    parser.add_argument("--vocab-size", type=int, default=32000, help="vocabulary (default 32000)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights dtype")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank of both adapters (default 16)")
-    parser.add_argument("--base-shard-gib", type=float, default=1.0, help="base shard size in GiB (default 1)")
-    parser.add_argument("--out-shard-gib", type=float, default=1.0, help="output shard size in GiB (default 1)")
-    parser.add_argument("--workdir", type=Path, help="where to build the checkpoint (default: a new folder in /tmp)")
-    parser.add_argument("--skip-peft", action="store_true", help="measure stream_merge only")
-    parser.add_argument("--keep", action="store_true", help="keep the work folder afterwards")
-    parser.add_argument("--child", choices=["stream", "peft"], help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    model = parser.add_argument_group("synthetic checkpoint (LlamaForCausalLM with random weights)")
+    model.add_argument("--hidden-size", type=int, default=2048, help="hidden size (default: %(default)s)")
+    model.add_argument(
+        "--intermediate-size", type=int, default=5632, help="MLP (gate/up/down) width (default: %(default)s)"
+    )
+    model.add_argument(
+        "--layers", type=int, default=24,
+        help="decoder layers, the main knob for the checkpoint size; the default gives ~4.4 GiB in float32 "
+        "(default: %(default)s)",
+    )
+    model.add_argument("--heads", type=int, default=32, help="attention heads (default: %(default)s)")
+    model.add_argument(
+        "--kv-heads", type=int, default=4,
+        help="key/value heads; fewer than --heads shrinks k_proj and v_proj (default: %(default)s)",
+    )
+    model.add_argument(
+        "--vocab-size", type=int, default=32000,
+        help="vocabulary size: rows of embed_tokens and lm_head (lm_head is dropped by the merge) "
+        "(default: %(default)s)",
+    )
+    model.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="dtype of the base weights and of both adapters; both merges keep it (default: %(default)s)",
+    )
+    model.add_argument(
+        "--rank", type=int, default=16,
+        help="LoRA rank r of both adapters, which adapt every q/k/v/o/gate/up/down projection with alpha = 2r "
+        "(default: %(default)s)",
+    )
+    model.add_argument(
+        "--base-shard-gib", type=float, default=1.0,
+        help="largest size of one base shard in GiB; the memory target is relative to the largest shard "
+        "(default: %(default)s)",
+    )
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--out-shard-gib", type=float, default=1.0,
+        help="largest size of one output shard in GiB, for both merges (default: %(default)s)",
+    )
+    run.add_argument(
+        "--workdir", type=Path,
+        help="folder for the base, the adapters and the merged outputs; needs about three times the checkpoint "
+        "size free (two with --skip-peft) (default: a new folder in /tmp)",
+    )
+    run.add_argument(
+        "--skip-peft", action="store_true",
+        help="measure stream_merge only: no peft run, no comparison and no time target",
+    )
+    run.add_argument(
+        "--keep", action="store_true",
+        help="keep the work folder (base, adapters, outputs) afterwards; by default it is removed",
+    )
+    run.add_argument(
+        "--child", choices=["build", "stream", "peft"],
+        help="internal, one step in its own process: 'build' writes the checkpoint and adapters into --workdir, "
+        "'stream' and 'peft' run one merge of them; each prints its figures as JSON. The benchmark starts itself "
+        "with this option so that each merge has a peak RSS of its own",
+    )
+    args = parser.parse_args(argv)
+    if args.child and args.workdir is None:
+        parser.error("--child needs --workdir, the folder that holds (or receives) the base and the adapters")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     out_shard_bytes = int(args.out_shard_gib * GIB)
+    if args.child == "build":
+        child_build(args.workdir, args)
+        return
     if args.child == "stream":
         child_stream(args.workdir, out_shard_bytes)
         return
@@ -222,22 +312,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.WARNING)
 
-    element = 4 if args.dtype == "float32" else 2
-    expected = element * sum(math.prod(shape) for shape in _tensor_shapes(_llama_config(args)).values())
     work = args.workdir or Path(tempfile.mkdtemp(prefix="convert-memory-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
-    outputs = 1 if args.skip_peft else 2
-    needed = int(expected * (1 + outputs) * 1.05)
-    free = shutil.disk_usage(work).free
-    if free < needed:
-        raise SystemExit(
-            f"{work} has {free / GIB:.1f} GiB free but the benchmark needs about {needed / GIB:.1f} GiB "
-            "(the base and each merged copy); pass --workdir on a larger disk or fewer --layers."
-        )
     try:
         print(f"Work folder: {work}")
-        base = build_base(work / "base", args)
-        adapter_bytes = [build_adapter(work / f"adapter{n}", args, seed=n) for n in (1, 2)]
+        base = _run_child("build", work, args)
+        adapter_bytes = base["adapter_bytes"]
         print(
             f"Checkpoint: {base['total_bytes'] / GIB:.2f} GiB in {base['num_shards']} shards, largest shard "
             f"{base['largest_shard_bytes'] / GIB:.2f} GiB; adapters {adapter_bytes[0] / 2**20:.1f} MiB + "
@@ -248,23 +328,32 @@ def main(argv: list[str] | None = None) -> None:
         results = {"stream_merge": _run_child("stream", work, args)}
         if not args.skip_peft:
             results["peft"] = _run_child("peft", work, args)
+        launcher_peak = _peak_rss_bytes()  # before the check below imports torch here
         for label, figures in results.items():
             print(
-                f"{label:>12}: peak RSS {figures['peak_rss'] / GIB:.2f} GiB (after imports "
-                f"{figures['baseline'] / GIB:.2f} GiB), merge {figures['seconds']:.1f} s, process "
+                f"{label:>12}: peak RSS {figures['peak_rss'] / GIB:.2f} GiB (VmHWM {figures['hwm'] / GIB:.2f}; "
+                f"after imports {figures['baseline'] / GIB:.2f} GiB), merge {figures['seconds']:.1f} s, process "
                 f"{figures['process_seconds']:.1f} s; peak / (largest shard + adapters) = "
                 f"{figures['peak_rss'] / budget:.2f} ({(figures['peak_rss'] - figures['baseline']) / budget:.2f} "
                 f"above imports), peak / checkpoint = "
                 f"{figures['peak_rss'] / base['total_bytes']:.2f}"
             )
+        stream = results["stream_merge"]
+        memory_met = stream["peak_rss"] <= MEMORY_TARGET * budget
+        verdict = f"Target: peak RSS <= {MEMORY_TARGET:g} x (largest shard + adapters) = " \
+            f"{MEMORY_TARGET * budget / GIB:.2f} GiB: {stream['peak_rss'] / GIB:.2f} GiB, {_met(memory_met)}"
         if "peft" in results:
-            stream, peft = results["stream_merge"], results["peft"]
+            peft = results["peft"]
             print(
                 f"stream_merge / peft: peak RSS {stream['peak_rss'] / peft['peak_rss']:.2f}, "
                 f"merge time {stream['seconds'] / peft['seconds']:.2f}"
             )
+            verdict += f"; merge time <= peft's: {stream['seconds']:.1f} s vs {peft['seconds']:.1f} s, " \
+                f"{_met(stream['seconds'] <= peft['seconds'])}"
             checked = ["layers.0.self_attn.q_proj.weight", f"layers.{args.layers - 1}.mlp.down_proj.weight"]
             print(f"Max |stream - peft| over {', '.join(checked)}: {_max_abs_difference(work, checked):.3g}")
+        print(verdict)
+        print(f"Launcher peak RSS {launcher_peak / GIB:.2f} GiB (the floor under the children's getrusage figures)")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

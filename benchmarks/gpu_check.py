@@ -110,10 +110,72 @@ def throughput(device: str, dtype: torch.dtype, attn: str, batch: int, seq_len: 
               f"encoder {tokens / e:>11.0f} tok/s  encoder/stock time {e / s:.3f}x")
 
 
+def encode_api(device: str, quick: bool) -> None:
+    """The encode API on the device: fp32 and bf16 throughput against a stock LlamaModel over the same tokens
+    grouped by exact length (no padding), and device fp32 embeddings against CPU fp32 ones."""
+    import random
+
+    from llama_encoder.encoding import Encoder
+    from llama_encoder.modeling_llama_encoder import tokenize_for_encoder
+    from tests.tiny import tiny_bpe_tokenizer
+
+    words = "the cat sat on a mat while dogs ran through parks and plants made sugar from light".split()
+    rng = random.Random(0)
+    count, longest = (48, 40) if quick else (4096, 300)
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(4, longest))) for _ in range(count)]
+    tokenizer = tiny_bpe_tokenizer(texts[:200])
+    tokenizer.pad_token = "<|pad|>"
+    torch.manual_seed(0)
+    config = LlamaEncoderConfig(**{**SMOLLM2_SHAPE, "pad_token_id": 0}, attn_implementation="sdpa")
+    cpu_model = LlamaEncoderModel(config).eval()
+    rows = tokenize_for_encoder(tokenizer, texts, padding=False, return_tensors=None)["input_ids"]
+    tokens = sum(len(r) for r in rows)
+    reference = Encoder(cpu_model, tokenizer).encode(texts[:16], show_progress=False)
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = LlamaEncoderModel(config).to(device=device, dtype=dtype).eval()
+        model.load_state_dict(cpu_model.state_dict())
+        encoder = Encoder(model, tokenizer)
+        if dtype == torch.float32:
+            diff = float(abs(encoder.encode(texts[:16], show_progress=False) - reference).max())
+            check(f"encode on {device} fp32 == cpu fp32", diff < 1e-4, f"(max diff {diff:.2e})")
+        stock = LlamaModel(LlamaConfig(**SMOLLM2_SHAPE, attn_implementation="sdpa")).to(device=device, dtype=dtype)
+        stock.load_state_dict(cpu_model.state_dict())
+        stock.eval()
+        by_length: dict[int, list[list[int]]] = {}
+        for row in rows:
+            by_length.setdefault(len(row), []).append(row)
+
+        def floor(stock=stock, by_length=by_length):
+            with torch.inference_mode():
+                for length, group in by_length.items():
+                    step = max(1, 16384 // length)
+                    for i in range(0, len(group), step):
+                        stock(input_ids=torch.tensor(group[i : i + step], device=device))
+
+        def ours(encoder=encoder):
+            encoder.encode(texts, batch_tokens=16384, show_progress=False)
+
+        for name, run in (("floor", floor), ("encode", ours)):
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            results[(name, dtype)] = tokens / (time.perf_counter() - start)
+        f, e = results[("floor", dtype)], results[("encode", dtype)]
+        print(f"  {str(dtype):<15} floor {f:>10.0f} tok/s  encode {e:>10.0f} tok/s  encode/floor {e / f:.3f}x")
+    print(f"  bf16 / fp32 encode: {results[('encode', torch.bfloat16)] / results[('encode', torch.float32)]:.2f}x "
+          f"({len(texts)} texts, {tokens} tokens)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--quick", action="store_true", help="small throughput batch, for a dry run")
+    parser.add_argument("--encode-only", action="store_true", help="run only the encode API section")
     args = parser.parse_args()
     import transformers
 
@@ -121,7 +183,7 @@ def main() -> int:
     print(f"device {name}; torch {torch.__version__}; transformers {transformers.__version__}; backends {backends()}")
     dtypes = [torch.float32, torch.bfloat16]
     print("correctness:")
-    for attn in backends():
+    for attn in [] if args.encode_only else backends():
         for dtype in dtypes:
             if attn == "flash_attention_2" and dtype == torch.float32:
                 continue
@@ -131,12 +193,18 @@ def main() -> int:
                 check(f"{attn}/{dtype}: ran", False, f"({type(exc).__name__}: {str(exc)[:200]})")
     print("throughput (SmolLM2-135M shape, random weights):")
     batch, seq_len, repeats = (4, 64, 2) if args.quick else (64, 512, 10)
-    for attn in ["sdpa", "flex_attention"] + (["flash_attention_2"] if "flash_attention_2" in backends() else []):
+    attns = ["sdpa", "flex_attention"] + (["flash_attention_2"] if "flash_attention_2" in backends() else [])
+    for attn in [] if args.encode_only else attns:
         for dtype in ([torch.bfloat16] if args.device == "cuda" else [torch.float32]):
             try:
                 throughput(args.device, dtype, attn, batch, seq_len, repeats)
             except Exception as exc:
                 print(f"  {attn}: throughput run failed: {type(exc).__name__}: {str(exc)[:200]}")
+    print("encode API (random SmolLM2-shape weights, texts of 4 to 300 words):")
+    try:
+        encode_api(args.device, args.quick)
+    except Exception as exc:
+        check("encode API ran", False, f"({type(exc).__name__}: {str(exc)[:300]})")
     print(f"{len(FAILURES)} failed checks" + (f": {FAILURES}" if FAILURES else ""))
     return 1 if FAILURES else 0
 

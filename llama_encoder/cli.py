@@ -159,10 +159,17 @@ def _add_embed(subparsers) -> None:
 
 
 def _run_embed(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
     from .encoding.embed import embed_corpus
     from .encoding.encode import Encoder
 
-    encoder = Encoder.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
+    device = args.device
+    if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # under torchrun, one GPU per process
+    encoder = Encoder.from_pretrained(args.checkpoint, device=device, dtype=args.dtype)
     summary = embed_corpus(
         encoder, args.input, args.output, id_field=args.id_field, text_field=args.text_field,
         shard_size=args.shard_size, prompt=args.prompt, prompt_name=args.prompt_name, instruction=args.instruction,

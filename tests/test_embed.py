@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,27 @@ from llama_encoder.encoding.embed import embed_corpus
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["cat", "dog", "mat", "park", "light", "sugar", "plants", "ran", "sat", "the"]
 TEXTS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(2 + i % 9)) for i in range(37)]
+
+
+class FakeEncoder:
+    """Stands in for `Encoder` where the model does not matter: an embedding is a hash of prompt + text."""
+
+    prompts = {"query": "query: ", "document": ""}
+
+    def __init__(self, name: str = "fake-model"):
+        self.name_or_path = name
+        self.calls: list[list[str]] = []
+
+    def instruction_prompt(self, instruction: str) -> str:
+        return f"Instruct: {instruction}\nQuery: "
+
+    def encode(self, texts, *, prompt="", batch_tokens=16384, show_progress=None):
+        self.calls.append(list(texts))
+        return np.stack([fake_embedding(prompt + text) for text in texts])
+
+
+def fake_embedding(text: str) -> np.ndarray:
+    return np.frombuffer(hashlib.sha256(text.encode()).digest(), dtype=np.uint8).astype(np.float32) / 255
 
 
 @pytest.fixture(scope="module")
@@ -48,43 +71,84 @@ def _load(folder: Path) -> tuple[list[str], np.ndarray]:
 
 
 def test_txt_corpus_equals_encode_in_order(encoder, corpus_txt, tmp_path):
-    summary = embed_corpus(encoder, corpus_txt, tmp_path / "out", shard_size=8, show_progress=False)
+    out = tmp_path / "out"
+    summary = embed_corpus(encoder, corpus_txt, out, shard_size=8, show_progress=False)
     assert summary["num_shards"] == 5 and summary["manifest"] and len(summary["computed"]) == 5
-    ids, embeddings = _load(tmp_path / "out")
+    ids, embeddings = _load(out)
     assert ids == [str(i) for i in range(len(TEXTS))]
+    assert embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, encoder.encode(TEXTS), atol=1e-5)
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["num_records"] == len(TEXTS) and [s["num_records"] for s in manifest["shards"]] == [8] * 4 + [5]
-    assert manifest["dimension"] == encoder.dimension
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_records"] == len(TEXTS) and manifest["shard_size"] == 8
+    assert manifest["dimension"] == encoder.dimension and manifest["dtype"] == "float32"
+    assert manifest["input_sha256"] == hashlib.sha256(corpus_txt.read_bytes()).hexdigest()
+    assert manifest["model"] == str(Path(encoder.name_or_path).resolve()) and manifest["prompt"] == ""
+    assert [s["num_records"] for s in manifest["shards"]] == [8] * 4 + [5]
+    assert [s["sha256"] for s in manifest["shards"]] == [
+        hashlib.sha256((out / f"shard-{i:05d}.npy").read_bytes()).hexdigest() for i in range(5)
+    ]
+    assert json.loads((out / "run.json").read_text())["input"] == str(corpus_txt)
 
 
 def test_jsonl_corpus_with_ids_and_an_instruction(encoder, tmp_path):
     path = tmp_path / "corpus.jsonl"
-    path.write_text("\n".join(json.dumps({"doc": f"d{i}", "body": t}) for i, t in enumerate(TEXTS[:10])) + "\n\n")
+    lines = [json.dumps({"doc": f"d{i}" if i % 2 else i, "body": t}) for i, t in enumerate(TEXTS[:10])]
+    path.write_text("\n".join(lines[:5] + [""] + lines[5:]) + "\n\n")  # blank lines are skipped
     embed_corpus(encoder, path, tmp_path / "out", id_field="doc", text_field="body", shard_size=4,
                  instruction="Find the animal", show_progress=False)
     ids, embeddings = _load(tmp_path / "out")
-    assert ids == [f"d{i}" for i in range(10)]
+    assert ids == [f"d{i}" if i % 2 else str(i) for i in range(10)]
     np.testing.assert_allclose(embeddings, encoder.encode(TEXTS[:10], instruction="Find the animal"), atol=1e-5)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["prompt"] == encoder.instruction_prompt(
+        "Find the animal")
 
 
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("c.txt", "one\n\nthree\n", r"c.txt:2: empty line"),
-        ("c.jsonl", '{"id": 1, "text": "a"}\n{"id": 2, "text": "b"\n', r"c.jsonl:2: not valid JSON"),
-        ("c.jsonl", '{"id": 1, "text": "a"}\n{"id": 2}\n', r"c.jsonl:2: missing field 'text'"),
-        ("c.jsonl", '{"id": 1, "text": 5}\n', r"c.jsonl:1: field 'text' must be a non-empty string"),
-        ("c.csv", "a,b\n", r"give a .txt file"),
-        ("c.txt", "", r"holds no records"),
+        ("c.txt", b"one\n\nthree\n", r"c.txt:2: empty line"),
+        ("c.txt", b"one\n  \n", r"c.txt:2: empty line"),
+        ("c.txt", b"one\ntw\xffo\n", r"c.txt:2: not valid UTF-8"),
+        ("c.jsonl", b'{"id": 1, "text": "a"}\n\n{"id": 2, "text": "b"\n', r"c.jsonl:3: not valid JSON"),
+        ("c.jsonl", b'{"id": 1, "text": "a"}\n{"id": 2}\n', r"c.jsonl:2: missing field 'text'"),
+        ("c.jsonl", b'{"text": "a"}\n', r"c.jsonl:1: missing field 'id'"),
+        ("c.jsonl", b'{"id": 1, "text": 5}\n', r"c.jsonl:1: field 'text' must be a non-empty string"),
+        ("c.jsonl", b'{"id": null, "text": "a"}\n', r"c.jsonl:1: field 'id' must be a string or an integer"),
+        ("c.jsonl", b'[1, "a"]\n', r"c.jsonl:1: expected a JSON object"),
+        ("c.csv", b"a,b\n", r"give a .txt file"),
+        ("c.txt", b"", r"holds no records"),
     ],
 )
-def test_bad_corpus_is_refused_before_anything_is_written(encoder, tmp_path, name, content, message):
+def test_bad_corpus_is_refused_before_anything_is_written(tmp_path, name, content, message):
     path = tmp_path / name
-    path.write_text(content)
+    path.write_bytes(content)
     with pytest.raises(ValueError, match=message):
-        embed_corpus(encoder, path, tmp_path / "out", show_progress=False)
+        embed_corpus(FakeEncoder(), path, tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_options_are_refused_before_anything_is_written(corpus_txt, tmp_path):
+    cases = [
+        ({"prompt": "a", "instruction": "b"}, "at most one of prompt"),
+        ({"prompt_name": "passage"}, r"No prompt named 'passage'; this checkpoint has \['document', 'query'\]"),
+        ({"shard_size": 0}, "shard_size must be a positive integer"),
+        ({"shard_index": 2, "num_shards": 2}, r"shard_index must be in \[0, num_shards\)"),
+        ({"shard_index": 0}, "Give both shard_index and num_shards"),
+    ]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            embed_corpus(FakeEncoder(), corpus_txt, tmp_path / "out", show_progress=False, **options)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        embed_corpus(FakeEncoder(), tmp_path / "missing.txt", tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_byte_order_mark_is_not_part_of_the_first_text(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_bytes("\ufeffhello\r\nworld\r\n".encode())
+    embed_corpus(FakeEncoder(), path, tmp_path / "out", show_progress=False)
+    np.testing.assert_array_equal(_load(tmp_path / "out")[1], np.stack([fake_embedding("hello"),
+                                                                        fake_embedding("world")]))
 
 
 def test_two_processes_write_the_same_bytes_as_one(encoder, corpus_txt, tmp_path):
@@ -92,42 +156,138 @@ def test_two_processes_write_the_same_bytes_as_one(encoder, corpus_txt, tmp_path
     first = embed_corpus(encoder, corpus_txt, tmp_path / "two", shard_size=8, shard_index=1, num_shards=2,
                          show_progress=False)
     assert first["computed"] == ["shard-00001", "shard-00003"] and not first["manifest"]
+    assert not (tmp_path / "two" / "manifest.json").exists()
     second = embed_corpus(encoder, corpus_txt, tmp_path / "two", shard_size=8, shard_index=0, num_shards=2,
                           show_progress=False)
-    assert second["manifest"]
+    assert second["computed"] == ["shard-00000", "shard-00002", "shard-00004"] and second["manifest"]
     assert _shard_files(tmp_path / "two") == _shard_files(tmp_path / "one")
     assert (tmp_path / "two" / "manifest.json").read_bytes() == (tmp_path / "one" / "manifest.json").read_bytes()
 
 
-def test_torchrun_environment_picks_the_slice(encoder, corpus_txt, tmp_path, monkeypatch):
+def test_processes_starting_together_share_a_new_folder(corpus_txt, tmp_path):
+    # Several attempts, since who creates the folder first is up to the scheduler.
+    embed_corpus(FakeEncoder(), corpus_txt, tmp_path / "one", shard_size=4, show_progress=False)
+    for attempt in range(4):
+        out, start, errors, summaries = tmp_path / f"together-{attempt}", threading.Barrier(3), [], []
+
+        def run(rank, out=out, start=start, errors=errors, summaries=summaries):
+            start.wait()
+            try:
+                summaries.append(embed_corpus(FakeEncoder(), corpus_txt, out, shard_size=4, shard_index=rank,
+                                              num_shards=3, show_progress=False))
+            except Exception as exc:  # collected so the assertion below shows it
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(rank,)) for rank in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        assert sorted(name for s in summaries for name in s["computed"]) == [f"shard-{i:05d}" for i in range(10)]
+        assert any(s["manifest"] for s in summaries)
+        assert _shard_files(out) == _shard_files(tmp_path / "one")
+        assert (out / "manifest.json").read_bytes() == (tmp_path / "one" / "manifest.json").read_bytes()
+
+
+def test_torchrun_environment_picks_the_slice(corpus_txt, tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    summary = embed_corpus(encoder, corpus_txt, tmp_path / "out", shard_size=8, show_progress=False)
-    assert summary["computed"] == ["shard-00002"]
+    fake = FakeEncoder()
+    summary = embed_corpus(fake, corpus_txt, tmp_path / "out", shard_size=8, show_progress=False)
+    assert summary["computed"] == ["shard-00002"] and (summary["process_index"], summary["num_processes"]) == (2, 3)
+    assert fake.calls == [TEXTS[16:24]]
 
 
-def test_resume_skips_finished_shards_and_changed_runs_are_refused(encoder, corpus_txt, tmp_path):
+def test_resume_skips_finished_shards(corpus_txt, tmp_path):
     out = tmp_path / "out"
-    embed_corpus(encoder, corpus_txt, out, shard_size=8, shard_index=0, num_shards=2, show_progress=False)
+    embed_corpus(FakeEncoder(), corpus_txt, out, shard_size=8, shard_index=0, num_shards=2, show_progress=False)
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    assert len(before) == 6
+    # What a run killed while writing shard 1 leaves: a temporary file, and the ids without the embeddings.
+    (out / ".tmp-shard-00001.npy-x1y2").write_bytes(b"half a shard")
+    (out / "shard-00001.ids.json").write_text("[]")
 
-    class Counting:
-        def __init__(self, inner):
-            self.inner, self.calls = inner, 0
-            self.name_or_path, self.model = inner.name_or_path, inner.model
-
-        def encode(self, texts, **kwargs):
-            self.calls += 1
-            return self.inner.encode(texts, **kwargs)
-
-    counting = Counting(encoder)
-    summary = embed_corpus(counting, corpus_txt, out, shard_size=8, show_progress=False)
-    assert summary["skipped"] == ["shard-00000", "shard-00002", "shard-00004"] and counting.calls == 2
+    fake = FakeEncoder()
+    summary = embed_corpus(fake, corpus_txt, out, shard_size=8, show_progress=False)
+    assert summary["skipped"] == ["shard-00000", "shard-00002", "shard-00004"]
+    assert summary["computed"] == ["shard-00001", "shard-00003"] and summary["manifest"]
+    assert fake.calls == [TEXTS[8:16], TEXTS[24:32]]
     assert {n: out.joinpath(n).stat().st_mtime_ns for n in before} == before
-    with pytest.raises(ValueError, match=r"different run \(changed: .*shard_size"):
-        embed_corpus(encoder, corpus_txt, out, shard_size=4, show_progress=False)
-    summary = embed_corpus(encoder, corpus_txt, out, shard_size=4, overwrite=True, show_progress=False)
-    assert summary["num_shards"] == 10 and len(summary["computed"]) == 10
+    assert not list(out.glob(".tmp-*"))
+    ids, embeddings = _load(out)
+    assert ids == [str(i) for i in range(len(TEXTS))]
+    np.testing.assert_array_equal(embeddings, np.stack([fake_embedding(t) for t in TEXTS]))
+
+    again = FakeEncoder()
+    summary = embed_corpus(again, corpus_txt, out, shard_size=8, show_progress=False)
+    assert again.calls == [] and len(summary["skipped"]) == 5 and summary["manifest"]
+
+
+def _change_input(corpus: Path) -> None:
+    corpus.write_text(corpus.read_text().replace("cat", "cow"))
+
+
+@pytest.mark.parametrize(
+    ("change", "changed"),
+    [
+        ({"shard_size": 4}, "shard_size"),
+        ({"prompt": "passage: "}, "prompt"),
+        ({"prompt_name": "query"}, "prompt"),
+        ({"encoder": FakeEncoder("another-model")}, "model"),
+        (_change_input, "input_sha256"),
+    ],
+)
+def test_a_changed_run_is_refused_unless_overwrite(corpus_txt, tmp_path, change, changed):
+    out = tmp_path / "out"
+    embed_corpus(FakeEncoder(), corpus_txt, out, shard_size=8, show_progress=False)
+    options = {"shard_size": 8, "show_progress": False}
+    if callable(change):
+        change(corpus_txt)
+    else:
+        options.update(change)
+    encoder = options.pop("encoder", FakeEncoder())
+    with pytest.raises(ValueError, match=rf"different run \(changed: [a-z_, ]*\b{changed}\b"):
+        embed_corpus(encoder, corpus_txt, out, **options)
+    summary = embed_corpus(encoder, corpus_txt, out, overwrite=True, **options)
+    assert len(summary["computed"]) == summary["num_shards"] and summary["manifest"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["shard_size"] == options["shard_size"] and run["input_sha256"] == hashlib.sha256(
+        corpus_txt.read_bytes()).hexdigest()
+
+
+def test_the_same_prompt_by_name_or_text_resumes(corpus_txt, tmp_path):
+    out = tmp_path / "out"
+    embed_corpus(FakeEncoder(), corpus_txt, out, shard_size=8, prompt_name="query", shard_index=0, num_shards=2,
+                 show_progress=False)
+    fake = FakeEncoder()
+    summary = embed_corpus(fake, corpus_txt, out, shard_size=8, prompt="query: ", show_progress=False)
+    assert len(summary["skipped"]) == 3 and summary["manifest"]
+    assert all(len(call) == 8 for call in fake.calls) and len(fake.calls) == 2
+    np.testing.assert_array_equal(_load(out)[1], np.stack([fake_embedding("query: " + t) for t in TEXTS]))
+
+
+def test_foreign_folders_are_refused(corpus_txt, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not empty and holds no run.json .*--overwrite"):
+        embed_corpus(FakeEncoder(), corpus_txt, tmp_path / "notes", show_progress=False)
+    assert (tmp_path / "notes" / "notes.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        embed_corpus(FakeEncoder(), corpus_txt, tmp_path / "file", show_progress=False)
+    (tmp_path / "empty").mkdir()
+    assert embed_corpus(FakeEncoder(), corpus_txt, tmp_path / "empty", show_progress=False)["manifest"]
+
+
+def test_a_damaged_shard_is_named_when_the_manifest_is_written(corpus_txt, tmp_path):
+    out = tmp_path / "out"
+    embed_corpus(FakeEncoder(), corpus_txt, out, shard_size=8, shard_index=0, num_shards=2, show_progress=False)
+    np.save(out / "shard-00002.npy", np.zeros((7, 32), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"shard-00002.npy holds float32 \(7, 32\) with 8 ids; expected float32 "
+                                         r"\(8, 32\)\. Delete that shard"):
+        embed_corpus(FakeEncoder(), corpus_txt, out, shard_size=8, shard_index=1, num_shards=2, show_progress=False)
+    assert not (out / "manifest.json").exists()
 
 
 # The child embeds slowly (a pause per shard) so the parent can kill it between shards.
@@ -160,14 +320,18 @@ def test_resume_after_sigkill_gives_byte_identical_shards(tiny_checkpoint, encod
         time.sleep(0.05)
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
-    finished = len(list(out.glob("shard-*.npy")))
-    assert 2 <= finished < 10, "killed too late to test resuming"
+    child.stderr.close()
+    finished = {p.name for p in out.glob("shard-*.npy")}
+    assert 2 <= len(finished) < 10, "killed too late to test resuming"
     assert not (out / "manifest.json").exists()
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in finished}
 
     summary = embed_corpus(encoder, corpus_txt, out, shard_size=4, show_progress=False)
-    assert len(summary["skipped"]) == finished and summary["manifest"]
+    assert {f"{name}.npy" for name in summary["skipped"]} == finished and summary["manifest"]
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == mtimes
     assert not list(out.glob(".tmp-*"))
     assert _shard_files(out) == _shard_files(tmp_path / "reference")
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "reference" / "manifest.json").read_bytes()
 
 
 def test_embed_cli(tiny_checkpoint, corpus_txt, tmp_path, capsys):

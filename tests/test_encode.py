@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import enum
 import logging
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -141,14 +143,58 @@ def test_from_pretrained_refuses_a_plain_llama(tmp_path):
 
     with pytest.raises(ValueError, match="not a llama_encoder checkpoint"):
         Encoder.from_pretrained(save_tiny_base(tmp_path))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        Encoder.from_pretrained(tmp_path / "empty")
+
+
+class PromptType(str, enum.Enum):
+    """MTEB's prompt types: mteb 1.x says passage, mteb 2 says document."""
+
+    query = "query"
+    passage = "passage"
+    document = "document"
 
 
 def test_mteb_adapter_routes_queries_and_documents(encoder):
     mteb = MTEBModel(encoder, task_instructions={"AnimalRetrieval": INSTRUCTION})
-    np.testing.assert_allclose(mteb.encode(TEXTS, task_name="AnimalRetrieval", prompt_type="query"),
-                               encoder.encode(TEXTS, instruction=INSTRUCTION), atol=0)
-    np.testing.assert_allclose(mteb.encode(TEXTS, task_name="AnimalRetrieval", prompt_type="document"),
-                               encoder.encode_documents(TEXTS), atol=0)
-    np.testing.assert_allclose(mteb.encode(TEXTS, task_name="OtherTask", prompt_type="query"),
+    queries = encoder.encode(TEXTS, instruction=INSTRUCTION)
+    documents = encoder.encode_documents(TEXTS)
+    assert np.abs(queries - documents).max() > 1e-3  # so routing a document as a query cannot pass
+    np.testing.assert_allclose(mteb.encode(TEXTS, task_name="AnimalRetrieval", prompt_type="query"), queries, atol=0)
+    for kind in ("document", PromptType.passage, PromptType.document):
+        np.testing.assert_allclose(mteb.encode(TEXTS, task_name="AnimalRetrieval", prompt_type=kind), documents, atol=0)
+    np.testing.assert_allclose(mteb.encode(TEXTS, task_name="OtherTask", prompt_type=PromptType.query),
                                encoder.encode_queries(TEXTS), atol=0)
     np.testing.assert_allclose(mteb.encode(TEXTS, task_name="STSB"), encoder.encode(TEXTS), atol=0)
+    np.testing.assert_allclose(mteb.encode(TEXTS, task_name="AnimalRetrieval"), queries, atol=0)
+    with pytest.raises(ValueError, match="prompt_type must be"):
+        mteb.encode(TEXTS, prompt_type="corpus")
+
+
+def test_mteb2_dataloader_batches_and_task_metadata(encoder):
+    mteb = MTEBModel(encoder, task_instructions={"AnimalRetrieval": INSTRUCTION})
+    batches = [{"text": TEXTS[:3]}, {"text": TEXTS[3:], "id": ["x"] * 4}]
+    got = mteb.encode(batches, task_metadata=SimpleNamespace(name="AnimalRetrieval"), prompt_type=PromptType.query,
+                      hf_split="test", hf_subset="default")
+    np.testing.assert_allclose(got, encoder.encode(TEXTS, instruction=INSTRUCTION), atol=0)
+    with pytest.raises(ValueError, match="no 'text' field"):
+        mteb.encode([{"image": [None]}], prompt_type="document")
+
+
+def test_mteb_batch_size_caps_rows_per_forward_call(encoder, monkeypatch):
+    rows = []
+    forward = encoder.model.forward
+
+    def counting_forward(input_ids, **kwargs):
+        rows.append(input_ids.shape[0])
+        return forward(input_ids, **kwargs)
+
+    monkeypatch.setattr(encoder.model, "forward", counting_forward)
+    same_length = [TEXTS[0]] * 5
+    got = MTEBModel(encoder).encode(same_length)
+    assert rows == [5]  # so the cap below is what splits them
+    rows.clear()
+    got = MTEBModel(encoder).encode(same_length, batch_size=2)
+    assert rows == [2, 2, 1]
+    np.testing.assert_allclose(got, _one_at_a_time(encoder, same_length), atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -12,8 +13,10 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM, LlamaModel
 
 from llama_encoder import LlamaEncoderModel
+from llama_encoder.conversion_scripts import streaming
 from llama_encoder.conversion_scripts.lora import read_adapter
 from llama_encoder.conversion_scripts.streaming import (
+    SAFE_WEIGHTS_INDEX_NAME,
     base_weight_shapes,
     normalize_base_key,
     resolve_base_files,
@@ -163,6 +166,7 @@ def test_embedding_lora_with_peft_copy_matches_peft(tmp_path):
     adapter.base_copies["embed_tokens.weight"] = adapter.base_copies["embed_tokens.weight"] + 1.0
     with pytest.raises(ValueError, match="own copy of embed_tokens.weight that differs"):
         stream_merge(base, [adapter], tmp_path / "out", shard_size_bytes=2**30)
+    assert sorted(path.name for path in out.iterdir()) == ["model.safetensors"], "a failed merge leaves no files"
 
 
 def test_in_memory_sources_loaders_and_extra_tensors(tmp_path):
@@ -238,6 +242,7 @@ def test_adapter_for_another_base_is_refused(tmp_path):
     shallow_state = _load_all(shallow)
     with pytest.raises(ValueError, match=r"targets 1 weights that the base checkpoint does not have.*layers\.1\."):
         stream_merge([("shallow", lambda: shallow_state)], [adapter], out, shard_size_bytes=2**30)
+    assert not list(out.iterdir()), "the shards spooled before the error are removed"
 
     wide = _save_base(LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=256)), tmp_path / "wide")
     assert base_weight_shapes(wide)["layers.0.self_attn.q_proj.weight"] == (128, 128)
@@ -277,3 +282,166 @@ def test_corrupt_and_missing_shards_are_named(two_adapters, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
         stream_merge(tmp_path / "out", [], tmp_path / "out", shard_size_bytes=2**30)
+
+
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "I64": 8}
+
+
+def _raw_header(file: Path) -> tuple[int, dict]:
+    """The safetensors header of `file` as written: its byte length and its JSON."""
+    with file.open("rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        return length, json.loads(handle.read(length))
+
+
+def _mixed_dtype_base(folder: Path) -> dict[str, torch.Tensor]:
+    """A two-file base whose tensors mix float32, bfloat16 (one of 3 elements, 6 bytes) and int64; returns it."""
+    torch.manual_seed(0)
+    state = {key: value.detach().clone() for key, value in LlamaForCausalLM(tiny_llama_config()).state_dict().items()}
+    for key in [key for key in state if key.endswith("norm.weight")]:
+        state[key] = state[key].bfloat16()
+    state["model.layers.0.odd_bf16"] = torch.tensor([0.5, -1.25, 3.0], dtype=torch.bfloat16)
+    state["model.layers.1.steps"] = torch.tensor([5, 7, 11], dtype=torch.int64)
+    keys = sorted(state)
+    folder.mkdir()
+    weight_map = {}
+    for number, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :]), start=1):
+        save_file({key: state[key] for key in part}, folder / f"base-{number}.safetensors", metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, f"base-{number}.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return state
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_planned_shards_read_back_exactly_in_planned_layout(tmp_path, dtype):
+    state = _mixed_dtype_base(tmp_path / "base")
+    # Arrival order: the base's files in index order, each file's tensors in safe_open's order, lm_head dropped.
+    arrival = []
+    for file in resolve_base_files(tmp_path / "base"):
+        with safe_open(file, "pt") as handle:
+            arrival += [(normalize_base_key(key), key) for key in handle.keys() if not key.startswith("lm_head.")]
+    expected = {}
+    for name, key in arrival:
+        tensor = state[key]
+        expected[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    nbytes = {name: tensor.numel() * tensor.element_size() for name, tensor in expected.items()}
+    out = tmp_path / "out"
+    out.mkdir()
+
+    summary = stream_merge(tmp_path / "base", [], out, shard_size_bytes=SMALL_SHARD, dtype=dtype)
+
+    files = summary["files"]
+    assert len(files) >= 3 and sorted(path.name for path in out.iterdir()) == sorted([*files, SAFE_WEIGHTS_INDEX_NAME])
+    shard_of, shard_bytes = {}, []
+    for number, file in enumerate(files):
+        length, header = _raw_header(out / file)
+        assert length % 8 == 0 and header.pop("__metadata__") == {"format": "pt"}
+        spans = sorted((entry["data_offsets"], name) for name, entry in header.items())
+        assert spans[0][0][0] == 0 and all(a[0][1] == b[0][0] for a, b in zip(spans, spans[1:], strict=False))
+        assert (out / file).stat().st_size == 8 + length + spans[-1][0][1]
+        for (begin, _), name in spans:
+            assert begin % _ITEMSIZE[header[name]["dtype"]] == 0, f"{name} is not aligned to its element size"
+        loaded = load_file(out / file)
+        assert set(loaded) == set(header)
+        for name, tensor in loaded.items():
+            assert tensor.dtype == expected[name].dtype and torch.equal(tensor, expected[name]), name
+        shard_of.update(dict.fromkeys(loaded, number))
+        shard_bytes.append(sum(nbytes[name] for name in loaded))
+    assert set(shard_of) == set(expected)
+    # Shards are consecutive runs of the arrival order, each filled until the next tensor would overflow it.
+    order = [shard_of[name] for name, _ in arrival]
+    assert order == sorted(order)
+    firsts: dict[int, str] = {}
+    for name, _ in arrival:
+        firsts.setdefault(shard_of[name], name)
+    for number, size in enumerate(shard_bytes):
+        assert size <= SMALL_SHARD or sum(1 for shard in shard_of.values() if shard == number) == 1
+        if number + 1 < len(files):
+            assert size + nbytes[firsts[number + 1]] > SMALL_SHARD
+    index = json.loads((out / SAFE_WEIGHTS_INDEX_NAME).read_text())
+    assert index["weight_map"] == {name: files[shard] for name, shard in sorted(shard_of.items())}
+    assert index["metadata"]["total_size"] == summary["total_size"] == sum(nbytes.values())
+    assert summary["num_tensors"] == len(expected)
+
+
+BIG_TENSOR_BYTES = 4096  # every projection and embedding of the tiny model; not its norms or the rank-4 LoRA pairs
+
+
+def _big_storages() -> dict[int, torch.Tensor]:
+    """Address of each block of tensor memory of at least BIG_TENSOR_BYTES that a live tensor object uses (views
+    share their base's block: safetensors' tensors are views of a flat buffer) -> one such tensor."""
+    found = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu":
+            try:
+                storage = obj.untyped_storage()
+                address = storage.data_ptr()
+            except RuntimeError:  # fake tensors that torch.compile (flex attention tests) left behind hold no memory
+                continue
+            if storage.nbytes() >= BIG_TENSOR_BYTES:
+                found[address] = obj
+    return found
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_one_base_tensor_alive_at_a_time(tmp_path, monkeypatch, dtype):
+    """Merging holds one base tensor at a time: whenever the next tensor is merged, the memory of every earlier
+    input and merged output is free (found through every live tensor object, so the check depends neither on
+    timing nor on the allocator)."""
+    torch.manual_seed(0)
+    base = _save_base(LlamaForCausalLM(tiny_llama_config()), tmp_path / "base")
+    save_lora_adapter(
+        LlamaForCausalLM.from_pretrained(base),
+        tmp_path / "adapter",
+        seed=7,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "up_proj", "down_proj"],
+    )
+    adapter = read_adapter(tmp_path / "adapter")
+    out = tmp_path / "out"
+    out.mkdir()
+    existing = _big_storages()  # held, so no new tensor can reuse these addresses
+    census: list[tuple[str, list[bool]]] = []
+    merge_one = streaming._merge_one
+
+    def counting_merge_one(name, tensor, *args):
+        new = [address for address in _big_storages() if address not in existing]
+        census.append((name, [address == tensor.untyped_storage().data_ptr() for address in new]))
+        return merge_one(name, tensor, *args)
+
+    monkeypatch.setattr(streaming, "_merge_one", counting_merge_one)
+    summary = stream_merge(base, [adapter], out, shard_size_bytes=SMALL_SHARD, dtype=dtype)
+
+    assert len(census) == summary["num_tensors"] == len(base_weight_shapes(base))
+    assert sum(1 for _, alive in census if alive) >= 10, "the base's projections must be counted"
+    for name, alive in census:
+        assert alive in ([], [True]), f"{len(alive)} blocks of tensor memory alive when {name} is merged"
+    assert not [address for address in _big_storages() if address not in existing], "memory left after the merge"
+
+
+def test_base_changed_while_read_is_reported_and_cleaned_up(two_adapters, tmp_path, monkeypatch):
+    """The output layout is planned from the headers; a shard rewritten after that is refused, not misplaced."""
+    root, _ = two_adapters
+    base = tmp_path / "base"
+    base.mkdir()
+    for file in (root / "base").iterdir():
+        (base / file.name).write_bytes(file.read_bytes())
+    last = resolve_base_files(base)[-1]
+    header_specs = streaming._header_specs
+
+    def rewrite_after_planning(file, header):
+        specs = header_specs(file, header)
+        if file == last:
+            state = load_file(file)
+            victim = sorted(state)[0]
+            state[victim] = torch.zeros(2, 3)
+            save_file(state, file, metadata={"format": "pt"})
+        return specs
+
+    monkeypatch.setattr(streaming, "_header_specs", rewrite_after_planning)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(RuntimeError, match=r"changed while it was read: .*shape \(2, 3\)"):
+        stream_merge(base, [], out, shard_size_bytes=SMALL_SHARD)
+    assert not list(out.iterdir()), "the shards written before the error are removed"

@@ -1,31 +1,38 @@
 """Embed a corpus into sharded output that survives interruptions and splits across processes.
 
-Layout of the output folder: `run.json` (what is being computed), then per shard of `shard_size` records
-`shard-NNNNN.ids.json` and `shard-NNNNN.npy` (float32), each written atomically, the `.npy` last: a shard is done
-exactly when its `.npy` exists. Re-running the same command skips done shards. Process `r` of `N` (from
-`shard_index`/`num_shards`, else torchrun's RANK/WORLD_SIZE) takes shards r, r+N, r+2N, ...; whichever process
-sees every shard done writes `manifest.json`. Shards are encoded alone, so the bytes don't depend on who computed them.
+Layout of the output folder: `run.json` (the parameters of the run, written before any shard), then per shard of
+`shard_size` records `shard-NNNNN.ids.json` (the records' ids) and `shard-NNNNN.npy` (float32, `(n, dimension)`),
+each written atomically, ids first: a shard is done exactly when both exist. `manifest.json` (parameters, dimension,
+and every shard's record count and sha256) is written by whichever process finds every shard done.
+
+Re-running the same command skips done shards. Process `r` of `N` (from `shard_index`/`num_shards`, else torchrun's
+RANK/WORLD_SIZE) takes shards r, r+N, r+2N, ...; each shard is encoded alone, with batches that depend only on its
+own texts, so the bytes don't depend on which process computed them (on the same kind of device).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_file
+from ..atomic import _TMP_PREFIX, OutputExistsError, atomic_directory, atomic_file
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 1
+RUN_FILE = "run.json"
+MANIFEST_FILE = "manifest.json"
+# What makes two runs the same: a resumed run must match on all of these (the input by content, not by path).
+IDENTITY_KEYS = (
+    "format", "input_sha256", "num_records", "id_field", "text_field", "shard_size", "model", "model_dtype", "prompt",
+)
 
 
 @dataclass(frozen=True)
@@ -40,41 +47,54 @@ class CorpusIndex:
     sha256: str
 
 
-def index_corpus(path: str | os.PathLike, *, shard_size: int, id_field: str = "id",
-                 text_field: str = "text") -> CorpusIndex:
-    """Check every record of a .txt (one text per line) or .jsonl corpus and record where shards start.
-    Raises ValueError naming file:line for an empty line, invalid JSON, a missing field or a non-string text."""
+def index_corpus(
+    path: str | os.PathLike,
+    *,
+    shard_size: int,
+    id_field: str = "id",
+    text_field: str = "text",
+    show_progress: bool = False,
+) -> CorpusIndex:
+    """Check every record of a .txt (one text per line) or .jsonl corpus and record where each shard starts.
+
+    Takes the corpus path and the records per shard; returns a `CorpusIndex` (record count, byte offset and line of
+    each shard's first record, sha256 of the file). Only one line is held at a time. Raises ValueError naming
+    file:line for an empty .txt line, invalid UTF-8 or JSON, a missing field, or an id/text of the wrong type.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Corpus {path} does not exist.")
+        raise FileNotFoundError(f"Corpus {path} does not exist; give the path of a .txt or .jsonl file.")
     kind = {".txt": "txt", ".jsonl": "jsonl"}.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"{path}: give a .txt file (one text per line) or a .jsonl file (id and text fields).")
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1; got {shard_size}.")
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ValueError(f"shard_size must be a positive integer; got {shard_size!r}.")
     digest, offsets, first_lines, count, offset = hashlib.sha256(), [], [], 0, 0
-    with path.open("rb") as handle:
+    with path.open("rb") as handle, tqdm(total=path.stat().st_size, desc="Checking corpus", unit="B",
+                                         unit_scale=True, disable=not show_progress) as progress:
         for line_number, raw in enumerate(handle, start=1):
             digest.update(raw)
-            if kind == "jsonl" and not raw.strip():
-                offset += len(raw)
-                continue
-            _parse(raw, kind, path, line_number, id_field, text_field, count)
-            if count % shard_size == 0:
-                offsets.append(offset)
-                first_lines.append(line_number)
-            count += 1
+            if not (kind == "jsonl" and not raw.strip()):  # blank .jsonl lines are skipped, blank .txt lines refused
+                _parse(raw, kind, path, line_number, id_field, text_field, count)
+                if count % shard_size == 0:
+                    offsets.append(offset)
+                    first_lines.append(line_number)
+                count += 1
             offset += len(raw)
+            progress.update(len(raw))
     if count == 0:
         raise ValueError(f"{path} holds no records; give a corpus with at least one text.")
     return CorpusIndex(path.absolute(), kind, count, offsets, first_lines, digest.hexdigest())
 
 
-def _parse(raw: bytes, kind: str, path: Path, line: int, id_field: str, text_field: str, position: int):
+def _parse(raw: bytes, kind: str, path: Path, line: int, id_field: str, text_field: str,
+           position: int) -> tuple[str, str]:
     try:
         text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
-        raise ValueError(f"{path}:{line}: not valid UTF-8.") from None
+        raise ValueError(f"{path}:{line}: not valid UTF-8; save the corpus as UTF-8.") from None
+    if line == 1:
+        text = text.removeprefix("\ufeff")  # a byte-order mark is file metadata, not text
     if kind == "txt":
         if not text.strip():
             raise ValueError(f"{path}:{line}: empty line; every line must hold a text (remove empty lines).")
@@ -82,84 +102,204 @@ def _parse(raw: bytes, kind: str, path: Path, line: int, id_field: str, text_fie
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{line}: not valid JSON ({exc.msg}).") from None
+        raise ValueError(f"{path}:{line}: not valid JSON ({exc.msg}); each line must be one JSON object.") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path}:{line}: expected a JSON object with {id_field!r} and {text_field!r}.")
+        raise ValueError(f"{path}:{line}: expected a JSON object with {id_field!r} and {text_field!r} fields.")
     for field in (id_field, text_field):
         if field not in record:
-            raise ValueError(f"{path}:{line}: missing field {field!r} (choose it with --id-field/--text-field).")
-    if not isinstance(record[text_field], str) or not record[text_field].strip():
-        raise ValueError(f"{path}:{line}: field {text_field!r} must be a non-empty string.")
-    return str(record[id_field]), record[text_field]
+            raise ValueError(
+                f"{path}:{line}: missing field {field!r} (it has {sorted(record)}); choose the fields with "
+                "id_field/text_field (--id-field/--text-field)."
+            )
+    record_id, text = record[id_field], record[text_field]
+    if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
+        raise ValueError(f"{path}:{line}: field {id_field!r} must be a string or an integer; got {record_id!r}.")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{path}:{line}: field {text_field!r} must be a non-empty string; got {text!r:.60}.")
+    return str(record_id), text
 
 
-def _read_shard(index: CorpusIndex, shard: int, shard_size: int, id_field: str, text_field: str):
+def _read_shard(index: CorpusIndex, shard: int, shard_size: int, id_field: str,
+                text_field: str) -> tuple[list[str], list[str]]:
+    expected = min(shard_size, index.num_records - shard * shard_size)
     ids, texts = [], []
     with index.path.open("rb") as handle:
         handle.seek(index.shard_offsets[shard])
         line = index.shard_first_lines[shard]
-        while len(ids) < shard_size:
+        while len(ids) < expected:
             raw = handle.readline()
             if not raw:
                 break
-            if index.kind == "jsonl" and not raw.strip():
-                line += 1
-                continue
-            record_id, text = _parse(raw, index.kind, index.path, line, id_field, text_field,
-                                     shard * shard_size + len(ids))
-            ids.append(record_id)
-            texts.append(text)
+            if not (index.kind == "jsonl" and not raw.strip()):
+                record_id, text = _parse(raw, index.kind, index.path, line, id_field, text_field,
+                                         shard * shard_size + len(ids))
+                ids.append(record_id)
+                texts.append(text)
             line += 1
+    if len(ids) != expected:
+        raise RuntimeError(f"{index.path} changed while it was being embedded (shard {shard} ended early); "
+                           "re-run once the file stays unchanged.")
     return ids, texts
 
 
 def _process_slot(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
     if (shard_index is None) != (num_shards is None):
-        raise ValueError("Give both shard_index and num_shards, or neither.")
+        raise ValueError("Give both shard_index and num_shards, or neither (then RANK/WORLD_SIZE are used).")
     if shard_index is None:
-        shard_index, num_shards = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        try:
+            shard_index, num_shards = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        except ValueError:
+            raise ValueError("RANK and WORLD_SIZE must be integers (as torchrun sets them).") from None
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, num_shards); got {shard_index} of {num_shards}.")
     return shard_index, num_shards
+
+
+def _resolve_prompt(encoder, prompt: str | None, prompt_name: str | None, instruction: str | None) -> str:
+    """The text that goes before every input, checked before anything is read or written."""
+    if sum(x is not None for x in (prompt, prompt_name, instruction)) > 1:
+        raise ValueError("Give at most one of prompt, prompt_name and instruction.")
+    if prompt_name is not None:
+        prompts = getattr(encoder, "prompts", {})
+        if prompt_name not in prompts:
+            raise ValueError(f"No prompt named {prompt_name!r}; this checkpoint has {sorted(prompts)}.")
+        return prompts[prompt_name]
+    if instruction is not None:
+        return encoder.instruction_prompt(instruction)
+    return prompt or ""
+
+
+def _model_name(encoder) -> str:
+    name = str(getattr(encoder, "name_or_path", None) or type(encoder).__name__)
+    # A local folder is named absolutely, so "./model" and "/abs/model" resume each other.
+    return str(Path(name).resolve()) if os.path.exists(name) else name
 
 
 def _shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
+def _json_bytes(value) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _write_bytes(path: Path, data: bytes, *, overwrite: bool) -> None:
-    with atomic_file(path, overwrite=overwrite, needed_bytes=len(data)) as tmp:
+def _write_json(path: Path, value) -> None:
+    data = _json_bytes(value)
+    with atomic_file(path, overwrite=True, needed_bytes=len(data)) as tmp:
         tmp.write_bytes(data)
 
 
-def _prepare_output(output: Path, run: dict, overwrite: bool) -> None:
-    run_file = output / "run.json"
+def _read_run(output: Path) -> dict | None:
+    try:
+        return json.loads((output / RUN_FILE).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{output / RUN_FILE} is not valid JSON; remove the output folder, or pass --overwrite "
+                         "(overwrite=True) to replace it.") from None
+
+
+def _changed(previous: dict, run: dict) -> list[str]:
+    return [key for key in IDENTITY_KEYS if previous.get(key) != run.get(key)]
+
+
+def _create_output(output: Path, run: dict, *, overwrite: bool) -> None:
+    """A new folder holding only run.json appears at `output` in one rename, so other processes never see a
+    folder of this run without it."""
+    data = _json_bytes(run)
+    with atomic_directory(output, overwrite=overwrite, needed_bytes=len(data)) as tmp:
+        (tmp / RUN_FILE).write_bytes(data)
+
+
+def _prepare_output(output: Path, run: dict, *, overwrite: bool) -> None:
+    """Make `output` hold this run's run.json: keep a matching run (resume), refuse or replace another.
+
+    Safe for processes of one job starting together: run.json is never absent from a folder of this run once
+    listed (the folder appears with it), and a process that loses the race to create the folder joins it.
+    """
     if output.exists() and not output.is_dir():
         raise NotADirectoryError(f"Output path {output} is a file; give a folder.")
-    if run_file.is_file():
-        previous = json.loads(run_file.read_text())
-        if previous == run:
+    # List first, then read: run.json may appear in between (another process), but is never removed.
+    listed = {e.name for e in os.scandir(output) if not e.name.startswith(_TMP_PREFIX)} if output.is_dir() else None
+    previous = _read_run(output) if listed and RUN_FILE in listed else None
+    if previous is not None:
+        changed = _changed(previous, run)
+        if not changed:
             return
         if not overwrite:
-            changed = sorted(k for k in set(previous) | set(run) if previous.get(k) != run.get(k))
             raise ValueError(
                 f"{output} holds embeddings of a different run (changed: {', '.join(changed)}); use another output "
-                "folder, or pass --overwrite (overwrite=True) to replace them."
+                "folder, re-run with the same parameters to resume, or pass --overwrite (overwrite=True) to "
+                "replace them."
             )
-        shutil.rmtree(output)
-    elif output.is_dir() and any(output.iterdir()):
+        logger.warning("Replacing %s: it holds a different run (changed: %s)", output, ", ".join(changed))
+    elif listed:
         if not overwrite:
-            raise ValueError(f"{output} is not empty and holds no run.json; choose an empty or new folder, or pass "
-                             "--overwrite (overwrite=True) to replace its contents.")
-        shutil.rmtree(output)
-    output.mkdir(parents=True, exist_ok=True)
-    _write_bytes(run_file, (json.dumps(run, indent=2, sort_keys=True) + "\n").encode(), overwrite=True)
+            raise ValueError(f"{output} is not empty and holds no {RUN_FILE} (it has {sorted(listed)[:5]}); choose "
+                             "an empty or new folder, or pass --overwrite (overwrite=True) to replace its contents.")
+        logger.warning("Replacing %s: it holds files of no embedding run", output)
+    elif listed is not None:  # an empty folder made beforehand: only run.json needs writing
+        _write_json(output / RUN_FILE, run)
+        return
+    replace = listed is not None
+    if replace and (current := _read_run(output)) is not None and not _changed(current, run):
+        return  # another process of this run replaced it a moment ago: don't throw away its shards
+    try:
+        _create_output(output, run, overwrite=replace)
+    except (OutputExistsError, OSError):
+        # Another process of the same job created the folder first: join it if it is this run.
+        current = _read_run(output) if output.is_dir() else None
+        if current is None or _changed(current, run):
+            raise
+
+
+def _finished(output: Path, total: int) -> set[int]:
+    """Shards whose ids and embeddings both exist, from one listing of the folder."""
+    names = {entry.name for entry in os.scandir(output)}
+    return {s for s in range(total) if f"{_shard_name(s)}.npy" in names and f"{_shard_name(s)}.ids.json" in names}
+
+
+def _remove_stale_temporaries(output: Path, shards: set[int]) -> None:
+    """Drop half-written files a killed run of this process's slice left behind (atomic_file's temporaries)."""
+    for entry in os.scandir(output):
+        stem = entry.name.removeprefix(_TMP_PREFIX).split(".")[0]
+        if entry.name.startswith(f"{_TMP_PREFIX}shard-") and stem[6:].isdigit() and int(stem[6:]) in shards:
+            logger.debug("Removing %s, left by an interrupted run", entry.path)
+            Path(entry.path).unlink(missing_ok=True)
+
+
+def _write_shard(output: Path, name: str, ids: list[str], embeddings: np.ndarray) -> None:
+    _write_json(output / f"{name}.ids.json", ids)  # ids first: the .npy appearing completes the shard
+    with atomic_file(output / f"{name}.npy", overwrite=True, needed_bytes=embeddings.nbytes + 128) as tmp, \
+            tmp.open("wb") as handle:
+        np.save(handle, embeddings, allow_pickle=False)  # straight to the file: no second copy of the shard
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(output: Path, run: dict, total: int, *, show_progress: bool) -> dict:
+    """Check every shard's shape against its ids and the corpus, then write manifest.json; returns it."""
+    shards, dimension = [], None
+    for shard in tqdm(range(total), desc="Hashing shards", unit="shard", disable=not show_progress):
+        name = _shard_name(shard)
+        npy = output / f"{name}.npy"
+        count = len(json.loads((output / f"{name}.ids.json").read_text()))
+        expected = min(run["shard_size"], run["num_records"] - shard * run["shard_size"])
+        array = np.load(npy, mmap_mode="r")  # reads the header only
+        dimension = dimension or array.shape[-1]
+        if count != expected or array.dtype != np.float32 or array.shape != (expected, dimension):
+            raise ValueError(f"{npy} holds {array.dtype} {array.shape} with {count} ids; expected float32 "
+                             f"({expected}, {dimension}). Delete that shard's two files and re-run to recompute it.")
+        shards.append({"name": name, "num_records": count, "sha256": _sha256_file(npy)})
+    manifest = {**run, "dimension": int(dimension), "dtype": "float32", "shards": shards}
+    _write_json(output / MANIFEST_FILE, manifest)
+    return manifest
 
 
 def embed_corpus(
@@ -179,59 +319,66 @@ def embed_corpus(
     batch_tokens: int = 16384,
     show_progress: bool = True,
 ) -> dict:
-    """Embed every record of `input_path` into `output_dir` (see the module docstring for the layout).
+    """Embed every record of `input_path` (.txt or .jsonl) into `output_dir` (layout: see the module docstring).
 
-    `encoder` is an `Encoder` (or anything with its `encode`). Returns a summary: `output_dir`, `num_records`,
-    `num_shards`, `computed` and `skipped` (this process's shard names) and `manifest` (whether every shard is done
-    and manifest.json was written). The corpus is checked completely before anything is written.
+    `encoder` is an `Encoder` (or anything with its `encode`, `name_or_path` and `prompts`); at most one of
+    `prompt`, `prompt_name` (a prompt saved in the checkpoint) and `instruction` goes before every text. This
+    process does shards `shard_index`, `shard_index + num_shards`, ... (default: torchrun's RANK/WORLD_SIZE, else
+    all). The corpus is checked completely before anything is written. A folder holding a run with other
+    parameters (input content, model, dtype, prompt, shard size, fields) is refused unless `overwrite`, which
+    replaces it; the same run is resumed, skipping its done shards. `batch_tokens` is passed to `encode`.
+
+    Returns a summary: `output_dir`, `num_records`, `num_shards` (output shards), `process_index`, `num_processes`,
+    `computed` and `skipped` (names of this process's shards) and `manifest` (whether every shard is done and
+    manifest.json is written).
     """
     rank, world = _process_slot(shard_index, num_shards)
-    index = index_corpus(input_path, shard_size=shard_size, id_field=id_field, text_field=text_field)
+    effective_prompt = _resolve_prompt(encoder, prompt, prompt_name, instruction)
+    index = index_corpus(input_path, shard_size=shard_size, id_field=id_field, text_field=text_field,
+                         show_progress=show_progress)
     output = Path(output_dir).absolute()
     total = len(index.shard_offsets)
+    model_dtype = getattr(getattr(encoder, "model", None), "dtype", None)
     run = {
         "format": FORMAT, "input": str(index.path), "input_sha256": index.sha256, "num_records": index.num_records,
         "shard_size": shard_size, "num_shards": total, "id_field": id_field, "text_field": text_field,
-        "model": str(getattr(encoder, "name_or_path", type(encoder).__name__)), "prompt": prompt,
-        "prompt_name": prompt_name, "instruction": instruction,
-        "dtype": str(getattr(getattr(encoder, "model", None), "dtype", "unknown")).removeprefix("torch."),
+        "model": _model_name(encoder), "model_dtype": None if model_dtype is None else str(model_dtype).split(".")[-1],
+        "prompt": effective_prompt, "prompt_name": prompt_name, "instruction": instruction,
     }
-    _prepare_output(output, run, overwrite)
+    _prepare_output(output, run, overwrite=overwrite)
 
-    mine = list(range(rank, total, world))
-    skipped = [s for s in mine if (output / f"{_shard_name(s)}.npy").is_file()]
+    mine = range(rank, total, world)
+    done = _finished(output, total)
+    pending = [s for s in mine if s not in done]
+    skipped = [s for s in mine if s in done]
+    _remove_stale_temporaries(output, set(pending))
     if skipped:
-        logger.info("Resuming: %d of this process's %d shards are already done", len(skipped), len(mine))
+        logger.info("Resuming %s: %d of this process's %d shards are already done, %d to compute", output,
+                    len(skipped), len(mine), len(pending))
+
+    def records(shards) -> int:
+        return sum(min(shard_size, index.num_records - s * shard_size) for s in shards)
+
     computed = []
-    with tqdm(total=len(mine), initial=len(skipped), desc="Embedding shards", unit="shard",
+    with tqdm(total=records(mine), initial=records(skipped), desc=f"Embedding ({rank + 1}/{world})", unit="text",
               disable=not show_progress) as progress:
-        for shard in mine:
-            name = _shard_name(shard)
-            if shard in skipped:
-                continue
+        for shard in pending:
             ids, texts = _read_shard(index, shard, shard_size, id_field, text_field)
             embeddings = np.ascontiguousarray(encoder.encode(
-                texts, prompt=prompt, prompt_name=prompt_name, instruction=instruction, batch_tokens=batch_tokens,
-                show_progress=False,
+                texts, prompt=effective_prompt, batch_tokens=batch_tokens, show_progress=False,
             ), dtype=np.float32)
-            _write_bytes(output / f"{name}.ids.json", json.dumps(ids).encode(), overwrite=True)
-            _write_bytes(output / f"{name}.npy", _npy_bytes(embeddings), overwrite=False)
-            computed.append(name)
-            progress.update(1)
+            if embeddings.ndim != 2 or embeddings.shape[0] != len(texts):
+                raise RuntimeError(f"The encoder returned shape {embeddings.shape} for {len(texts)} texts; it must "
+                                   "return one row per text.")
+            _write_shard(output, _shard_name(shard), ids, embeddings)
+            computed.append(_shard_name(shard))
+            progress.update(len(ids))
 
-    done = all((output / f"{_shard_name(s)}.npy").is_file() for s in range(total))
-    if done:
-        shards = []
-        for shard in range(total):
-            name = _shard_name(shard)
-            data = (output / f"{name}.npy").read_bytes()
-            count = len(json.loads((output / f"{name}.ids.json").read_text()))
-            shards.append({"name": name, "num_records": count, "sha256": hashlib.sha256(data).hexdigest()})
-        dimension = int(np.load(output / f"{_shard_name(0)}.npy", mmap_mode="r").shape[1])
-        manifest = {**run, "dimension": dimension, "shards": shards}
-        _write_bytes(output / "manifest.json", (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(),
-                     overwrite=True)
+    complete = len(_finished(output, total)) == total
+    if complete and (computed or not (output / MANIFEST_FILE).is_file()):
+        _write_manifest(output, run, total, show_progress=show_progress)
     logger.info("Process %d of %d: computed %d shard(s), skipped %d; %s", rank, world, len(computed), len(skipped),
-                "all shards done, manifest written" if done else "other shards pending")
+                "every shard is done, manifest.json written" if complete else "other shards are pending")
     return {"output_dir": str(output), "num_records": index.num_records, "num_shards": total,
-            "computed": computed, "skipped": [_shard_name(s) for s in skipped], "manifest": done}
+            "process_index": rank, "num_processes": world, "computed": computed,
+            "skipped": [_shard_name(s) for s in skipped], "manifest": complete}

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
+from transformers.utils import cached_file
 
 from ..configuration_llama_encoder import LlamaEncoderConfig
 from ..modeling_llama_encoder import LlamaEncoderModel, pad_for_encoder, tokenize_for_encoder
@@ -26,14 +27,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _checkpoint_file(path: str, name: str) -> Path | None:
-    """A file of a local checkpoint folder, or of a Hub repo already in the cache; None when absent."""
-    if os.path.isdir(path):
-        candidate = Path(path) / name
-        return candidate if candidate.is_file() else None
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(path, name)
-    return Path(cached) if isinstance(cached, str) else None
+    """A file of a checkpoint folder or Hub repo (downloaded into the cache if need be); None when it has none."""
+    resolved = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+    return Path(resolved) if resolved else None
 
 
 def length_sorted_batches(
@@ -104,13 +100,16 @@ class Encoder:
         if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}; got {dtype!r}.")
         config_file = _checkpoint_file(path, "config.json")
-        if config_file is not None:
-            model_type = json.loads(config_file.read_text()).get("model_type")
-            if model_type != LlamaEncoderConfig.model_type:
-                raise ValueError(
-                    f"{path} holds a {model_type!r} model, not a llama_encoder checkpoint; convert it first with "
-                    "`llama-encoder convert`."
-                )
+        if config_file is None:
+            raise FileNotFoundError(
+                f"{path} has no config.json; give a folder (or Hub repo) written by `llama-encoder convert`."
+            )
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        if model_type != LlamaEncoderConfig.model_type:
+            raise ValueError(
+                f"{path} holds a {model_type!r} model, not a llama_encoder checkpoint; convert it first with "
+                "`llama-encoder convert`."
+            )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = LlamaEncoderModel.from_pretrained(
             path, dtype="auto" if dtype == "auto" else DTYPES[dtype], attn_implementation=attn_implementation
@@ -127,10 +126,12 @@ class Encoder:
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are."""
         return next(self.model.parameters()).device
 
     @property
     def dimension(self) -> int:
+        """The embedding size (the model's hidden size)."""
         return self.model.config.hidden_size
 
     def instruction_prompt(self, instruction: str) -> str:
@@ -243,21 +244,58 @@ class Encoder:
 
 
 class MTEBModel:
-    """What MTEB calls: `encode(sentences, task_name=..., prompt_type=...)`. Queries get the task's instruction
-    (from `task_instructions`, else the checkpoint's query prompt); documents get the document prompt."""
+    """An `Encoder` with the `encode` MTEB calls: mteb 1.x's `encode(sentences, task_name=..., prompt_type=...)` and
+    mteb 2's (`encode(dataloader_of_batches, task_metadata=..., prompt_type=..., hf_split=..., hf_subset=...)`).
 
-    def __init__(self, encoder: Encoder, task_instructions: dict[str, str] | None = None, batch_tokens: int = 16384):
+    Queries (prompt_type "query") get their task's instruction from `task_instructions` (task name -> instruction),
+    else the checkpoint's saved query prompt. Documents (prompt_type "document", or mteb 1.x's "passage") get the
+    saved document prompt only. Texts of symmetric tasks (no prompt_type: STS, classification, clustering) get the
+    task's instruction when one is given, as instruction-tuned embedders are evaluated, else no prompt.
+    """
+
+    def __init__(
+        self, encoder: Encoder, task_instructions: dict[str, str] | None = None, *, batch_tokens: int = 16384
+    ):
         self.encoder = encoder
         self.task_instructions = dict(task_instructions or {})
         self.batch_tokens = batch_tokens
 
-    def encode(self, sentences, *, task_name: str | None = None, prompt_type=None, **kwargs) -> np.ndarray:
+    def encode(
+        self,
+        sentences: Iterable[str] | Iterable[Mapping[str, Sequence[str]]],
+        *,
+        task_name: str | None = None,
+        prompt_type=None,
+        batch_size: int | None = None,
+        task_metadata=None,
+        **kwargs,
+    ) -> np.ndarray:
+        """Embed `sentences`: texts (mteb 1.x) or batches with a "text" field (mteb 2's DataLoader). The task is
+        `task_name`, else `task_metadata.name`; `prompt_type` is a string or MTEB's PromptType. `batch_size` caps
+        the rows of a forward call (the token budget still applies); `show_progress_bar` is honoured and other
+        MTEB keywords (hf_split, hf_subset, ...) are accepted and unused. Returns float32 `(n, hidden)`."""
+        texts = []
+        for item in sentences:
+            if isinstance(item, Mapping):
+                if "text" not in item:
+                    raise ValueError(
+                        f"An MTEB batch has no 'text' field (it has {sorted(item)}); only text tasks can be encoded."
+                    )
+                texts.extend(item["text"])
+            else:
+                texts.append(item)
         kind = getattr(prompt_type, "value", prompt_type)
-        texts = [s if isinstance(s, str) else str(s) for s in sentences]
-        if kind == "document":
-            return self.encoder.encode_documents(texts, batch_tokens=self.batch_tokens, show_progress=False)
-        instruction = self.task_instructions.get(task_name) if task_name else None
+        if kind not in (None, "query", "document", "passage"):
+            raise ValueError(f"prompt_type must be query, document or passage; got {kind!r}.")
+        task = task_name or getattr(task_metadata, "name", None)
+        options = {
+            "batch_tokens": self.batch_tokens,
+            "max_batch_size": batch_size or 512,
+            "show_progress": bool(kwargs.get("show_progress_bar", False)),
+        }
+        if kind in ("document", "passage"):
+            return self.encoder.encode_documents(texts, **options)
+        instruction = self.task_instructions.get(task) if task else None
         if kind == "query" or instruction is not None:
-            return self.encoder.encode_queries(texts, instruction=instruction, batch_tokens=self.batch_tokens,
-                                               show_progress=False)
-        return self.encoder.encode(texts, batch_tokens=self.batch_tokens, show_progress=False)
+            return self.encoder.encode_queries(texts, instruction=instruction, **options)
+        return self.encoder.encode(texts, **options)
