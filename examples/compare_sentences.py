@@ -48,7 +48,7 @@ def main() -> int:
 
     # 2. Plain transformers: the checkpoint's own module tokenises prompt + text and marks what is pooled.
     model = AutoModel.from_pretrained(args.checkpoint, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint, trust_remote_code=True)
     tokenize_for_encoder = sys.modules[type(model).__module__].tokenize_for_encoder
     query_prompt = st_model.prompts["query"]
     append_eos = model.config.pooling_mode == "eos"
