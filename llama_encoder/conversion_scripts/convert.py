@@ -21,6 +21,7 @@ import torch
 
 from ..atomic import atomic_directory, check_destination
 from ..configuration_llama_encoder import POOLING_MODES, LlamaEncoderConfig
+from ..dtypes import DTYPES
 from ..modeling_llama_encoder import LatentAttentionPooling, LlamaEncoderModel
 from .base_model import BaseModel, resolve_base
 from .checkpoint import default_prompts, resolve_max_seq_length, write_checkpoint, write_model_card
@@ -30,7 +31,6 @@ from .verify import DEFAULT_SENTENCES, compute_reference_embeddings, verify_chec
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _LATENT_KEYS = (
     "latent_attention_num_latents",
     "latent_attention_num_heads",

@@ -19,11 +19,10 @@ from transformers import AutoTokenizer
 from transformers.utils import cached_file
 
 from ..configuration_llama_encoder import LlamaEncoderConfig
+from ..dtypes import DTYPES
 from ..modeling_llama_encoder import LlamaEncoderModel, pad_for_encoder, tokenize_for_encoder
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _checkpoint_file(path: str, name: str) -> Path | None:
