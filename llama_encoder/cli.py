@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from .configuration_llama_encoder import POOLING_MODES
+from .training.cli import add_train_parser
 
 logger = logging.getLogger("llama_encoder")
 
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_push(subparsers)
     _add_embed(subparsers)
     _add_evaluate(subparsers)
+    add_train_parser(subparsers)
     return parser
 
 

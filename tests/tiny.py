@@ -68,13 +68,16 @@ TINY_CORPUS = [
 ]
 
 
-def save_tiny_base(folder, *, seed: int = 0):
-    """A sharded tiny LlamaForCausalLM folder with a byte-level BPE tokenizer that has no pad token; returns it."""
+def save_tiny_base(folder, *, seed: int = 0, lm_head_scale: float = 1.0):
+    """A sharded tiny LlamaForCausalLM folder with a byte-level BPE tokenizer that has no pad token; returns it.
+    `lm_head_scale` multiplies the LM head's weights (random ones give near-uniform logits)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_bpe_tokenizer(TINY_CORPUS)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tokenizer)}))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(lm_head_scale)
     model.save_pretrained(folder, max_shard_size="100KB")
     tokenizer.save_pretrained(folder)
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")

@@ -98,7 +98,8 @@ def _pooling_settings(adapters: list[LoraAdapter], pooling: str | None) -> tuple
     return mode, sizes, head
 
 
-def _encoder_config(base: BaseModel, mode: str, sizes: dict, dtype: torch.dtype, normalize: bool | None):
+def encoder_config(base: BaseModel, mode: str, sizes: dict, dtype: torch.dtype, normalize: bool | None):
+    """The `LlamaEncoderConfig` for `base` with pooling `mode`, latent-head `sizes` and weights of `dtype`."""
     values = {k: v for k, v in base.config.to_dict().items() if k not in _BASE_ONLY_KEYS}
     values.pop("torch_dtype", None)
     values.update(sizes, pooling_mode=mode)
@@ -124,7 +125,8 @@ def _initial_latent_head(config: LlamaEncoderConfig) -> dict[str, torch.Tensor]:
     return {f"latent_attention.{name}": tensor.detach().clone() for name, tensor in head.state_dict().items()}
 
 
-def _weight_shapes(source: BaseModel) -> dict[str, tuple[int, ...]]:
+def source_weight_shapes(source: BaseModel) -> dict[str, tuple[int, ...]]:
+    """Encoder weight name -> shape for a resolved base (from safetensors headers, or its state dict)."""
     if source.safetensors_files:
         return base_weight_shapes(source.safetensors_files)
     named = ((normalize_base_key(key), tuple(tensor.shape)) for key, tensor in source.state_dict.items())
@@ -183,7 +185,7 @@ def convert(
         base=base, gguf=gguf, cache_dir=Path(cache_dir) if cache_dir else None, allow_pickle=allow_pickle
     )
     loaded = [read_adapter(path, allow_pickle=allow_pickle) for path in adapters]
-    shapes = _weight_shapes(source)
+    shapes = source_weight_shapes(source)
     for adapter in loaded:
         validate_adapter_against(adapter, source.config.to_dict(), shapes)
         if adapter.base_model_name_or_path and adapter.base_model_name_or_path != source.name:
@@ -193,7 +195,7 @@ def convert(
             )
     mode, sizes, head = _pooling_settings(loaded, pooling)
     torch_dtype = _resolve_dtype(dtype, source)
-    config = _encoder_config(source, mode, sizes, torch_dtype, normalize)
+    config = encoder_config(source, mode, sizes, torch_dtype, normalize)
     if mode == "latent_attention" and not head:
         logger.warning(
             "Pooling is latent_attention but no adapter carries a trained latent-attention head; the head is "
