@@ -59,6 +59,23 @@ def test_epoch_order_is_a_seeded_permutation():
     assert epoch_order(50, 1, 0) != epoch_order(50, 1, 1)
 
 
+def test_grouped_order_makes_batches_of_similar_length():
+    lengths = [int(x) for x in torch.randint(1, 200, (1003,))]
+    order = epoch_order(1003, 1, 0, lengths=lengths, batch_size=10, pool=8)
+    assert sorted(order) == list(range(1003))
+    batches = [order[i : i + 10] for i in range(0, 1000, 10)]
+
+    def spread(batch):
+        return max(lengths[i] for i in batch) - min(lengths[i] for i in batch)
+
+    plain = epoch_order(1003, 1, 0)
+    random_spread = sum(spread(plain[i : i + 10]) for i in range(0, 1000, 10))
+    assert sum(spread(b) for b in batches) < 0.3 * random_spread
+    # the batches come in a shuffled order, not sorted by length
+    longest = [max(lengths[i] for i in b) for b in batches]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+
+
 @pytest.mark.parametrize("objective", ["simcse", "supervised"])
 def test_a_few_steps_reduce_the_loss(objective, tiny_base, tmp_path, texts_file, sts_file):
     data = texts_file if objective == "simcse" else sts_file

@@ -59,6 +59,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     optim.add_argument("--max-length", type=int, default=128, metavar="N", help="tokens per text, longer are cut")
+    optim.add_argument("--group-by-length", action="store_true",
+                       help="batch texts of similar length together (shuffled batches): much less padding, "
+                       "so faster on CPU; contrastive negatives then have similar lengths")
     optim.add_argument("--seed", type=int, default=42, help="seeds LoRA init, data order, masking and dropout")
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--lora-r", type=int, default=16, help="LoRA rank")

@@ -34,7 +34,7 @@ from ..configuration_llama_encoder import POOLING_MODES
 from ..conversion_scripts.lora import POOLING_CONFIG_NAME, POOLING_HEAD_NAME
 from ..encoding.encode import Encoder
 from ..encoding.evaluate import evaluate_sts, read_sts
-from .data import read_supervised, read_texts
+from .data import ScoredPair, read_supervised, read_texts
 from .distributed import Distributed
 from .model import DEFAULT_TARGET_MODULES, TrainingModel, load_training_model, resolve_mask_token
 from .objectives import MNTP, SimCSE, Supervised, derive_seed
@@ -78,6 +78,7 @@ class TrainingArguments:
     bf16: bool = False
     gradient_checkpointing: bool = False
     attn_implementation: str = "auto"
+    group_by_length: bool = False
     seed: int = 42
     device: str | None = None
     threads: int | None = None
@@ -144,9 +145,34 @@ def learning_rate(step: int, *, peak: float, warmup_steps: int, total_steps: int
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
-    """The order examples are visited in during `epoch`: a permutation drawn from (seed, epoch)."""
-    return np.random.default_rng(derive_seed(seed, epoch)).permutation(num_examples).tolist()
+def epoch_order(num_examples: int, seed: int, epoch: int, *, lengths: list[int] | None = None,
+                batch_size: int = 1, pool: int = 32) -> list[int]:
+    """The order examples are visited in during `epoch`: a permutation drawn from (seed, epoch).
+
+    With `lengths`, batches are of similar length, which saves the padding: each run of `pool` batches of the
+    shuffled order is sorted by length and cut into batches, and the batches are shuffled (an incomplete last
+    batch stays last, where the loop drops it)."""
+    rng = np.random.default_rng(derive_seed(seed, epoch))
+    order = rng.permutation(num_examples).tolist()
+    if lengths is None or batch_size <= 1:
+        return order
+    usable = num_examples - num_examples % batch_size
+    batches = []
+    for start in range(0, usable, batch_size * pool):
+        chunk = sorted(order[start : min(start + batch_size * pool, usable)], key=lambda i: lengths[i])
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    shuffled = [batches[i] for i in rng.permutation(len(batches))]
+    return [index for batch in shuffled for index in batch] + order[usable:]
+
+
+def _example_length(example) -> int:
+    """A cheap length for grouping: characters of the texts that share one padded batch row width."""
+    if isinstance(example, str):
+        return len(example)
+    if isinstance(example, ScoredPair):
+        return max(len(example.text1), len(example.text2))
+    return max(len(example.query) + len(example.instruction or ""), len(example.positive),
+               *(len(n) for n in example.negatives))
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------------
@@ -358,11 +384,13 @@ def train(args: TrainingArguments) -> dict:
     progress = tqdm(total=total_steps, initial=start_step, desc=f"train {args.objective}", disable=not show,
                     unit="step")
     order, order_epoch = None, None
+    lengths = [_example_length(example) for example in examples] if args.group_by_length else None
     for step in range(start_step, total_steps):
         started = time.perf_counter()
         epoch, position = divmod(step, steps_per_epoch)
         if order_epoch != epoch:
-            order, order_epoch = epoch_order(len(examples), args.seed, epoch), epoch
+            order = epoch_order(len(examples), args.seed, epoch, lengths=lengths, batch_size=args.batch_size)
+            order_epoch = epoch
         torch.manual_seed(derive_seed(args.seed, dist.rank, step))  # dropout of this step, the same after a resume
         lr = learning_rate(step, peak=args.lr, warmup_steps=warmup_steps, total_steps=total_steps)
         for group in optimizer.param_groups:
