@@ -215,3 +215,41 @@ def test_cli_train_writes_the_adapter_and_summary(tiny_base, tmp_path, texts_fil
     code = cli_main(["train", "mntp", "--base", str(tiny_base), "--data", str(texts_file), "--out", str(out),
                      "--max-steps", "2", "--batch-size", "4", "--no-progress"])
     assert code == 1 and "already exists" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_base):
+    from llama_encoder.training.distributed import Distributed
+    from llama_encoder.training.model import load_training_model
+    from llama_encoder.training.objectives import SimCSE
+
+    grads = []
+    for checkpointing in (False, True):
+        model = load_training_model(base=str(tiny_base), lora_dropout=0.0, gradient_checkpointing=checkpointing,
+                                    pooling="latent_attention")
+        model.peft_model.train()
+        with torch.no_grad():
+            for name, param in model.trainable_parameters():
+                if "lora_B" in name:
+                    param.fill_(0.01)
+        loss, _ = SimCSE(tokenizer=model.tokenizer, max_length=32).loss(model.encoder, {"texts": TEXTS}, Distributed())
+        loss.backward()
+        grads.append({name: p.grad.clone() for name, p in model.trainable_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_bf16_training_runs_and_evaluates_at_the_end(tiny_base, tmp_path, texts_file, sts_file):
+    summary = train(_args(tiny_base, tmp_path, objective="simcse", data=[str(texts_file)], bf16=True,
+                          eval_sts=str(sts_file), eval_every=2, pooling="latent_attention"))
+    assert [e["step"] for e in summary["evaluations"]] == [2, 4]
+    assert all(-100 <= e["spearman"] <= 100 for e in summary["evaluations"])
+    assert summary["bf16"] and all(h["loss"] == h["loss"] for h in summary["history"])  # no NaN
+    # the latent head was trained: it moved away from its initial values
+    from llama_encoder.training.model import load_training_model
+
+    initial = load_training_model(base=str(tiny_base), pooling="latent_attention", init_seed=42)
+    trained = load_file(tmp_path / "adapter" / "pooling_head.safetensors")
+    start = {f"latent_attention.{k}": v for k, v in initial.encoder.latent_attention.state_dict().items()}
+    assert trained.keys() == start.keys()
+    assert any(not torch.allclose(trained[k], start[k].float()) for k in trained)
