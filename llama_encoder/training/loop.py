@@ -47,8 +47,9 @@ SUMMARY_NAME = "training_summary.json"
 ARGS_NAME = "training_args.json"
 _CHECKPOINT_PREFIX = "step-"
 # Arguments that may change between an interrupted run and its resumption without changing the result.
+# Gradient checkpointing recomputes the same arithmetic: a run that ran out of memory can resume with it.
 _RESUMABLE_CHANGES = ("resume", "overwrite", "threads", "save_every", "eval_every", "eval_sts", "keep_checkpoints",
-                      "log_every", "show_progress", "command")
+                      "log_every", "show_progress", "command", "gradient_checkpointing")
 
 
 @dataclass
