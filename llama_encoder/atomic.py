@@ -8,6 +8,7 @@ complete one, never a half-written output under the final name.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -19,6 +20,12 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _TMP_PREFIX = ".tmp-"
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # renameat2 flag (Linux 3.15+): swap two paths in one step
+try:
+    _RENAMEAT2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (OSError, AttributeError, TypeError):  # not Linux/glibc: the two-rename fallback is used
+    _RENAMEAT2 = None
 
 
 class OutputExistsError(FileExistsError):
@@ -84,14 +91,34 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
+def _exchange(new: Path, dest: Path) -> bool:
+    """Swap `new` and `dest` atomically, so `dest` is never missing; False where the OS or filesystem cannot."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(dest), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(new), None, str(dest))
+
+
+def _human(size: float) -> str:
+    for unit in ("bytes", "KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.2f} GiB"
+
+
 def _explain_disk_full(exc: OSError, dest: Path, needed_bytes: int | None) -> OSError:
     if exc.errno != errno.ENOSPC:
         return exc
     free = shutil.disk_usage(_existing_ancestor(dest.parent)).free
-    need = f"about {needed_bytes / 2**20:.1f} MiB" if needed_bytes else "more space"
+    need = f"about {_human(needed_bytes)}" if needed_bytes else "more space"
     return OSError(
         errno.ENOSPC,
-        f"No space left on the device while writing {dest}: it needs {need}, {free / 2**20:.1f} MiB are free. "
+        f"No space left on the device while writing {dest}: it needs {need}, {_human(free)} are free. "
         "Nothing was left in place; free some space or choose another output path.",
     )
 
@@ -103,8 +130,9 @@ def atomic_directory(
     """Yield an empty temporary folder beside `dest`; on clean exit, fsync it and rename it to `dest`.
 
     On any exception the temporary folder is removed and `dest` is left as it was. With `overwrite`, an existing
-    `dest` is replaced only after the new folder is complete (it is moved aside, the new one renamed in, then
-    the old one deleted). `needed_bytes`, when known, makes a disk-full error say how much space was needed.
+    `dest` is replaced only after the new folder is complete: the two are swapped in one atomic rename (Linux
+    renameat2; elsewhere the old one is moved aside, then the new one renamed in), then the old one is deleted.
+    `needed_bytes`, when known, makes a disk-full error say how much space was needed.
     """
     dest = check_destination(dest, overwrite=overwrite, kind="directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -116,10 +144,13 @@ def atomic_directory(
         if dest.exists():
             if not overwrite:  # appeared while we worked
                 raise OutputExistsError(f"Output path {dest} appeared while writing; nothing was replaced.")
-            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{dest.name}-old-", dir=dest.parent))
-            os.rename(dest, old / dest.name)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            if _exchange(tmp, dest):
+                shutil.rmtree(tmp, ignore_errors=True)  # it holds the old folder now
+            else:  # a crash between these renames leaves the old folder under .tmp-NAME-old-*
+                old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{dest.name}-old-", dir=dest.parent))
+                os.rename(dest, old / dest.name)
+                os.rename(tmp, dest)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, dest)
         _fsync_path(dest.parent)

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llama-encoder",
         description="Turn decoder-only Llama LLMs into bidirectional embedding models and publish them.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log llama-encoder's debug messages")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(subparsers)
@@ -239,8 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    level = logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:  # our debug messages only: HTTP clients log whole response headers at debug level
+        logger.setLevel(logging.DEBUG)
     try:
         return args.handler(args)
     except (ValueError, OSError, RuntimeError) as exc:  # user-facing failures: one clear line, no traceback

@@ -193,11 +193,15 @@ def test_cli_convert_and_push_dry_run(tiny_base, tmp_path, capsys):
 def test_cli_help_explains_every_option():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"convert", "push", "embed", "evaluate"}
-    for name, command in commands.items():
+    assert set(commands) == {"convert", "push", "embed", "evaluate", "train"}
+    objectives = next(a for a in commands["train"]._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(objectives) == {"mntp", "simcse", "supervised"}
+    every = [((name,), command) for name, command in commands.items() if name != "train"]
+    every += [(("train", name), command) for name, command in objectives.items()]
+    for names, command in every:
         for action in command._actions:
-            assert action.help and len(action.help) > 15, f"{name} {action.option_strings or action.dest} has no help"
-        result = subprocess.run([sys.executable, "-m", "llama_encoder.cli", name, "--help"], capture_output=True,
+            assert action.help and len(action.help) > 15, f"{names} {action.option_strings or action.dest} has no help"
+        result = subprocess.run([sys.executable, "-m", "llama_encoder.cli", *names, "--help"], capture_output=True,
                                 text=True, cwd=REPO_ROOT)
         assert result.returncode == 0 and all(o in result.stdout for a in command._actions for o in a.option_strings)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import re
 import shutil
@@ -213,7 +214,8 @@ def convert(
     max_seq_length = resolve_max_seq_length(config, source.tokenizer, max_seq_length)
     records = [_adapter_record(adapter) for adapter in loaded]
     weights_source = source.safetensors_files or source.state_dict
-    needed = sum(Path(f).stat().st_size for f in source.safetensors_files) if source.safetensors_files else None
+    # What the merged shards take in the output dtype (the other files are small), for a disk-full message.
+    needed = torch_dtype.itemsize * (sum(map(math.prod, shapes.values())) + sum(t.numel() for t in head.values()))
 
     logger.info("Converting %s with %d adapter(s), pooling %s, into %s", source.name, len(loaded), mode, dest)
     with atomic_directory(dest, overwrite=overwrite, needed_bytes=needed) as tmp:

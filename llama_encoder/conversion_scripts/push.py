@@ -189,7 +189,9 @@ def push_folder(
                                      token=token)
         if explained is None:
             raise
-        raise explained from exc
+        # A Hub error can quote a proxy's echo of the request headers: it is chained (for -v tracebacks) only when it
+        # does not hold the token.
+        raise explained from (None if any(token in str(cause) for cause in _causes(exc)) else exc)
 
     logger.info("Pushed %d files to %s, revision %s: %s", len(files), repo_id, branch, commit.commit_url)
     _log_files(files)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +24,10 @@ from ..dtypes import DTYPES
 from ..modeling_llama_encoder import LlamaEncoderModel, pad_for_encoder, tokenize_for_encoder
 
 logger = logging.getLogger(__name__)
+
+# A transformers tokenizer keeps its truncation settings on the shared Rust tokenizer and changes them per call,
+# so threads tokenising at once could cut each other's inputs at the wrong length: one at a time.
+_TOKENIZE_LOCK = threading.Lock()
 
 
 def _checkpoint_file(path: str, name: str) -> Path | None:
@@ -158,6 +163,10 @@ class Encoder:
                 raise ValueError(
                     f"Input {index} is a {type(item).__name__}; give strings or (instruction, text) pairs of strings."
                 )
+            if not texts[-1].strip():
+                raise ValueError(
+                    f"Input {index} is an empty or blank text, which has nothing to embed; remove it or give a text."
+                )
         return texts, prompts
 
     def encode(
@@ -202,15 +211,17 @@ class Encoder:
     def _encode_into(self, output, texts, prompts, batch_tokens, max_batch_size, max_padding, normalize,
                      show_progress, limit):
         config = self.model.config
-        rows = tokenize_for_encoder(
-            self.tokenizer, texts, prompts, max_length=limit, append_eos=config.pooling_mode == "eos",
-            padding=False, return_tensors=None,
-        )
+        with _TOKENIZE_LOCK:
+            rows = tokenize_for_encoder(
+                self.tokenizer, texts, prompts, max_length=limit, append_eos=config.pooling_mode == "eos",
+                padding=False, return_tensors=None,
+            )
         for index, pooled in enumerate(rows["pool_mask"]):
             if not any(pooled):
                 raise ValueError(
-                    f"Input {index} ({texts[index][:40]!r}) has no token to pool: it is empty, or its prompt fills "
-                    "max_length. Remove it or give a text."
+                    f"Input {index} ({texts[index][:40]!r}) has no token to pool: its prompt fills max_length "
+                    f"({limit} tokens), or the tokenizer drops all of its text. Use a shorter prompt or a larger "
+                    "max_length, or remove the input."
                 )
         batches = length_sorted_batches(
             [len(ids) for ids in rows["input_ids"]], batch_tokens=batch_tokens, max_batch_size=max_batch_size,

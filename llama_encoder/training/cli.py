@@ -56,15 +56,16 @@ def _common(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of AdamW")
     optim.add_argument("--warmup-ratio", type=float, default=0.1,
                        help="share of the steps with a linear warmup; then linear decay to 0")
-    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    optim.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
+    optim.add_argument("--max-grad-norm", type=float, default=1.0,
+                       help="clip the global gradient norm to this (default: 1.0)")
     optim.add_argument("--max-length", type=int, default=128, metavar="N", help="tokens per text, longer are cut")
     optim.add_argument("--group-by-length", action="store_true",
                        help="batch texts of similar length together (shuffled batches): much less padding, "
                        "so faster on CPU; contrastive negatives then have similar lengths")
     optim.add_argument("--seed", type=int, default=42, help="seeds LoRA init, data order, masking and dropout")
     lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    lora.add_argument("--lora-r", type=int, default=16, help="LoRA rank r (default: 16)")
     lora.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA alpha (scaling alpha / r)")
     lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     lora.add_argument("--target-modules", nargs="+", default=list(DEFAULT_TARGET_MODULES), metavar="NAME",
@@ -81,7 +82,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--device", help="cpu or cuda (default: cuda when available; cuda:LOCAL_RANK under torchrun)")
     run.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     run.add_argument("--save-every", type=int, default=0, metavar="N", help="write a checkpoint every N steps")
-    run.add_argument("--keep-checkpoints", type=int, default=2, metavar="N", help="checkpoints kept (newest)")
+    run.add_argument("--keep-checkpoints", type=int, default=2, metavar="N",
+                     help="how many of the newest checkpoints to keep")
     run.add_argument("--resume", action="store_true",
                      help="continue from the newest checkpoint in DIR-checkpoints (same arguments required); the "
                      "result equals an uninterrupted run")
@@ -92,7 +94,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
                      help="score --eval-sts every N steps (it is always scored at the end)")
     run.add_argument("--log-every", type=int, default=10, metavar="N", help="log loss and throughput every N steps")
     run.add_argument("--no-progress", dest="show_progress", action="store_false", default=None,
-                     help="no progress bar")
+                     help="do not show the tqdm progress bar")
     run.add_argument("--cache-dir", metavar="DIR", help="where the embedded default model is cached")
 
 
