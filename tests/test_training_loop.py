@@ -253,3 +253,22 @@ def test_bf16_training_runs_and_evaluates_at_the_end(tiny_base, tmp_path, texts_
     start = {f"latent_attention.{k}": v for k, v in initial.encoder.latent_attention.state_dict().items()}
     assert trained.keys() == start.keys()
     assert any(not torch.allclose(trained[k], start[k].float()) for k in trained)
+
+
+def test_disk_full_leaves_no_adapter_or_checkpoint_and_says_how_much_was_needed(tiny_base, tmp_path, texts_file,
+                                                                                  monkeypatch):
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # a checkpoint's tensors, then (without checkpoints) the final adapter's weights fail to be written
+    for target, name, save_every in ((loop, "save_file", 2), (PeftModel, "save_pretrained", 0)):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, name, full_disk)
+            with pytest.raises(OSError, match=r"No space left on the device while writing .*: it needs about .*free"):
+                train(_args(tiny_base, tmp_path, objective="simcse", data=[str(texts_file)], save_every=save_every,
+                            overwrite=True))
+        assert not (tmp_path / "adapter").exists()
+        leftovers = list(tmp_path.glob(".tmp-*")) + list((tmp_path / "adapter-checkpoints").glob("*"))
+        assert leftovers == []

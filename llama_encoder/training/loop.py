@@ -196,7 +196,8 @@ def save_checkpoint(folder: Path, step: int, model: TrainingModel, optimizer: to
     tensors = {f"{index}.{key}": value for index, entry in optimizer_state["state"].items()
                for key, value in entry.items() if isinstance(value, torch.Tensor)}
     groups = [{k: v for k, v in group.items()} for group in optimizer_state["param_groups"]]
-    with atomic_directory(dest, overwrite=True) as tmp:
+    trained_bytes = sum(p.numel() * p.element_size() for _, p in model.trainable_parameters())
+    with atomic_directory(dest, overwrite=True, needed_bytes=3 * trained_bytes) as tmp:  # + AdamW's two moments
         save_file({name: p.detach().cpu().contiguous() for name, p in model.trainable_parameters()},
                   tmp / "trainable.safetensors")
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
@@ -310,7 +311,8 @@ def _evaluate(model: TrainingModel, pairs: list, args: TrainingArguments, device
 
 def _write_adapter(args: TrainingArguments, model: TrainingModel, summary: dict) -> Path:
     out = Path(args.out).expanduser().absolute()
-    with atomic_directory(out, overwrite=args.overwrite or args.resume) as tmp:
+    needed = sum(p.numel() * 4 for _, p in model.trainable_parameters())
+    with atomic_directory(out, overwrite=args.overwrite or args.resume, needed_bytes=needed) as tmp:
         model.peft_model.save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # peft's placeholder card; the checkpoint gets a real one
         config = model.encoder.config
