@@ -106,7 +106,8 @@ def reference_embedding(model: LlamaEncoderModel, states: torch.Tensor, skip: in
 
 
 def close(got: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    # float32 sums of states of magnitude ~30 (unnormalised latent-head outputs) differ by ~1e-4 relative
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=5e-4)
 
 
 @pytest.mark.parametrize("pooling_mode", POOLING_MODES)
