@@ -179,7 +179,7 @@ def evaluate_sts(
     return result
 
 
-def _jsonl_records(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
+def jsonl_records(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
     """`(line number, record)` for each non-blank line of a jsonl file; each record must hold `required`."""
     if not path.is_file():
         raise FileNotFoundError(f"No file at {path}; give the path of a BEIR-style jsonl file.")
@@ -193,8 +193,8 @@ def _jsonl_records(path: Path, required: Sequence[str]) -> Iterator[tuple[int, d
                 message = f"{path}:{line}: not valid JSON ({exc.msg}); each line must be one JSON object."
                 raise ValueError(message) from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line}: expected a JSON object with {', '.join(required)}; "
-                                 f"found a {type(record).__name__}.")
+                holding = f" with {', '.join(required)}" if required else ""
+                raise ValueError(f"{path}:{line}: expected a JSON object{holding}; found a {type(record).__name__}.")
             missing = [field for field in required if field not in record]
             if missing:
                 raise ValueError(f"{path}:{line}: missing field(s) {', '.join(missing)}; each line needs "
@@ -218,7 +218,7 @@ def _read_texts(path: Path, *, with_title: bool) -> dict[str, str]:
     """id -> text of a BEIR corpus (`title` + " " + `text` when a title is given) or queries file."""
     texts: dict[str, str] = {}
     first_line: dict[str, int] = {}
-    for line, record in _jsonl_records(path, ("_id", "text")):
+    for line, record in jsonl_records(path, ("_id", "text")):
         key = _id(record["_id"], path, line, "_id")
         if key in first_line:
             raise ValueError(f"{path}:{line}: _id {key!r} already appeared on line {first_line[key]}; ids must be "
@@ -236,7 +236,7 @@ def _read_texts(path: Path, *, with_title: bool) -> dict[str, str]:
 def _qrels_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any]]:
     """`(line number, query id, document id, score)` for each judgement in a qrels tsv or jsonl file."""
     if path.suffix == ".jsonl":
-        for line, record in _jsonl_records(path, QRELS_FIELDS):
+        for line, record in jsonl_records(path, QRELS_FIELDS):
             yield line, record["query-id"], record["corpus-id"], record["score"]
         return
     if not path.is_file():

@@ -5,13 +5,12 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..encoding.evaluate import read_sts
+from ..encoding.evaluate import jsonl_records, read_sts
 
 logger = logging.getLogger(__name__)
 
@@ -94,20 +93,7 @@ def _triple(record: dict, path: Path, line: int) -> Triple:
 
 
 def _read_jsonl_triples(path: Path) -> list[Triple]:
-    triples = []
-    with path.open(encoding="utf-8-sig") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line}: not valid JSON ({exc.msg}); each line must be one JSON object "
-                                 'such as {"query": ..., "positive": ..., "negatives": [...]}.') from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line}: expected a JSON object; found a {type(record).__name__}.")
-            triples.append(_triple(record, path, line))
-    return triples
+    return [_triple(record, path, line) for line, record in jsonl_records(path, ())]
 
 
 def _read_csv_triples(path: Path) -> list[Triple]:
