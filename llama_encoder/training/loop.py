@@ -195,13 +195,13 @@ def save_checkpoint(folder: Path, step: int, model: TrainingModel, optimizer: to
     optimizer_state = optimizer.state_dict()
     tensors = {f"{index}.{key}": value for index, entry in optimizer_state["state"].items()
                for key, value in entry.items() if isinstance(value, torch.Tensor)}
-    groups = [{k: v for k, v in group.items()} for group in optimizer_state["param_groups"]]
     trained_bytes = sum(p.numel() * p.element_size() for _, p in model.trainable_parameters())
     with atomic_directory(dest, overwrite=True, needed_bytes=3 * trained_bytes) as tmp:  # + AdamW's two moments
         save_file({name: p.detach().cpu().contiguous() for name, p in model.trainable_parameters()},
                   tmp / "trainable.safetensors")
         save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, tmp / "optimizer.safetensors")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "param_groups": groups}, indent=1))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step,
+                                                      "param_groups": optimizer_state["param_groups"]}, indent=1))
     for old in _checkpoints(folder)[:-keep]:
         doomed = old.with_name(f".tmp-{old.name}-old")  # renamed first: a kill mid-delete leaves no partial step
         os.rename(old, doomed)
@@ -282,7 +282,7 @@ def _check_resumable(saved: dict, args: TrainingArguments, checkpoint: Path) -> 
 
 def _prepare_output(args: TrainingArguments, dist: Distributed) -> Path | None:
     """Check the output and checkpoint folders; returns the checkpoint to resume from, if any."""
-    out = check_destination(args.out, overwrite=args.overwrite)
+    check_destination(args.out, overwrite=args.overwrite)
     folder = args.checkpoint_dir
     found = _checkpoints(folder)
     if args.resume:
@@ -297,7 +297,6 @@ def _prepare_output(args: TrainingArguments, dist: Distributed) -> Path | None:
                               "continue it, or --overwrite to start over.")
     if found and dist.is_main:
         shutil.rmtree(folder)
-    del out
     return None
 
 

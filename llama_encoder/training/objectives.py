@@ -117,7 +117,7 @@ class MNTP:
         input_ids, attention = encoded["input_ids"], encoded["attention_mask"]
         special = torch.isin(input_ids, torch.tensor(sorted(set(self.tokenizer.all_special_ids))))
         first_real = attention.cumsum(dim=1) == 1  # nothing comes before it to predict it from
-        maskable = attention.bool() & ~special & ~(first_real & attention.bool())
+        maskable = attention.bool() & ~special & ~first_real
         masked, labels = mask_tokens(
             input_ids, attention, maskable, mask_token_id=self.mask_token_id, vocab_size=len(self.tokenizer),
             probability=self.probability, seeds=[derive_seed(self.seed, epoch, index) for index in example_ids],
