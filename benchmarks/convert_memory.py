@@ -10,6 +10,8 @@ The defaults fit a machine with 24 GiB of memory and about 16 GiB of free disk.
 
     python benchmarks/convert_memory.py            # defaults: hidden 2048, 24 layers, float32 (~4.4 GiB)
     python benchmarks/convert_memory.py --layers 4 # a quick run
+
+The host line (benchmarks/host.py, measured in a subprocess too) is printed first and stored with --json.
 """
 
 from __future__ import annotations
@@ -145,8 +147,8 @@ def child_stream(work: Path, out_shard_bytes: int) -> None:
     import torch  # noqa: F401  (imported before the RSS baseline, like the peft child)
 
     from llama_encoder.atomic import atomic_directory
-    from llama_encoder.conversion_scripts.lora import read_adapter
-    from llama_encoder.conversion_scripts.streaming import stream_merge
+    from llama_encoder.weights.lora import read_adapter
+    from llama_encoder.weights.merge import stream_merge
 
     baseline = _status_bytes("VmRSS")
     start = time.perf_counter()
@@ -209,7 +211,8 @@ def _max_abs_difference(work: Path, names: list[str]) -> float:
     """Largest difference between the two merged outputs over a few tensors (a sanity check of the numbers)."""
     from safetensors import safe_open
 
-    from llama_encoder.conversion_scripts.streaming import normalize_base_key, resolve_base_files
+    from llama_encoder.weights.names import normalize_base_key
+    from llama_encoder.weights.shards import resolve_base_files
 
     def locate(folder: Path) -> dict[str, Path]:
         found = {}
@@ -283,6 +286,10 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure stream_merge only: no peft run, no comparison and no time target",
     )
     run.add_argument(
+        "--json", type=Path, metavar="FILE",
+        help="also write the figures and the host (CPU, ISA, threads, versions) to this JSON file",
+    )
+    run.add_argument(
         "--keep", action="store_true",
         help="keep the work folder (base, adapters, outputs) afterwards; by default it is removed",
     )
@@ -315,6 +322,10 @@ def main(argv: list[str] | None = None) -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="convert-memory-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     try:
+        host_run = subprocess.run([sys.executable, str(Path(__file__).with_name("host.py"))], capture_output=True,
+                                  text=True, check=True, stdin=subprocess.DEVNULL)
+        host = json.loads(host_run.stdout)
+        print(host_run.stderr.strip())  # the host line
         print(f"Work folder: {work}")
         base = _run_child("build", work, args)
         adapter_bytes = base["adapter_bytes"]
@@ -354,6 +365,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"Max |stream - peft| over {', '.join(checked)}: {_max_abs_difference(work, checked):.3g}")
         print(verdict)
         print(f"Launcher peak RSS {launcher_peak / GIB:.2f} GiB (the floor under the children's getrusage figures)")
+        if args.json:
+            args.json.write_text(json.dumps({"benchmark": "convert_memory", "options": vars(args) | {
+                "workdir": str(work), "json": str(args.json)}, "checkpoint": base, "results": results,
+                "launcher_peak_rss": launcher_peak, "verdict": verdict, "host": host}, indent=2, default=str) + "\n")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -16,9 +16,11 @@ import time
 
 import torch
 from encoder_forward import SMOLLM2_SHAPE  # benchmarks/ is on sys.path when this script runs
+from host import host_info, host_line
 from transformers import LlamaConfig, LlamaModel
 
 from llama_encoder import LlamaEncoderConfig, LlamaEncoderModel
+from llama_encoder.dtypes import resolve_compute_dtype
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, pad_token_id=0)
@@ -181,6 +183,7 @@ def main() -> int:
 
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device {name}; torch {torch.__version__}; transformers {transformers.__version__}; backends {backends()}")
+    print(host_line(host_info(args.device)))
     dtypes = [torch.float32, torch.bfloat16]
     print("correctness:")
     for attn in [] if args.encode_only else backends():
@@ -195,7 +198,7 @@ def main() -> int:
     batch, seq_len, repeats = (4, 64, 2) if args.quick else (64, 512, 10)
     attns = ["sdpa", "flex_attention"] + (["flash_attention_2"] if "flash_attention_2" in backends() else [])
     for attn in [] if args.encode_only else attns:
-        for dtype in ([torch.bfloat16] if args.device == "cuda" else [torch.float32]):
+        for dtype in [resolve_compute_dtype("auto", args.device)]:  # bf16 on CUDA with bf16, float32 elsewhere
             try:
                 throughput(args.device, dtype, attn, batch, seq_len, repeats)
             except Exception as exc:

@@ -18,7 +18,7 @@ a short warm-up); trained rows add their training command, wall time and tokens/
 Rows are merged into WORKDIR/results.json, so a table can be assembled across runs (--stages, --reuse).
 
     python benchmarks/sts_quality.py --stages minilm,causal,bidirectional     # ~2 minutes on 2 quiet cores
-    python benchmarks/sts_quality.py --stages mntp,simcse,supervised --mntp-args "--max-steps 300 --bf16"
+    python benchmarks/sts_quality.py --stages mntp,simcse,supervised --mntp-args "--max-steps 300 --dtype auto"
     python benchmarks/sts_quality.py --stages simcse --reuse                  # reuse the MNTP adapter trained before
 """
 
@@ -42,10 +42,12 @@ from pathlib import Path
 # Training options per stage (--mntp-args, --simcse-args, --supervised-args override them): the runs in README's
 # table. No LoRA dropout (a third of a CPU step) and similar-length batches (far less padding) keep them within
 # 30 minutes each on 2 CPU cores; SimCSE's 64 x 2 views need gradient checkpointing to stay under 24 GB.
-MNTP_ARGS = "--epochs 1 --batch-size 32 --lr 2e-4 --lora-dropout 0 --bf16"
-SIMCSE_ARGS = ("--max-steps 160 --batch-size 64 --lr 1e-4 --lora-dropout 0 --group-by-length --bf16 "
+# `--dtype auto` trains in bfloat16 where the CPU has native bf16 (what README's rows ran as `--bf16`), in float32
+# elsewhere (emulated bf16 would be about 30x slower).
+MNTP_ARGS = "--epochs 1 --batch-size 32 --lr 2e-4 --lora-dropout 0 --dtype auto"
+SIMCSE_ARGS = ("--max-steps 160 --batch-size 64 --lr 1e-4 --lora-dropout 0 --group-by-length --dtype auto "
                "--gradient-checkpointing")
-SUPERVISED_ARGS = "--epochs 2 --batch-size 32 --lr 3e-4 --lora-dropout 0 --group-by-length --bf16 --loss cosent"
+SUPERVISED_ARGS = "--epochs 2 --batch-size 32 --lr 3e-4 --lora-dropout 0 --group-by-length --dtype auto --loss cosent"
 
 STAGES = ("minilm", "causal", "bidirectional", "mntp", "simcse", "supervised")
 ROW_LABELS = {
@@ -157,7 +159,7 @@ def minilm_encoder(cache_dir: Path) -> tuple[TimedEncoder, dict]:
 
 def _smollm2_weights(base) -> dict:
     """The base's tensors under `LlamaModel` / `LlamaEncoderModel` names (no `model.` prefix, no LM head)."""
-    from llama_encoder.conversion_scripts.streaming import normalize_base_key
+    from llama_encoder.weights.names import normalize_base_key
 
     named = ((normalize_base_key(key), tensor) for key, tensor in base.state_dict.items())
     return {name: tensor for name, tensor in named if name is not None}
@@ -221,11 +223,11 @@ def bidirectional_encoder(base) -> tuple[TimedEncoder, dict]:
     import torch
 
     from llama_encoder.conversion_scripts.checkpoint import resolve_max_seq_length
-    from llama_encoder.conversion_scripts.convert import encoder_config
     from llama_encoder.encoding.encode import Encoder
     from llama_encoder.modeling_llama_encoder import LlamaEncoderModel
+    from llama_encoder.weights.encoder import encoder_config
 
-    config = encoder_config(base, "mean", {}, torch.float32, None)
+    config = encoder_config(base.config, pooling_mode="mean", dtype=torch.float32)
     config._attn_implementation = "sdpa"
     model = LlamaEncoderModel(config)
     model.load_state_dict(_smollm2_weights(base), strict=True)
@@ -519,8 +521,8 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from llama_encoder.atomic import atomic_file
-    from llama_encoder.conversion_scripts.base_model import default_cache_dir, resolve_base
-    from llama_encoder.encoding.evaluate import read_sts
+    from llama_encoder.readers import read_sts
+    from llama_encoder.weights.base_model import default_cache_dir, resolve_base
 
     torch.set_num_threads(args.threads)
     cache = default_cache_dir()
@@ -547,6 +549,11 @@ def run(args: argparse.Namespace) -> None:
 
     results_file = workdir / "results.json"
     results = load_results(results_file)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from host import host_info, host_line
+
+    host = host_info()  # per row: rows merge across runs, which may run on different hosts
+    print(host_line(host), flush=True)
     base = None
     last_untrained = max((args.stages.index(s) for s in ("causal", "bidirectional") if s in args.stages), default=-1)
     for index, stage in enumerate(args.stages):
@@ -568,7 +575,7 @@ def run(args: argparse.Namespace) -> None:
             encoder, about = checkpoint_encoder(path)
         row = {"row": ROW_LABELS[stage], **measure(encoder, dev_pairs), **about, "threads": args.threads,
                "dtype": "float32", "device": "cpu", "sts_dev": str(dev_file.resolve()),
-               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": host}
         if training is not None:
             row["training"] = training
             row["convert_command"] = convert_command
@@ -579,6 +586,8 @@ def run(args: argparse.Namespace) -> None:
 
     print(f"\nSTS Benchmark dev ({len(dev_pairs)} pairs), Spearman and Pearson x100; rows from {results_file}:\n")
     print(markdown_table(results["rows"]))
+    hosts = sorted({host_line(row["host"]) for row in results["rows"].values() if row.get("host")})
+    print("\n" + "\n".join(hosts) if hosts else "\n(host not recorded for these rows)")
     if "minilm" not in results["rows"]:
         print("\n(no all-MiniLM-L6-v2 row yet: run --stages minilm for the ratios)")
     commands = [(row["row"], row["training"]["command"]) for row in results["rows"].values() if row.get("training")]

@@ -13,6 +13,10 @@ within 0.3 points.
 
     python benchmarks/throughput.py --sts-dir ../shared/data/stsbenchmark          # ~15 minutes on 2 cores
     python benchmarks/throughput.py --sts-dir ... --sentences 300 --threads 2     # a quicker look
+
+The host line (CPU, ISA flags, torch's kernels, native bf16, ISA caps, versions) is printed before the table and
+stored with --json. On a CPU without native bf16 the bf16 rows are skipped (torch would emulate bf16, about 30x
+slower) unless --allow-slow-dtype asks to measure exactly that.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ DOC_LENGTHS = (16, 32, 64, 128, 256, 512, 1024)
 def _texts(args) -> dict[str, list[str]]:
     from transformers import AutoTokenizer
 
-    from llama_encoder.encoding.evaluate import read_sts
+    from llama_encoder.readers import read_sts
 
     pairs = read_sts(Path(args.sts_dir) / "sts-dev.csv")
     sentences = list(dict.fromkeys(s for a, b, _ in pairs for s in (a, b)))
@@ -57,7 +61,8 @@ def _worker(args) -> None:
     texts = json.loads(Path(args.texts_file).read_text())[args.worker_set]
     from llama_encoder.encoding.encode import Encoder
 
-    encoder = Encoder.from_pretrained(args.checkpoint, device="cpu", dtype=str(dtype).removeprefix("torch."))
+    encoder = Encoder.from_pretrained(args.checkpoint, device="cpu", dtype=str(dtype).removeprefix("torch."),
+                                      allow_slow_dtype=args.allow_slow_dtype)
     from llama_encoder.modeling_llama_encoder import tokenize_for_encoder
 
     rows = tokenize_for_encoder(encoder.tokenizer, texts, padding=False, return_tensors=None)["input_ids"]
@@ -111,6 +116,8 @@ def _measure(args, texts_file: Path, method: str, dtype: str, threads: int, text
                "--worker-set", text_set, "--texts-file", str(texts_file), "--st-batch-size", str(args.st_batch_size)]
     if args.warmup:
         command.append("--warmup")
+    if args.allow_slow_dtype:
+        command.append("--allow-slow-dtype")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
@@ -143,11 +150,12 @@ def _spearman(args, dtype: str) -> float:
     code = (
         "import json, torch; torch.set_num_threads({t})\n"
         "from llama_encoder.encoding.encode import Encoder\n"
-        "from llama_encoder.encoding.evaluate import evaluate_sts, read_sts\n"
-        "e = Encoder.from_pretrained({c!r}, device='cpu', dtype={d!r})\n"
+        "from llama_encoder.encoding.evaluate import evaluate_sts\n"
+        "from llama_encoder.readers import read_sts\n"
+        "e = Encoder.from_pretrained({c!r}, device='cpu', dtype={d!r}, allow_slow_dtype={a!r})\n"
         "print(json.dumps(evaluate_sts(e, read_sts({p!r}))))"
     ).format(t=max(args.threads), c=args.checkpoint, d={"fp32": "float32", "bf16": "bfloat16"}[dtype],
-             p=str(Path(args.sts_dir) / "sts-dev.csv"))
+             a=args.allow_slow_dtype, p=str(Path(args.sts_dir) / "sts-dev.csv"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
@@ -173,6 +181,9 @@ def main() -> int:
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="run each measurement once untimed first (default: yes)")
     parser.add_argument("--no-spearman", action="store_true", help="skip the fp32 vs bf16 STS dev Spearman check")
+    parser.add_argument("--allow-slow-dtype", action="store_true",
+                        help="measure bf16 even on a CPU without native bf16 (emulated, about 30x slower)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every figure and the host here")
     for hidden in ("--worker-method", "--worker-dtype", "--worker-set", "--texts-file"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
     parser.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
@@ -182,13 +193,22 @@ def main() -> int:
         return 0
 
     if args.checkpoint is None:
-        from llama_encoder.conversion_scripts.base_model import default_cache_dir
         from llama_encoder.conversion_scripts.convert import convert
+        from llama_encoder.weights.base_model import default_cache_dir
 
         path = default_cache_dir() / "bench-smollm2-encoder"
         if not path.exists():
             convert(out=path)
         args.checkpoint = str(path)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from host import host_info, host_line
+
+    host = host_info()
+    print(host_line(host))
+    if "bf16" in args.dtypes and not host["native_bf16"] and not args.allow_slow_dtype:
+        print(f"skipping bf16: no native bf16 on this CPU ({host['native_bf16_detail']}); pass --allow-slow-dtype to "
+              "measure the emulated bf16 anyway")
+        args.dtypes = [dtype for dtype in args.dtypes if dtype != "bf16"]
     config = json.loads((Path(args.checkpoint) / "config.json").read_text())
     texts_file = Path(args.checkpoint).parent / f".throughput-texts-{os.getpid()}.json"
     texts_file.write_text(json.dumps(_texts(args)))
@@ -196,7 +216,7 @@ def main() -> int:
         print(f"checkpoint {args.checkpoint}; {os.cpu_count()} CPUs; batch tokens {args.batch_tokens}")
         print(f"{'set':<10}{'dtype':<6}{'thr':>4} {'method':<7}{'tokens/s':>10}{'texts/s':>9}{'vs floor':>9}"
               f"{'GFLOP/s':>9}{'% peak':>8}{'RSS MiB':>9}")
-        summary = {}
+        summary, records, spearman = {}, [], {}
         for threads in args.threads:
             for dtype in args.dtypes:
                 peak = _matmul_peak({"fp32": "float32", "bf16": "bfloat16"}[dtype], threads)
@@ -209,6 +229,10 @@ def main() -> int:
                         floor = tps if method == "floor" else floor
                         ratio = f"{tps / floor:.3f}x" if floor else "-"
                         summary[(text_set, dtype, threads, method)] = tps
+                        records.append({"set": text_set, "dtype": dtype, "threads": threads, "method": method,
+                                        "tokens_per_second": tps, "vs_floor": tps / floor if floor else None,
+                                        "gflops": gflops, "matmul_peak_gflops": peak,
+                                        **{key: value for key, value in m.items() if key != "row_lengths"}})
                         print(f"{text_set:<10}{dtype:<6}{threads:>4} {method:<7}{tps:>10.0f}"
                               f"{m['texts'] / m['seconds']:>9.1f}{ratio:>9}{gflops:>9.1f}{100 * gflops / peak:>7.1f}%"
                               f"{m['peak_rss_mib']:>9.0f}", flush=True)
@@ -221,7 +245,13 @@ def main() -> int:
                     print(f"bf16 / fp32 encode speed, {text_set}, {threads} thread(s): {bf16 / fp32:.2f}x")
         if not args.no_spearman and set(args.dtypes) == {"fp32", "bf16"}:
             fp32, bf16 = _spearman(args, "fp32"), _spearman(args, "bf16")
+            spearman = {"fp32": fp32, "bf16": bf16}
             print(f"STS dev Spearman x100: fp32 {fp32:.2f}, bf16 {bf16:.2f}, difference {bf16 - fp32:+.2f}")
+        if args.json:
+            args.json.write_text(json.dumps({"benchmark": "throughput", "checkpoint": args.checkpoint,
+                                             "batch_tokens": args.batch_tokens, "rows": records,
+                                             "sts_dev_spearman": spearman, "host": host}, indent=2) + "\n")
+            print(f"wrote {args.json}")
     finally:
         texts_file.unlink(missing_ok=True)
     return 0

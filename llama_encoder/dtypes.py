@@ -91,7 +91,8 @@ def half_support(dtype: torch.dtype, device: str | torch.device = "cpu") -> Half
         native = bool(units) and onednn
         missing = "AVX512_BF16 or AMX-BF16"
     elif dtype == torch.float16:
-        units = [label for key, label in (("avx512_fp16", "AVX512_FP16"), ("amx_fp16", "AMX-FP16")) if features.get(key)]
+        units = [label for key, label in (("avx512_fp16", "AVX512_FP16"), ("amx_fp16", "AMX-FP16"))
+                 if features.get(key)]
         onednn = _onednn_fp16()
         native = bool(units) and onednn
         missing = "AVX512_FP16 or AMX-FP16"

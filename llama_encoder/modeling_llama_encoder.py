@@ -148,9 +148,9 @@ class LatentAttentionPooling(nn.Module):
         super().__init__()
         hidden = config.hidden_size
         self.num_heads = config.latent_attention_num_heads
-        self.head_dim = config.latent_attention_head_dim or hidden // self.num_heads
+        self.head_dim = config.latent_head_dim
         inner = self.num_heads * self.head_dim
-        mlp_dim = config.latent_attention_mlp_dim or 4 * hidden
+        mlp_dim = config.latent_mlp_dim
 
         self.latents = nn.Parameter(torch.empty(config.latent_attention_num_latents, hidden))
         self.query_norm = nn.LayerNorm(hidden)

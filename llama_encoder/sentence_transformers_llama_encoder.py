@@ -26,6 +26,19 @@ class LlamaEncoderTransformer(Transformer):
 
     config_keys: list[str] = [*Transformer.config_keys, "max_seq_length"]
 
+    @staticmethod
+    def checkpoint_config(max_seq_length: int) -> dict[str, Any]:
+        """The `sentence_bert_config.json` a checkpoint ships for this module: the text modality pinned to the plain
+        forward path (no chat template), the encoder's `pooler_output` as the sentence embedding, no unpadding, and
+        the truncation length. `get_config_dict()` gives the same dict once the module is loaded."""
+        return {
+            "transformer_task": "feature-extraction",
+            "modality_config": {"text": {"method": "forward", "method_output_name": "pooler_output"}},
+            "module_output_name": "sentence_embedding",
+            "unpad_inputs": False,
+            "max_seq_length": max_seq_length,
+        }
+
     def preprocess(
         self,
         inputs: Sequence[str],

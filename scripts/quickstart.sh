@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model: convert SmolLM2-135M-Instruct into a bidirectional encoder
-# checkpoint (verified on write), then load it back with AutoModel and SentenceTransformer and compare sentences.
+# checkpoint with the shipped MNTP + supervised adapters merged (verified on write), then load it back with AutoModel and SentenceTransformer and compare sentences.
 # Usage: bash scripts/quickstart.sh [OUTPUT_DIR]   (default: smollm2-encoder; replaced if it exists)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,3 +8,10 @@ out="${1:-smollm2-encoder}"
 bash scripts/setup_env.sh .venv
 .venv/bin/llama-encoder convert --out "$out" --overwrite
 .venv/bin/python examples/compare_sentences.py "$out"
+# What the training bought: STS Benchmark dev (needs the data; the rest of the quickstart does not).
+sts_dev="${LLAMA_ENCODER_STS_DEV:-../shared/data/stsbenchmark/sts-dev.csv}"
+if [ -f "$sts_dev" ]; then
+    .venv/bin/python examples/sts_dev_score.py "$out" "$sts_dev"
+else
+    echo "STS Benchmark dev not found at $sts_dev (set LLAMA_ENCODER_STS_DEV to score the checkpoint)"
+fi

@@ -1,7 +1,36 @@
 """Shared pytest setup."""
 
+import os
+
 import pytest
 import torch
+
+CPU_CAP_VARIABLE = "LLAMA_ENCODER_TEST_CPU_CAP"
+"""Set by scripts/test.sh for the run with the CPU kernels capped (AVX2): the run stops unless the cap holds."""
+
+
+def pytest_configure(config):
+    """Under the capped run, check that torch really runs AVX2 kernels without native bfloat16: an environment
+    variable torch stopped honouring would otherwise make the run a silent copy of the uncapped one."""
+    if os.environ.get(CPU_CAP_VARIABLE) is None:
+        return
+    from llama_encoder.dtypes import half_support
+
+    wanted = os.environ[CPU_CAP_VARIABLE].upper()
+    capability = torch.backends.cpu.get_cpu_capability()
+    bfloat16 = half_support(torch.bfloat16, "cpu")
+    problems = []
+    if capability != wanted:
+        problems.append(f"torch's CPU capability is {capability}, not {wanted} (ATEN_CPU_CAPABILITY="
+                        f"{os.environ.get('ATEN_CPU_CAPABILITY')!r}; a CPU without {wanted} cannot run this check)")
+    if bfloat16.native:
+        problems.append(f"bfloat16 is still native ({bfloat16.detail}; ONEDNN_MAX_CPU_ISA="
+                        f"{os.environ.get('ONEDNN_MAX_CPU_ISA')!r})")
+    if os.environ.get("MKL_ENABLE_INSTRUCTIONS", "").upper() != wanted:
+        problems.append(f"MKL_ENABLE_INSTRUCTIONS is {os.environ.get('MKL_ENABLE_INSTRUCTIONS')!r}, not {wanted}")
+    if problems:
+        raise pytest.UsageError(f"{CPU_CAP_VARIABLE}={wanted} but the kernels are not capped: " + "; ".join(problems)
+                                + ". Run it through scripts/test.sh, which sets the caps.")
 
 
 @pytest.fixture(autouse=True)

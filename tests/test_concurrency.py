@@ -23,7 +23,7 @@ WORDS = "the cat sat on the mat a dog ran in the park plants make sugar from lig
 
 @pytest.fixture(scope="module")
 def encoder(tiny_checkpoint) -> Encoder:
-    return Encoder.from_pretrained(tiny_checkpoint, device="cpu")
+    return Encoder.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
 
 
 def _jobs(count: int, seed: int = 0) -> list[dict]:
@@ -95,7 +95,7 @@ CHILD = textwrap.dedent(
     import numpy as np
     from llama_encoder.encoding import Encoder
     from tests.test_concurrency import DETERMINISM_TEXTS
-    encoder = Encoder.from_pretrained(sys.argv[1], device="cpu")
+    encoder = Encoder.from_pretrained(sys.argv[1], device="cpu", dtype="float32")
     np.save(sys.argv[2], encoder.encode(DETERMINISM_TEXTS, batch_tokens=200, show_progress=False))
     """
 )

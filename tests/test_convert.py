@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,14 +18,17 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from llama_encoder import LlamaEncoderModel
-from llama_encoder.atomic import OutputExistsError
 from llama_encoder.cli import build_parser
 from llama_encoder.cli import main as cli_main
 from llama_encoder.conversion_scripts import convert as convert_module
 from llama_encoder.conversion_scripts.convert import convert, parse_size
-from llama_encoder.conversion_scripts.verify import VerificationError
-from tests.test_lora_merge import peft_merged_state, save_lora_adapter
-from tests.tiny import TINY_LATENTS, TINY_LLAMA, save_tiny_base
+from llama_encoder.errors import OutputExistsError, VerificationError
+from llama_encoder.weights import merge as merge_module
+from llama_encoder.weights import streaming
+from llama_encoder.weights.lora import read_adapter
+from tests.numeric import assert_equal_up_to_summation_order, encoder_terms
+from tests.test_lora_merge import assert_state_matches_peft, peft_merged_state, save_lora_adapter
+from tests.tiny import TINY_CORPUS, TINY_LATENTS, TINY_LLAMA, save_tiny_base, tiny_bpe_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,8 +64,9 @@ def test_stacked_adapters_convert_to_peft_merge_and_verify(tiny_base, two_adapte
     assert out == (tmp_path / "encoder").absolute()
     assert (out / "model.safetensors.index.json").is_file()  # small shard size: sharded output
     model = LlamaEncoderModel.from_pretrained(out).eval()
-    for name, tensor in expected_state.items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, atol=1e-5, rtol=1e-5)
+    base_state = LlamaForCausalLM.from_pretrained(tiny_base).state_dict()
+    assert_state_matches_peft(model.state_dict(), expected_state, base_state, [read_adapter(mntp),
+                                                                               read_adapter(supervised)])
 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama_encoder" and config["is_causal"] is False
@@ -82,9 +88,10 @@ def test_stacked_adapters_convert_to_peft_merge_and_verify(tiny_base, two_adapte
     stock = LlamaModel(LlamaConfig(**{**TINY_LLAMA, "vocab_size": model.config.vocab_size})).eval()
     stock.load_state_dict(expected_state)
     ids = torch.randint(3, model.config.vocab_size, (2, 7))
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).last_hidden_state,
-                                   stock(input_ids=ids, is_causal=False).last_hidden_state, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # our float32 merge vs peft's moves the weights by rounding errors only
+        assert_equal_up_to_summation_order(model(input_ids=ids).last_hidden_state,
+                                           stock(input_ids=ids, is_causal=False).last_hidden_state,
+                                           terms=encoder_terms(model, 7, pooled=False))
 
 
 @pytest.mark.parametrize("pooling", ["mean", "eos", "bos"])
@@ -112,8 +119,8 @@ def test_latent_attention_head_from_training_is_carried_over(tiny_base, two_adap
     assert result.pooling_mode == "latent_attention"
     model = LlamaEncoderModel.from_pretrained(result.out_dir)
     assert model.config.latent_attention_head_dim == 16
-    for name, tensor in head.items():
-        torch.testing.assert_close(model.state_dict()[name], tensor)
+    for name, tensor in head.items():  # carried over from the file: bit for bit
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=0)
 
     with pytest.raises(ValueError, match="trained with pooling 'latent_attention' but --pooling 'mean'"):
         convert(out=tmp_path / "other", base=str(tiny_base), adapters=[adapter], pooling="mean")
@@ -161,6 +168,92 @@ def test_verification_mismatch_fails_and_leaves_nothing(tiny_base, tmp_path, mon
     with pytest.raises(VerificationError):
         convert(out=tmp_path / "encoder", base=str(tiny_base))
     assert not (tmp_path / "encoder").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("fault", ["rows-reversed", "adapter-skipped"])
+def test_a_bad_shard_write_or_merge_fails_verification(fault, tiny_base, two_adapters, tmp_path, monkeypatch):
+    """The reference is merged again from the sources, without the shard writer: what the writer gets wrong in the
+    shards (a matrix stored with its rows reversed, an adapter left out of the merge) no longer verifies."""
+    mntp, supervised, _ = two_adapters
+    real_write, real_write_shards = streaming._write_tensor, merge_module.write_shards
+    faults = []
+
+    def reversed_rows(handle, tensor):
+        if tensor.dim() == 2 and not faults:
+            faults.append(tuple(tensor.shape))
+            tensor = tensor.flip(0)
+        real_write(handle, tensor)
+
+    def without_the_last_adapter(source, out_dir, *, transform=None, **kwargs):
+        faults.append("merge")
+        transform.adapters = transform.adapters[:-1]
+        transform.applied = transform.applied[:-1]
+        return real_write_shards(source, out_dir, transform=transform, **kwargs)
+
+    if fault == "rows-reversed":
+        monkeypatch.setattr(streaming, "_write_tensor", reversed_rows)
+    else:
+        monkeypatch.setattr(merge_module, "write_shards", without_the_last_adapter)
+    with pytest.raises(VerificationError, match="weights_vs_reference: .*differs by up to"):
+        convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[mntp, supervised])
+    assert faults and not (tmp_path / "encoder").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_the_card_and_manifest_say_what_was_compared(tiny_base, two_adapters, tmp_path):
+    mntp, supervised, _ = two_adapters
+    result = convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[mntp, supervised], dtype="bfloat16",
+                     shard_size="150KB")
+    manifest = json.loads((result.out_dir / "verification.json").read_text())
+    reference = manifest["reference"]
+    assert "merged a second time from their files" in reference and "rounded once to bfloat16" in reference
+    assert "without the shard writer" in reference
+    checks = {check["name"]: check for check in manifest["checks"]}
+    weights = checks["weights_vs_reference"]
+    assert weights["passed"] and weights["problems"] == []
+    # the sample: the embeddings, the final norm, every tensor of the first and last layer, ...
+    assert {"embed_tokens.weight", "norm.weight", "layers.0.self_attn.q_proj.weight",
+            "layers.1.mlp.down_proj.weight"} <= set(weights["tensors"])
+    assert len(result.weights["files"]) > 1 and weights["num_tensors_in_shards"] == result.weights["num_tensors"]
+    assert 0 < weights["max_abs_difference"] < 2**-8
+    for loader in ("automodel", "sentence_transformers"):
+        assert checks[f"{loader}_vs_reference"]["passed"]
+    card = (result.out_dir / "README.md").read_text()
+    assert f"compared with each other and with {reference}." in card
+    assert f"{len(weights['tensors'])} of the {weights['num_tensors_in_shards']} tensors in the weight files" in card
+    assert "compared with the merged in-memory model" not in card
+
+
+def test_an_in_memory_base_is_freed_before_verification(tmp_path, monkeypatch):
+    """A base held as a state dict (GGUF, or pickled as here) is consumed by the reference merge: none of its
+    tensors is alive while the checkpoint is verified in a second process."""
+    base = tmp_path / "pickled"
+    tokenizer = tiny_bpe_tokenizer(TINY_CORPUS)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tokenizer)}))
+    model.config.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    torch.save(model.state_dict(), base / "pytorch_model.bin")
+    del model
+    tensors = []
+    real_resolve, real_verify = convert_module.resolve_base, convert_module.verify_checkpoint
+
+    def resolve(**kwargs):
+        source = real_resolve(**kwargs)
+        tensors.extend(weakref.ref(tensor) for tensor in source.state_dict.values())
+        return source
+
+    alive = []
+
+    def verify(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in tensors))
+        return real_verify(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "resolve_base", resolve)
+    monkeypatch.setattr(convert_module, "verify_checkpoint", verify)
+    result = convert(out=tmp_path / "encoder", base=str(base), allow_pickle=True)
+    assert result.verification["passed"]
+    assert len(tensors) > 10 and alive == [0]
 
 
 def test_adapter_for_another_base_is_refused_before_writing(tiny_base, tmp_path):

@@ -14,6 +14,7 @@ from sentence_transformers import SentenceTransformer
 
 from llama_encoder.encoding import Encoder, MTEBModel, length_sorted_batches
 from llama_encoder.modeling_llama_encoder import tokenize_for_encoder
+from tests.numeric import assert_equal_up_to_summation_order, encoder_terms
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -29,7 +30,14 @@ INSTRUCTION = "Find the animal"
 
 @pytest.fixture(scope="module")
 def encoder(tiny_checkpoint) -> Encoder:
-    return Encoder.from_pretrained(tiny_checkpoint, device="cpu")
+    return Encoder.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
+
+
+def _same(got, expected, encoder: Encoder, what: str = "") -> None:
+    """Equal up to the summation order of the forward pass and pooling over the longest input here (with the
+    instruction prompt): batching, padding and length-sorting reorder the sums and change nothing else."""
+    longest = max(len(encoder.tokenizer(f"Instruct: {INSTRUCTION}\nQuery: {text}")["input_ids"]) for text in TEXTS)
+    assert_equal_up_to_summation_order(got, expected, terms=encoder_terms(encoder.model, longest), what=what)
 
 
 def _one_at_a_time(encoder: Encoder, texts, prompt: str = "") -> np.ndarray:
@@ -46,7 +54,7 @@ def _one_at_a_time(encoder: Encoder, texts, prompt: str = "") -> np.ndarray:
 def test_token_budget_batching_equals_one_at_a_time(encoder, batch_tokens):
     got = encoder.encode(TEXTS, batch_tokens=batch_tokens, show_progress=False)
     assert got.dtype == np.float32 and got.shape == (len(TEXTS), encoder.dimension)
-    np.testing.assert_allclose(got, _one_at_a_time(encoder, TEXTS), atol=1e-5)
+    _same(got, _one_at_a_time(encoder, TEXTS), encoder)
 
 
 def test_order_is_preserved_whatever_the_input_order(encoder):
@@ -54,7 +62,7 @@ def test_order_is_preserved_whatever_the_input_order(encoder):
     shuffled = TEXTS[:]
     random.Random(3).shuffle(shuffled)
     for text, embedding in zip(shuffled, encoder.encode(shuffled, batch_tokens=40), strict=True):
-        np.testing.assert_allclose(embedding, reference[text], atol=1e-5)
+        _same(embedding, reference[text], encoder, text)
 
 
 @pytest.mark.parametrize(("budget", "rows", "padding"), [(14, 3, 0.9), (40, 8, 0.25), (1000, 100, 0.5), (1, 1, 0.0)])
@@ -74,9 +82,9 @@ def test_length_sorted_batches_respect_budget_rows_and_padding(budget, rows, pad
 def test_instruction_pairs_equal_the_template_prompt_and_are_not_pooled(encoder):
     prompt = f"Instruct: {INSTRUCTION}\nQuery: "
     pairs = encoder.encode([(INSTRUCTION, t) for t in TEXTS[:3]])
-    np.testing.assert_allclose(pairs, encoder.encode(TEXTS[:3], prompt=prompt), atol=1e-6)
-    np.testing.assert_allclose(pairs, encoder.encode(TEXTS[:3], instruction=INSTRUCTION), atol=1e-6)
-    np.testing.assert_allclose(pairs, _one_at_a_time(encoder, TEXTS[:3], prompt), atol=1e-5)
+    _same(pairs, encoder.encode(TEXTS[:3], prompt=prompt), encoder, "prompt")
+    _same(pairs, encoder.encode(TEXTS[:3], instruction=INSTRUCTION), encoder, "instruction")
+    _same(pairs, _one_at_a_time(encoder, TEXTS[:3], prompt), encoder, "one at a time")
     plain = encoder.encode(TEXTS[:3])
     assert np.abs(pairs - plain).max() > 1e-3  # attended: the instruction changes the text's states
 
@@ -84,23 +92,28 @@ def test_instruction_pairs_equal_the_template_prompt_and_are_not_pooled(encoder)
 def test_a_batch_mixing_pairs_and_texts_equals_each_group_alone(encoder):
     mixed = [TEXTS[0], (INSTRUCTION, TEXTS[1]), TEXTS[2], (INSTRUCTION, TEXTS[3])]
     got = encoder.encode(mixed)
-    np.testing.assert_allclose(got[[0, 2]], encoder.encode([TEXTS[0], TEXTS[2]]), atol=1e-5)
-    np.testing.assert_allclose(got[[1, 3]], encoder.encode([TEXTS[1], TEXTS[3]], instruction=INSTRUCTION), atol=1e-5)
+    _same(got[[0, 2]], encoder.encode([TEXTS[0], TEXTS[2]]), encoder, "texts")
+    _same(got[[1, 3]], encoder.encode([TEXTS[1], TEXTS[3]], instruction=INSTRUCTION), encoder, "pairs")
 
 
 def test_sentence_transformers_and_encode_agree(encoder, tiny_checkpoint):
     st = SentenceTransformer(str(tiny_checkpoint), trust_remote_code=True, device="cpu")
-    np.testing.assert_allclose(st.encode(TEXTS), encoder.encode(TEXTS), atol=1e-5)
-    np.testing.assert_allclose(st.encode(TEXTS, prompt_name="query"), encoder.encode_queries(TEXTS), atol=1e-5)
+    _same(st.encode(TEXTS), encoder.encode(TEXTS), encoder, "documents")
+    _same(st.encode(TEXTS, prompt_name="query"), encoder.encode_queries(TEXTS), encoder, "queries")
     np.testing.assert_allclose(encoder.encode(TEXTS, prompt_name="query"), encoder.encode_queries(TEXTS), atol=0)
 
 
 def test_bfloat16_is_close_to_float32(tiny_checkpoint, encoder):
-    bf16 = Encoder.from_pretrained(tiny_checkpoint, device="cpu", dtype="bfloat16")
+    # allow_slow_dtype: on a CPU without native bfloat16 this tiny model is still quick in emulated bfloat16
+    bf16 = Encoder.from_pretrained(tiny_checkpoint, device="cpu", dtype="bfloat16", allow_slow_dtype=True)
     assert bf16.model.dtype == torch.bfloat16
     a, b = encoder.encode(TEXTS), bf16.encode(TEXTS)
-    cosine = (a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cosine.min() > 0.99 and b.dtype == np.float32
+    assert b.dtype == np.float32
+    # Not a reordering but a rounding to bfloat16 (eps 2**-7) at every step the activations take: per layer two
+    # RMSNorms, q/k/v, attention, o_proj, gate, up, their product, down and two residual sums (12), then the final
+    # norm, the pooling and the normalisation; each moves the result by at most eps of the tensor's scale.
+    roundings = 12 * encoder.model.config.num_hidden_layers + 3
+    assert_equal_up_to_summation_order(b, a, terms=roundings, dtype=torch.bfloat16, what="bfloat16 vs float32")
 
 
 def test_truncation_warns_once_with_the_count(encoder, caplog):
@@ -115,7 +128,8 @@ def test_outputs_and_empty_input(encoder):
     as_torch = encoder.encode(TEXTS[:2], convert_to="torch")
     assert isinstance(as_torch, torch.Tensor) and as_torch.dtype == torch.float32
     np.testing.assert_allclose(as_torch.numpy(), encoder.encode(TEXTS[:2]), atol=0)
-    np.testing.assert_allclose(np.linalg.norm(as_torch.numpy(), axis=1), 1.0, atol=1e-5)
+    assert_equal_up_to_summation_order(np.linalg.norm(as_torch.numpy(), axis=1), np.ones(2),
+                                       terms=2 * (encoder.dimension + 2), dtype=torch.float32, what="unit norm")
     assert encoder.encode([]).shape == (0, encoder.dimension)
 
 
@@ -197,4 +211,4 @@ def test_mteb_batch_size_caps_rows_per_forward_call(encoder, monkeypatch):
     rows.clear()
     got = MTEBModel(encoder).encode(same_length, batch_size=2)
     assert rows == [2, 2, 1]
-    np.testing.assert_allclose(got, _one_at_a_time(encoder, same_length), atol=1e-5)
+    _same(got, _one_at_a_time(encoder, same_length), encoder)

@@ -17,11 +17,11 @@ from llama_encoder.encoding.evaluate import (
     ndcg_at_k,
     pearson,
     read_retrieval,
-    read_sts,
     recall_at_k,
     spearman,
     top_k,
 )
+from llama_encoder.readers import read_sts
 
 
 class FakeEncoder:

@@ -12,12 +12,14 @@ from peft import IA3Config, LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from llama_encoder.conversion_scripts.lora import (
+from llama_encoder.weights.lora import (
     LoraAdapter,
+    LoraModule,
     merge_lora_delta,
     read_adapter,
     validate_adapter_against,
 )
+from tests.numeric import assert_within_rounding_steps, lora_merge_error, round_to
 from tests.tiny import TINY_LATENTS, TINY_LLAMA
 
 
@@ -50,6 +52,24 @@ def peft_merged_state(peft_model) -> dict[str, torch.Tensor]:
     }
 
 
+def assert_matches_peft(ours: torch.Tensor, peft: torch.Tensor, weight: torch.Tensor, adapters, name: str) -> None:
+    """Our float32 merge of `adapters` into `weight` and peft's each lie within lora_merge_error of the exact sum,
+    so within twice that of each other (exactly equal where no adapter targets `name`). When `ours` was then cast
+    to a lower precision, it must be the rounding of a value within that distance of peft's."""
+    modules = [adapter.modules[name] for adapter in adapters if name in adapter.modules]
+    error = 2 * lora_merge_error(weight, modules)
+    assert_within_rounding_steps(ours, peft, steps=0, error=error, what=name)
+
+
+def assert_state_matches_peft(state: dict, expected: dict, base_state: dict, adapters) -> None:
+    """Every tensor of `expected` (peft's float32 merge of `adapters` into `base_state`, encoder names) in `state`,
+    as far as float32 merging allows (assert_matches_peft): exact where no adapter targets it or it is not in the
+    base (a pooling head). `base_state` may use the causal LM's names (`model.` prefix)."""
+    weights = {key.removeprefix("model."): value for key, value in base_state.items()}
+    for name, tensor in expected.items():
+        assert_matches_peft(state[name], tensor, weights.get(name, tensor), adapters, name)
+
+
 def _weight_shapes(model) -> dict[str, tuple[int, ...]]:
     return {key.removeprefix("model."): tuple(value.shape) for key, value in model.state_dict().items()}
 
@@ -67,11 +87,15 @@ def test_merge_lora_delta_matches_hand_computation():
         for i in range(3)
     ]
     merged = merge_lora_delta(weight, lora_a, lora_b, 0.75)
-    torch.testing.assert_close(merged, torch.tensor(expected), rtol=0, atol=1e-6)
+    # float32 addmm: within (r + 4) * 2**-24 of the magnitudes of the exact value (Python's float64 sums above err
+    # by ~2**-52, far inside that)
+    error = lora_merge_error(weight, [LoraModule(lora_a, lora_b, 0.75)])
+    assert_within_rounding_steps(merged, expected, steps=0, error=error, what="merge")
     assert not torch.equal(merged, weight), "the input weight must not be changed in place"
 
     transposed = merge_lora_delta(weight.T.contiguous(), lora_a, lora_b, 0.75, fan_in_fan_out=True)
-    torch.testing.assert_close(transposed, torch.tensor(expected).T, rtol=0, atol=1e-6)
+    assert_within_rounding_steps(transposed, torch.tensor(expected, dtype=torch.float64).T, steps=0, error=error.T,
+                                 what="fan_in_fan_out merge")
 
 
 def test_merge_lora_delta_keeps_dtype_and_adds_in_float32():
@@ -81,13 +105,19 @@ def test_merge_lora_delta_keeps_dtype_and_adds_in_float32():
     lora_b = torch.randn(64, 256, generator=generator).bfloat16()
     merged = merge_lora_delta(weight, lora_a, lora_b, 0.01)
     assert merged.dtype == torch.bfloat16
-    exact = (weight.double() + 0.01 * (lora_b.double() @ lora_a.double())).bfloat16()
-    one_step = dict(rtol=2**-8, atol=0)  # one bfloat16 rounding step
-    torch.testing.assert_close(merged, exact, **one_step)
+    # bfloat16 products are exact in float64; the float64 matmul's own rounding (r * 2**-53) is far below float32's
+    exact = weight.double() + 0.01 * (lora_b.double() @ lora_a.double())
+    # The float32 sum is within (r + 4) * 2**-24 of the magnitudes of the exact value, and rounding is monotonic:
+    # the result is the bfloat16 rounding of a value in that interval (one step from round(exact) at most, where
+    # the interval straddles a halfway point; any number of steps near zero, where steps are tiny).
+    error = lora_merge_error(weight, [LoraModule(lora_a, lora_b, 0.01)])
+    ambiguous = round_to(exact - error, torch.bfloat16) != round_to(exact + error, torch.bfloat16)
+    assert ambiguous.sum() < 0.1 * exact.numel()  # so the check pins 90% of the elements to round(exact) exactly
+    assert_within_rounding_steps(merged, exact, steps=0, error=error, what="float32 merge, one bfloat16 rounding")
     # The check above can fail: rounding the delta to bfloat16 before adding lands further away.
     in_bfloat16 = weight + ((lora_b @ lora_a) * 0.01).bfloat16()
-    with pytest.raises(AssertionError):
-        torch.testing.assert_close(in_bfloat16, exact, **one_step)
+    with pytest.raises(AssertionError, match="rounding steps"):
+        assert_within_rounding_steps(in_bfloat16, exact, steps=0, error=error)
 
 
 def test_merge_lora_delta_refuses_mismatched_shapes():
@@ -119,7 +149,7 @@ def test_read_adapter_maps_causal_lm_keys_and_matches_peft_merge(tmp_path):
     for name, weight in base_state.items():
         if name.startswith("lm_head."):
             continue
-        torch.testing.assert_close(adapter.merge_into(name, weight), merged[name], rtol=0, atol=1e-5)
+        assert_matches_peft(adapter.merge_into(name, weight), merged[name], weight, [adapter], name)
     assert not torch.allclose(
         merged["layers.0.self_attn.q_proj.weight"], base_state["layers.0.self_attn.q_proj.weight"]
     )
@@ -143,7 +173,7 @@ def test_read_adapter_llm2vec_layout_on_base_model(tmp_path):
     assert set(adapter.modules) == {"layers.0.self_attn.k_proj.weight", "layers.1.self_attn.k_proj.weight"}
     merged = peft_merged_state(peft_model)
     name = "layers.1.self_attn.k_proj.weight"
-    torch.testing.assert_close(adapter.merge_into(name, base_state[name]), merged[name], rtol=0, atol=1e-5)
+    assert_matches_peft(adapter.merge_into(name, base_state[name]), merged[name], base_state[name], [adapter], name)
 
 
 def test_rslora_with_rank_and_alpha_patterns_matches_peft(tmp_path):
@@ -167,7 +197,8 @@ def test_rslora_with_rank_and_alpha_patterns_matches_peft(tmp_path):
     assert adapter.modules["layers.0.self_attn.o_proj.weight"].scaling == pytest.approx(3 / math.sqrt(4))
     merged = peft_merged_state(peft_model)
     for name in adapter.modules:
-        torch.testing.assert_close(adapter.merge_into(name, base_state[name]), merged[name], rtol=0, atol=1e-5)
+        assert_matches_peft(adapter.merge_into(name, base_state[name]), merged[name], base_state[name], [adapter],
+                             name)
 
 
 def _write_lora(tmp_path: Path, name: str = "adapter", **lora_kwargs) -> Path:
@@ -211,7 +242,9 @@ def test_pickled_adapter_needs_allow_pickle(tmp_path):
     expected = dict(peft_model.named_parameters())[
         "base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight"
     ]
-    torch.testing.assert_close(adapter.modules["layers.1.self_attn.q_proj.weight"].lora_b, expected.detach())
+    # read back from the bytes peft wrote: no arithmetic, so bit for bit
+    torch.testing.assert_close(adapter.modules["layers.1.self_attn.q_proj.weight"].lora_b, expected.detach(), rtol=0,
+                               atol=0)
 
 
 def test_missing_weights_and_missing_pair_half_are_reported(tmp_path):
@@ -244,7 +277,8 @@ def test_pooling_head_and_config_are_read(tmp_path):
     (folder / "pooling_config.json").write_text(json.dumps(pooling_config))
     adapter = read_adapter(folder)
     assert adapter.pooling_config == pooling_config
-    torch.testing.assert_close(adapter.pooling_head["latent_attention.latents"], head["latent_attention.latents"])
+    torch.testing.assert_close(adapter.pooling_head["latent_attention.latents"], head["latent_attention.latents"],
+                               rtol=0, atol=0)  # read back from the file: bit for bit
 
     save_file({"lm_head.weight": torch.zeros(2, 2)}, folder / "pooling_head.safetensors")
     with pytest.raises(ValueError, match="only hold the latent-attention head.*lm_head.weight"):

@@ -12,12 +12,8 @@ import pytest
 from huggingface_hub import constants
 from safetensors.numpy import save_file
 
-from llama_encoder.conversion_scripts.push import (
-    PushError,
-    UnverifiedFolderError,
-    check_verified_folder,
-    push_folder,
-)
+from llama_encoder.conversion_scripts.push import check_verified_folder, push_folder
+from llama_encoder.errors import PushError, UnverifiedFolderError
 from tests.fake_hub import (  # noqa: F401 (fake_hub_fixture registers the `fake_hub` fixture)
     FakeHub,
     NetworkGuard,

@@ -25,11 +25,11 @@ import pytest
 from safetensors import safe_open
 
 from llama_encoder import atomic
-from llama_encoder.conversion_scripts import streaming
 from llama_encoder.conversion_scripts.convert import convert
 from llama_encoder.conversion_scripts.push import check_verified_folder
 from llama_encoder.encoding import Encoder
 from llama_encoder.encoding.embed import embed_corpus
+from llama_encoder.weights import streaming
 from tests.tiny import save_tiny_base
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,8 @@ HOOKS = textwrap.dedent(
 CONVERT_CHILD = HOOKS + textwrap.dedent(
     """
     from llama_encoder import atomic
-    from llama_encoder.conversion_scripts import convert as convert_module, streaming
+    from llama_encoder.conversion_scripts import convert as convert_module
+    from llama_encoder.weights import streaming
     out, base = sys.argv[3], sys.argv[4]
 
     written = []
@@ -184,7 +185,7 @@ EMBED_CHILD = HOOKS + textwrap.dedent(
     embed_module.atomic_file = atomic_file
 
     SHARDS = []
-    encoder = Encoder.from_pretrained(checkpoint, device="cpu")
+    encoder = Encoder.from_pretrained(checkpoint, device="cpu", dtype="float32")
     encode = encoder.encode
     def keep(texts, **kwargs):
         SHARDS.append(encode(texts, **kwargs))
@@ -198,7 +199,7 @@ EMBED_CHILD = HOOKS + textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def encoder(tiny_checkpoint) -> Encoder:
-    return Encoder.from_pretrained(tiny_checkpoint, device="cpu")
+    return Encoder.from_pretrained(tiny_checkpoint, device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

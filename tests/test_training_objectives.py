@@ -20,6 +20,7 @@ from llama_encoder.training.objectives import (
     mask_tokens,
     mntp_token_losses,
 )
+from tests.numeric import assert_equal_up_to_summation_order, encoder_terms
 from tests.tiny import TINY_CORPUS, tiny_bpe_tokenizer, tiny_encoder
 
 MASK_ID = 3
@@ -105,12 +106,15 @@ def test_mntp_predicts_token_i_from_the_state_at_i_minus_1():
     for b, i in [(0, 2), (0, 5), (1, 1)]:  # row-major order, as nonzero returns them
         logits = hidden[b, i - 1].double()
         expected.append(float(torch.logsumexp(logits, 0) - logits[labels[b, i]]))
-    np.testing.assert_allclose(losses.detach().double().numpy(), expected, rtol=1e-5)
-    # states that point at the label one position earlier give a near-zero loss; at the label's own position, not
+    # float32: the LM head's sums (vocab terms), then log-sum-exp over the vocabulary (vocab terms, max, log, minus)
+    assert_equal_up_to_summation_order(losses, expected, terms=2 * vocab + 4)
+    # states that point at the label one position earlier give a near-zero loss (exactly 11 exp(-30), 1e-12; float32
+    # log-sum-exp of values of size 30 rounds within the same count of eps x 30); at the label's own position, not
     aligned = torch.zeros(2, 6, vocab)
     for b, i in [(0, 2), (0, 5), (1, 1)]:
         aligned[b, i - 1, labels[b, i]] = 30.0
-    assert float(mntp_token_losses(aligned, labels, lm_head).max()) < 1e-6
+    assert_equal_up_to_summation_order(mntp_token_losses(aligned, labels, lm_head), torch.zeros(3),
+                                       terms=2 * vocab + 4, scale=30.0, what="aligned loss")
     misaligned = torch.roll(aligned, shifts=1, dims=1)
     assert float(mntp_token_losses(misaligned, labels, lm_head).min()) > 1.0
 
@@ -140,8 +144,10 @@ def _info_nce_by_hand(queries, documents, temperature, offset):
 def test_info_nce_matches_a_hand_computation(offset):
     queries, documents = torch.randn(3, 16), torch.randn(9, 16)
     losses = info_nce_losses(queries, documents, 0.05, positive_offset=offset)
-    np.testing.assert_allclose(losses.detach().double().numpy(), _info_nce_by_hand(queries, documents, 0.05, offset),
-                               rtol=1e-4)
+    # float32: two norms and a dot product of 16 terms per score, scaled by 1/0.05, then log-sum-exp over 9 scores;
+    # the partial sums are scores, of size up to 1/temperature, which is the scale (a loss is a difference of two)
+    assert_equal_up_to_summation_order(losses, _info_nce_by_hand(queries, documents, 0.05, offset),
+                                       terms=3 * (16 + 2) + 9 + 4, scale=1 / 0.05)
 
 
 def test_cosent_matches_a_hand_computation():
@@ -150,11 +156,20 @@ def test_cosent_matches_a_hand_computation():
     cos = [float(F.cosine_similarity(a[i:i + 1].double(), b[i:i + 1].double())) for i in range(6)]
     terms = [20 * (cos[j] - cos[i]) for i in range(6) for j in range(6) if scores[i] > scores[j]]
     expected = math.log(1 + sum(math.exp(t) for t in terms))
-    assert float(cosent_loss(a, b, scores)) == pytest.approx(expected, rel=1e-5)
+    # float32 cosines (3 x (8 + 2) summands), scaled by 20, then log-sum-exp over the 36 pairs: partial sums of size
+    # up to 20 x 2, the scale
+    assert_equal_up_to_summation_order(float(cosent_loss(a, b, scores)), expected, terms=3 * (8 + 2) + 36 + 4,
+                                       scale=2 * 20, dtype=torch.float32)
     # ordering the cosines like the scores drives the loss towards 0
     ordered = torch.stack([torch.tensor([math.cos(1.4 - 0.25 * s), math.sin(1.4 - 0.25 * s)]) for s in scores])
     reference = torch.tensor([[1.0, 0.0]]).expand(6, 2)
     assert float(cosent_loss(ordered, reference, scores, scale=200)) < 1e-3
+
+
+def _loss_terms(model, max_length: int, candidates: int) -> int:
+    """Summands a contrastive loss may reorder against a reference computed from separately batched embeddings:
+    each side's forward pass and cosine (two norms and a dot product), then log-sum-exp over `candidates`."""
+    return 2 * (encoder_terms(model, max_length) + 3 * (model.config.hidden_size + 2)) + candidates + 4
 
 
 def test_simcse_loss_equals_info_nce_of_two_dropout_free_views():
@@ -167,7 +182,10 @@ def test_simcse_loss_equals_info_nce_of_two_dropout_free_views():
         embeddings = model(**batch).pooler_output
     # without dropout both views are equal: the positive is the query itself
     expected = np.mean(_info_nce_by_hand(embeddings, embeddings, 0.05, 0))
-    assert float(loss) == pytest.approx(expected, rel=1e-4)
+    # the loss's forward pass batches both views (6 rows) where this one ran 3: the embeddings agree up to summation
+    # order, and a score (their cosine, / 0.05) moves by twice that, times 1/temperature, the scale
+    assert_equal_up_to_summation_order(float(loss), expected, terms=_loss_terms(model, 32, 6),
+                                       scale=1 / 0.05, dtype=torch.float32)
     assert tokens == 2 * int(batch["attention_mask"].sum())
 
 
@@ -185,7 +203,9 @@ def test_supervised_info_nce_uses_in_batch_and_hard_negatives():
         docs = model(**tokenize_for_encoder(tokenizer, ["The cat sat on the mat.", "Plants make sugar.",
                                                         "A dog ran.", "The park."])).pooler_output
     expected = np.mean(_info_nce_by_hand(queries, docs, 0.02, 0))
-    assert float(loss) == pytest.approx(expected, rel=1e-4)
+    # as for SimCSE: embeddings from other batches, then cosines / 0.02 (the scale) and log-sum-exp over 4 documents
+    assert_equal_up_to_summation_order(float(loss), expected, terms=_loss_terms(model, 48, 4),
+                                       scale=1 / 0.02, dtype=torch.float32)
 
 
 def test_supervised_cosent_on_scored_pairs():
@@ -198,7 +218,10 @@ def test_supervised_cosent_on_scored_pairs():
     with torch.no_grad():
         a = model(**tokenize_for_encoder(tokenizer, [p.text1 for p in pairs])).pooler_output
         b = model(**tokenize_for_encoder(tokenizer, [p.text2 for p in pairs])).pooler_output
-    assert float(loss) == pytest.approx(float(cosent_loss(a, b, torch.tensor([4.5, 0.5, 3.0]))), rel=1e-4)
+    # embeddings from other batches, cosines x 20 (partial sums up to 2 x 20, the scale), log-sum-exp over 3 pairs
+    assert_equal_up_to_summation_order(float(loss), float(cosent_loss(a, b, torch.tensor([4.5, 0.5, 3.0]))),
+                                       terms=_loss_terms(model, 32, 9), scale=2 * 20,
+                                       dtype=torch.float32)
 
 
 def test_instruction_tokens_are_attended_but_carry_no_pooling_weight():
@@ -216,7 +239,9 @@ def test_instruction_tokens_are_attended_but_carry_no_pooling_weight():
     assert float(grad[~instruction].abs().min(dim=-1).values.max()) > 0
     # and it is the (normalised) mean of the text tokens' states
     expected = F.normalize(hidden[0][~instruction].double().mean(dim=0), dim=-1)
-    torch.testing.assert_close(output.pooler_output[0].double(), expected, atol=1e-6, rtol=1e-6)
+    # float32 mean over the text tokens, then the L2 norm (hidden squares), against float64
+    text_tokens, width = int((~instruction).sum()), hidden.shape[-1]
+    assert_equal_up_to_summation_order(output.pooler_output[0], expected, terms=text_tokens + 2 + width + 2)
     # the instruction is attended to: the text tokens' states change with it
     plain = model(**tokenize_for_encoder(tokenizer, ["where is the cat?"])).last_hidden_state
     assert not torch.allclose(plain[0, -3:], hidden[0, -3:], atol=1e-3)

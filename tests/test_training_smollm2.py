@@ -16,9 +16,9 @@ SENTENCES = ["A man is playing a guitar.", "A woman is slicing an onion.", "Two 
 
 
 def test_mntp_then_supervised_then_convert(tmp_path):
-    from llama_encoder.conversion_scripts.base_model import resolve_base
     from llama_encoder.conversion_scripts.convert import convert
     from llama_encoder.encoding.encode import Encoder
+    from llama_encoder.weights.base_model import resolve_base
 
     tokenizer = resolve_base().tokenizer
     assert tokenizer.mask_token_id is None
@@ -29,7 +29,7 @@ def test_mntp_then_supervised_then_convert(tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("score,sentence1,sentence2\n" + "\n".join(
         f"{i % 6},{a},{b}" for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1], strict=True))))
-    common = dict(max_steps=2, batch_size=4, bf16=True, show_progress=False, lora_dropout=0.0)
+    common = dict(max_steps=2, batch_size=4, dtype="bfloat16", show_progress=False, lora_dropout=0.0)
     mntp = train(TrainingArguments(objective="mntp", out=str(tmp_path / "mntp"), data=[str(texts)], **common))
     assert mntp["tokens"] > 0 and np.isfinite(mntp["final_loss"])
     supervised = train(TrainingArguments(objective="supervised", out=str(tmp_path / "sup"), data=[str(pairs)],
@@ -38,6 +38,7 @@ def test_mntp_then_supervised_then_convert(tmp_path):
 
     result = convert(out=tmp_path / "encoder", adapters=[tmp_path / "mntp", tmp_path / "sup"])
     assert result.verification["max_cosine_distance"] < 1e-4
-    trained = Encoder.from_pretrained(result.out_dir, device="cpu").encode(SENTENCES[:3])
-    untrained = Encoder.from_pretrained(convert(out=tmp_path / "plain").out_dir, device="cpu").encode(SENTENCES[:3])
+    trained = Encoder.from_pretrained(result.out_dir, device="cpu", dtype="float32").encode(SENTENCES[:3])
+    plain = convert(out=tmp_path / "plain", untrained=True).out_dir
+    untrained = Encoder.from_pretrained(plain, device="cpu", dtype="float32").encode(SENTENCES[:3])
     assert float(np.abs(trained - untrained).max()) > 1e-3

@@ -13,7 +13,6 @@ Every function writes into an existing folder (usually the temporary folder of `
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -29,7 +28,10 @@ from safetensors.torch import save_model
 
 from ..atomic import atomic_file
 from ..configuration_llama_encoder import LlamaEncoderConfig
+from ..errors import InputError, MissingInputError
 from ..modeling_llama_encoder import LlamaEncoderModel
+from ..readers import sha256_file
+from ..sentence_transformers_llama_encoder import LlamaEncoderTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def hub_file_sources() -> dict[str, Path]:
 def default_prompts(config: LlamaEncoderConfig) -> dict[str, str]:
     """`{"query": the config's instruction template filled with a generic retrieval instruction, "document": ""}`."""
     return {
-        "query": config.instruction_template.replace("{instruction}", DEFAULT_RETRIEVAL_INSTRUCTION),
+        "query": config.instruction_prompt(DEFAULT_RETRIEVAL_INSTRUCTION),
         "document": "",
     }
 
@@ -100,7 +102,7 @@ def _write_json(path: Path, value: object) -> None:
 def _existing_folder(out_dir: str | os.PathLike) -> Path:
     out_dir = Path(out_dir).expanduser()
     if not out_dir.is_dir():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Output folder {out_dir} does not exist; create it first (e.g. with llama_encoder.atomic's "
             "atomic_directory)."
         )
@@ -145,13 +147,13 @@ def write_tokenizer(
     `model_max_length = max_seq_length`. The caller's tokenizer is not modified. Returns the written paths."""
     out_dir = _existing_folder(out_dir)
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
+        raise InputError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("The checkpoint needs a fast tokenizer (offset mappings); load it with use_fast=True.")
+        raise InputError("The checkpoint needs a fast tokenizer (offset mappings); load it with use_fast=True.")
     tokenizer = copy.deepcopy(tokenizer)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first.")
+            raise InputError("The tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token first.")
         logger.warning("The tokenizer has no pad token; using its EOS token %r for padding.", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
@@ -180,19 +182,6 @@ def write_tokenizer(
     return written
 
 
-def sentence_transformers_module_config(max_seq_length: int) -> dict:
-    """The `sentence_bert_config.json` of `LlamaEncoderTransformer`: the text modality pinned to the plain forward
-    path (no chat template), the encoder's `pooler_output` as the sentence embedding, no unpadding, and the
-    truncation length. `LlamaEncoderTransformer.get_config_dict()` gives the same dict after loading."""
-    return {
-        "transformer_task": "feature-extraction",
-        "modality_config": {"text": {"method": "forward", "method_output_name": "pooler_output"}},
-        "module_output_name": "sentence_embedding",
-        "unpad_inputs": False,
-        "max_seq_length": max_seq_length,
-    }
-
-
 def write_sentence_transformers_files(
     out_dir: str | os.PathLike, config: LlamaEncoderConfig, *, prompts: dict[str, str] | None, max_seq_length: int
 ) -> None:
@@ -203,16 +192,16 @@ def write_sentence_transformers_files(
     prompts = dict(default_prompts(config) if prompts is None else prompts)
     for name in ("query", "document"):
         if not isinstance(prompts.get(name), str):
-            raise ValueError(f"prompts must map 'query' and 'document' to strings (use '' for none); got {prompts!r}.")
+            raise InputError(f"prompts must map 'query' and 'document' to strings (use '' for none); got {prompts!r}.")
     if not isinstance(max_seq_length, int) or max_seq_length < 1:
-        raise ValueError(f"max_seq_length must be a positive number of tokens; got {max_seq_length!r}.")
+        raise InputError(f"max_seq_length must be a positive number of tokens; got {max_seq_length!r}.")
     if max_seq_length > config.max_position_embeddings:
-        raise ValueError(
+        raise InputError(
             f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings="
             f"{config.max_position_embeddings}; choose a length up to it."
         )
     _write_json(out_dir / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}])
-    _write_json(out_dir / "sentence_bert_config.json", sentence_transformers_module_config(max_seq_length))
+    _write_json(out_dir / "sentence_bert_config.json", LlamaEncoderTransformer.checkpoint_config(max_seq_length))
     _write_json(
         out_dir / "config_sentence_transformers.json",
         {
@@ -234,7 +223,7 @@ def _check_adapters(merged_adapters: Sequence[dict]) -> None:
     for index, adapter in enumerate(merged_adapters):
         missing = [key for key in ("name", "r", "alpha") if key not in adapter]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"merged_adapters[{index}] lacks {', '.join(missing)}; each adapter needs 'name', 'r' and "
                 f"'alpha' (got {adapter!r})."
             )
@@ -243,10 +232,6 @@ def _check_adapters(merged_adapters: Sequence[dict]) -> None:
 def _quoted(value: str) -> str:
     # A JSON string literal is also a YAML scalar and a Python string, and it shows a prompt's trailing spaces.
     return json.dumps(value, ensure_ascii=False)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _pooling_section(config: LlamaEncoderConfig, max_seq_length: int) -> list[str]:
@@ -262,10 +247,9 @@ def _pooling_section(config: LlamaEncoderConfig, max_seq_length: int) -> list[st
         f"Inputs are truncated at {max_seq_length} tokens.",
     ]
     if config.pooling_mode == "latent_attention":
-        head_dim = config.latent_attention_head_dim or config.hidden_size // config.latent_attention_num_heads
         lines.append(
             f"Latent attention: {config.latent_attention_num_latents} latents, "
-            f"{config.latent_attention_num_heads} heads of width {head_dim}."
+            f"{config.latent_attention_num_heads} heads of width {config.latent_head_dim}."
         )
     return lines
 
@@ -330,13 +314,25 @@ def _usage_section(model_id: str, prompts: dict[str, str], max_seq_length: int) 
 
 
 def _verification_section(verification: dict | None) -> list[str]:
+    """What the verification compared, in the words of its report, and its figures."""
     lines = ["## Verification", ""]
     if verification is None:
         return lines + ["This checkpoint was written without verification."]
-    lines += [
+    reference = verification.get("reference")
+    compared = f"with each other and with {reference}" if reference else "with each other (no reference was given)"
+    lines.append(
         f"At conversion, {verification['num_sentences']} sentences were embedded with and without the query prompt "
-        "by `AutoModel` (with the checkpoint's `tokenize_for_encoder`) and by `SentenceTransformer`, each loaded in a "
-        "fresh Python process without llama-encoder, and compared with the merged in-memory model.",
+        "by `AutoModel` (with the checkpoint's `tokenize_for_encoder`) and by `SentenceTransformer`, each loading "
+        f"this folder in a fresh Python process without llama-encoder, and compared {compared}."
+    )
+    weights = next((check for check in verification["checks"] if check["name"] == "weights_vs_reference"), None)
+    if weights is not None:
+        lines.append(
+            f"{len(weights['tensors'])} of the {weights['num_tensors_in_shards']} tensors in the weight files "
+            f"({weights['sample']}) were read back and compared with {weights['reference']}: largest difference "
+            f"{weights['max_abs_difference']:.3g}, within one rounding step of the stored dtype."
+        )
+    lines += [
         f"Largest cosine distance: {verification['max_cosine_distance']:.3g} "
         f"(tolerance {verification['tolerance']:g}). `verification.json` lists the sha256 of every file.",
         "",
@@ -362,17 +358,19 @@ def write_model_card(
     prompts: dict[str, str],
     max_seq_length: int,
     verification: dict | None = None,
+    training_section: Sequence[str] = (),
 ) -> Path:
     """Write `README.md`: YAML metadata (base_model, library_name, tags, pipeline_tag, license when known), what was
     merged (adapters in order with r and alpha; each dict needs `name`, `r`, `alpha`), pooling, prompts, usage
     snippets for SentenceTransformer and AutoModel that load `model_id` (a Hub repo id or a path) and run as written,
     the verification figures (`verification`: the report of `verify_checkpoint`) and the sha256 of each shipped `.py`
-    file (so write those first). Returns the path."""
+    file (so write those first). `training_section`: markdown lines on how the adapters were trained (the shipped
+    default adapters carry theirs). Returns the path."""
     out_dir = _existing_folder(out_dir)
     _check_adapters(merged_adapters)
     missing = [name for name in HUB_FILES if not (out_dir / name).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{out_dir} lacks {', '.join(missing)}; call write_config_and_hub_files before write_model_card so the "
             "card can list their sha256."
         )
@@ -418,6 +416,7 @@ def write_model_card(
         "",
         *merged,
         "",
+        *([*training_section, ""] if training_section else []),
         *_pooling_section(config, max_seq_length),
         "",
         "## Prompts",
@@ -440,7 +439,7 @@ def write_model_card(
         "",
         "| file | sha256 |",
         "|---|---|",
-        *[f"| `{name}` | `{_sha256(out_dir / name)}` |" for name in HUB_FILES],
+        *[f"| `{name}` | `{sha256_file(out_dir / name)}` |" for name in HUB_FILES],
         "",
     ]
     _write_text(out_dir / "README.md", "\n".join(metadata + [""] + body))
@@ -467,6 +466,7 @@ def write_checkpoint(
     prompts: dict[str, str] | None = None,
     max_seq_length: int | None = None,
     verification: dict | None = None,
+    training_section: Sequence[str] = (),
     weights_written: bool,
     config: LlamaEncoderConfig | None = None,
     padding_side: str = "right",
@@ -478,10 +478,10 @@ def write_checkpoint(
     load. Returns `out_dir` as a Path."""
     out_dir = _existing_folder(out_dir)
     if model is None and not weights_written:
-        raise ValueError("Pass the model to write its weights, or weights_written=True when they are already there.")
+        raise InputError("Pass the model to write its weights, or weights_written=True when they are already there.")
     if config is None:
         if model is None:
-            raise ValueError("Pass config= when model is None; the checkpoint's config.json is written from it.")
+            raise InputError("Pass config= when model is None; the checkpoint's config.json is written from it.")
         config = model.config
     prompts = dict(default_prompts(config) if prompts is None else prompts)
     max_seq_length = resolve_max_seq_length(config, tokenizer, max_seq_length)
@@ -494,6 +494,7 @@ def write_checkpoint(
     write_model_card(
         out_dir, config=config, model_id=model_id, base_name=base_name, license=license,
         merged_adapters=merged_adapters, prompts=prompts, max_seq_length=max_seq_length, verification=verification,
+        training_section=training_section,
     )
     return out_dir
 
@@ -506,7 +507,6 @@ __all__ = [
     "default_prompts",
     "hub_file_sources",
     "resolve_max_seq_length",
-    "sentence_transformers_module_config",
     "write_checkpoint",
     "write_config_and_hub_files",
     "write_model_card",

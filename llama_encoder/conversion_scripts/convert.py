@@ -1,10 +1,11 @@
 """The package's main job: base LLM (+ LoRA adapters) -> a verified, self-contained encoder checkpoint.
 
 Order of work: check the destination, resolve and validate the base and every adapter (nothing written yet), then,
-inside one temporary sibling of the destination: stream-merge the weights, write config / Hub files / tokenizer /
-sentence-transformers files, embed reference sentences with the package's own model, verify the folder in a fresh
-process that cannot import the package, write the model card with the figures and the file manifest, and only then
-rename the folder into place. Any failure leaves the destination as it was.
+inside one temporary sibling of the destination: stream-merge the weights into shards, write config / Hub files /
+tokenizer / sentence-transformers files, merge the weights a second time from the same sources, in memory and without
+the shard writer (the reference), compare a sample of the written tensors with it and embed reference sentences with
+it, verify the folder in a fresh process that cannot import the package, write the model card with the figures and
+the file manifest, and only then rename the folder into place. Any failure leaves the destination as it was.
 """
 
 from __future__ import annotations
@@ -21,25 +22,22 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_directory, check_destination
-from ..configuration_llama_encoder import POOLING_MODES, LlamaEncoderConfig
+from ..configuration_llama_encoder import LATENT_ATTENTION_KEYS, POOLING_MODES, LlamaEncoderConfig
 from ..dtypes import DTYPES
-from ..modeling_llama_encoder import LatentAttentionPooling, LlamaEncoderModel
-from .base_model import BaseModel, resolve_base
+from ..errors import InputError
+from ..modeling_llama_encoder import LatentAttentionPooling
+from ..weights.base_model import BaseModel, resolve_base
+from ..weights.default_adapters import default_adapters
+from ..weights.encoder import encoder_config, encoder_from_state_dict
+from ..weights.lora import LoraAdapter, read_adapter, validate_adapter_against
+from ..weights.merge import merged_state_dict, stream_merge
+from ..weights.streaming import output_dtype
 from .checkpoint import default_prompts, resolve_max_seq_length, write_checkpoint, write_model_card
-from .lora import LoraAdapter, read_adapter, validate_adapter_against
-from .streaming import base_weight_shapes, normalize_base_key, stream_merge
-from .verify import DEFAULT_SENTENCES, compute_reference_embeddings, verify_checkpoint, write_verification_manifest
+from .manifest import write_verification_manifest
+from .verify import DEFAULT_SENTENCES, WrittenWeights, compute_reference_embeddings, verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
-_LATENT_KEYS = (
-    "latent_attention_num_latents",
-    "latent_attention_num_heads",
-    "latent_attention_head_dim",
-    "latent_attention_mlp_dim",
-)
-# Keys of a base config that describe the source model, not the encoder written from it.
-_BASE_ONLY_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "is_causal")
 _LICENSE_FILES = re.compile(r"^(LICENSE|LICENCE|NOTICE|USE_POLICY)", re.IGNORECASE)
 
 
@@ -62,7 +60,7 @@ def parse_size(size: str | int) -> int:
         return size
     match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", size, re.IGNORECASE)
     if not match:
-        raise ValueError(f"Cannot read size {size!r}; write it like 2GB, 500MB or 1073741824.")
+        raise InputError(f"Cannot read size {size!r}; write it like 2GB, 500MB or 1073741824.")
     number, unit, binary = float(match.group(1)), match.group(2).upper(), (match.group(3) or "").lower() == "ib"
     scale = (1024 if binary else 1000) ** "_KMGT".index(unit or "_")
     return int(number * scale)
@@ -75,7 +73,7 @@ def _resolve_dtype(name: str, base: BaseModel) -> torch.dtype:
             stored = DTYPES.get(stored)
         return stored if stored in DTYPES.values() else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}; got {name!r}.")
+        raise InputError(f"--dtype must be auto or one of {', '.join(DTYPES)}; got {name!r}.")
     return DTYPES[name]
 
 
@@ -87,28 +85,16 @@ def _pooling_settings(adapters: list[LoraAdapter], pooling: str | None) -> tuple
     if saved is not None and saved.pooling_head and saved_mode is None:
         saved_mode = "latent_attention"
     if pooling is not None and pooling not in POOLING_MODES:
-        raise ValueError(f"--pooling must be one of {', '.join(POOLING_MODES)}; got {pooling!r}.")
+        raise InputError(f"--pooling must be one of {', '.join(POOLING_MODES)}; got {pooling!r}.")
     if pooling is not None and saved_mode is not None and pooling != saved_mode:
-        raise ValueError(
+        raise InputError(
             f"Adapter {saved.path} was trained with pooling {saved_mode!r} but --pooling {pooling!r} was given; "
             f"omit --pooling to keep the trained pooling, or pass --pooling {saved_mode}."
         )
     mode = pooling or saved_mode or LlamaEncoderConfig().pooling_mode
-    sizes = {k: v for k, v in ((saved.pooling_config or {}) if saved else {}).items() if k in _LATENT_KEYS}
+    sizes = {k: v for k, v in ((saved.pooling_config or {}) if saved else {}).items() if k in LATENT_ATTENTION_KEYS}
     head = dict(saved.pooling_head) if saved is not None and mode == "latent_attention" else {}
     return mode, sizes, head
-
-
-def encoder_config(base: BaseModel, mode: str, sizes: dict, dtype: torch.dtype, normalize: bool | None):
-    """The `LlamaEncoderConfig` for `base` with pooling `mode`, latent-head `sizes` and weights of `dtype`."""
-    values = {k: v for k, v in base.config.to_dict().items() if k not in _BASE_ONLY_KEYS}
-    values.pop("torch_dtype", None)
-    values.update(sizes, pooling_mode=mode)
-    if normalize is not None:
-        values["normalize_embeddings"] = normalize
-    config = LlamaEncoderConfig(**values)
-    config.dtype = str(dtype).removeprefix("torch.")  # describes the weights the merger writes
-    return config
 
 
 def _initial_latent_head(config: LlamaEncoderConfig) -> dict[str, torch.Tensor]:
@@ -126,14 +112,6 @@ def _initial_latent_head(config: LlamaEncoderConfig) -> dict[str, torch.Tensor]:
     return {f"latent_attention.{name}": tensor.detach().clone() for name, tensor in head.state_dict().items()}
 
 
-def source_weight_shapes(source: BaseModel) -> dict[str, tuple[int, ...]]:
-    """Encoder weight name -> shape for a resolved base (from safetensors headers, or its state dict)."""
-    if source.safetensors_files:
-        return base_weight_shapes(source.safetensors_files)
-    named = ((normalize_base_key(key), tuple(tensor.shape)) for key, tensor in source.state_dict.items())
-    return {name: shape for name, shape in named if name is not None}
-
-
 def _adapter_record(adapter: LoraAdapter) -> dict:
     trained_on = f" (trained on {adapter.base_model_name_or_path})" if adapter.base_model_name_or_path else ""
     return {
@@ -146,12 +124,32 @@ def _adapter_record(adapter: LoraAdapter) -> dict:
     }
 
 
+def _reference_model(source: BaseModel, adapters: list[LoraAdapter], head: dict[str, torch.Tensor],
+                     config: LlamaEncoderConfig, dtype: torch.dtype, written: WrittenWeights):
+    """The model the checkpoint must equal, merged a second time from the sources (in float32, rounded once to
+    `dtype`) without the shard writer; the sampled tensors of `written` are compared with it on the way. An
+    in-memory base's state dict is consumed here, so nothing holds it afterwards."""
+
+    def compare(name: str, merged: torch.Tensor) -> None:
+        if name in written.sample:
+            written.compare(name, merged)
+
+    state = merged_state_dict(source.tensor_source(consume=True), adapters, dtype=dtype, inspect=compare)
+    source.state_dict = None
+    for name, tensor in head.items():
+        compare(name, tensor)
+        state[name] = tensor.to(output_dtype(tensor.dtype, dtype))
+    written.compare_names(set(state))
+    return encoder_from_state_dict(config, state)
+
+
 def convert(
     *,
     out: str | os.PathLike,
     base: str | None = None,
     gguf: str | os.PathLike | None = None,
-    adapters: list[str | os.PathLike] | tuple = (),
+    adapters: list[str | os.PathLike] | tuple | None = None,
+    untrained: bool = False,
     pooling: str | None = None,
     query_instruction: str | None = None,
     query_prompt: str | None = None,
@@ -170,23 +168,37 @@ def convert(
     """Convert a base Llama LLM plus LoRA adapters (merged in the order given) into an encoder checkpoint at `out`.
 
     `base` is a local HF folder or a Hub repo id, `gguf` a GGUF file; with neither, the embedded SmolLM2-135M-Instruct.
+    `adapters=None` means: the shipped default adapters for the embedded base (MNTP + supervised, see
+    `weights.default_adapters`), none for any other base; `untrained=True` keeps the bare embedded base.
     `pooling` defaults to what the last adapter was trained with, else mean. The query prompt is `query_prompt`
     verbatim, or the config's instruction template filled with `query_instruction`. Returns a `ConvertResult`;
-    raises `ValueError`/`FileNotFoundError`/`FileExistsError` for bad input before anything is written, and
-    `VerificationError` if the written checkpoint does not embed like the merged model (nothing is left in place).
+    raises a `LlamaEncoderError` (`InputError`, `MissingInputError`, `OutputExistsError`, ...) for bad input before
+    anything is written, and `VerificationError` if the written checkpoint does not hold or embed like the
+    independently merged model (nothing is left in place).
     """
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be left or right; got {padding_side!r}.")
+        raise InputError(f"padding_side must be left or right; got {padding_side!r}.")
     if query_prompt is not None and query_instruction is not None:
-        raise ValueError("Give either a query instruction or a full query prompt, not both.")
+        raise InputError("Give either a query instruction or a full query prompt, not both.")
+    if untrained and adapters:
+        raise InputError("--untrained converts the bare base; it cannot be combined with --adapter. Drop one of them.")
     shard_bytes = parse_size(shard_size)
     dest = check_destination(out, overwrite=overwrite)
+    shipped = None
+    if adapters is None:
+        if base is None and gguf is None and not untrained:
+            shipped = default_adapters()
+            adapters = shipped.folders
+            logger.info("Merging the shipped default adapters (%s) into the embedded default base; --untrained "
+                        "skips them", ", ".join(folder.name for folder in adapters))
+        else:
+            adapters = ()
 
     source = resolve_base(
         base=base, gguf=gguf, cache_dir=Path(cache_dir) if cache_dir else None, allow_pickle=allow_pickle
     )
     loaded = [read_adapter(path, allow_pickle=allow_pickle) for path in adapters]
-    shapes = source_weight_shapes(source)
+    shapes = source.weight_shapes()
     for adapter in loaded:
         validate_adapter_against(adapter, source.config.to_dict(), shapes)
         if adapter.base_model_name_or_path and adapter.base_model_name_or_path != source.name:
@@ -196,7 +208,8 @@ def convert(
             )
     mode, sizes, head = _pooling_settings(loaded, pooling)
     torch_dtype = _resolve_dtype(dtype, source)
-    config = encoder_config(source, mode, sizes, torch_dtype, normalize)
+    config = encoder_config(source.config, pooling_mode=mode, latent_sizes=sizes, dtype=torch_dtype,
+                            normalize=normalize)
     if mode == "latent_attention" and not head:
         logger.warning(
             "Pooling is latent_attention but no adapter carries a trained latent-attention head; the head is "
@@ -206,34 +219,36 @@ def convert(
 
     prompts = default_prompts(config)
     if query_instruction is not None:
-        prompts["query"] = config.instruction_template.replace("{instruction}", query_instruction)
+        prompts["query"] = config.instruction_prompt(query_instruction)
     if query_prompt is not None:
         prompts["query"] = query_prompt
     if document_prompt is not None:
         prompts["document"] = document_prompt
     max_seq_length = resolve_max_seq_length(config, source.tokenizer, max_seq_length)
     records = [_adapter_record(adapter) for adapter in loaded]
-    weights_source = source.safetensors_files or source.state_dict
     # What the merged shards take in the output dtype (the other files are small), for a disk-full message.
     needed = torch_dtype.itemsize * (sum(map(math.prod, shapes.values())) + sum(t.numel() for t in head.values()))
+    weights_named = "the base and adapter weights" if loaded else "the base weights"
+    reference = (f"an in-memory model of {weights_named} merged a second time from their files (in float32, rounded "
+                 f"once to {str(torch_dtype).removeprefix('torch.')}, without the shard writer)")
 
     logger.info("Converting %s with %d adapter(s), pooling %s, into %s", source.name, len(loaded), mode, dest)
     with atomic_directory(dest, overwrite=overwrite, needed_bytes=needed) as tmp:
-        weights = stream_merge(weights_source, loaded, tmp, shard_size_bytes=shard_bytes, dtype=torch_dtype,
+        weights = stream_merge(source.tensor_source(), loaded, tmp, shard_size_bytes=shard_bytes, dtype=torch_dtype,
                                extra_tensors=head or None)
-        del head
-        source.state_dict = None  # a GGUF base's tensors are in the shards now
-        gc.collect()
         card_args = dict(
             tokenizer=source.tokenizer, model_id=model_id or str(dest), base_name=source.name, license=source.license,
             merged_adapters=records, prompts=prompts, max_seq_length=max_seq_length,
+            training_section=shipped.card_section() if shipped else (),
         )
         write_checkpoint(None, out_dir=tmp, weights_written=True, config=config, padding_side=padding_side, **card_args)
         for name, path in source.source_files.items():
             if _LICENSE_FILES.match(name):
                 shutil.copyfile(path, tmp / name)
 
-        model = LlamaEncoderModel.from_pretrained(tmp, dtype=torch_dtype).eval()
+        written = WrittenWeights(tmp, reference="that second merge in float32, before rounding")
+        model = _reference_model(source, loaded, head, config, torch_dtype, written)
+        del head
         expected = {
             "plain": compute_reference_embeddings(model, source.tokenizer, DEFAULT_SENTENCES,
                                                   max_length=max_seq_length),
@@ -242,7 +257,8 @@ def convert(
         }
         del model
         gc.collect()
-        report = verify_checkpoint(tmp, expected=expected, tolerance=tolerance, write_manifest=False)
+        report = verify_checkpoint(tmp, expected=expected, reference=reference, weights=written, tolerance=tolerance,
+                                   write_manifest=False)
         card_args.pop("tokenizer")
         write_model_card(tmp, config=config, verification=report, **card_args)
         report = write_verification_manifest(tmp, report)
@@ -252,3 +268,6 @@ def convert(
         out_dir=dest, files=files, merged_adapters=records, verification=report, pooling_mode=mode,
         dtype=config.dtype, weights=weights,
     )
+
+
+__all__ = ["ConvertResult", "convert", "parse_size"]

@@ -7,26 +7,24 @@ files are refused outright. Hub failures are turned into one sentence that says 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
 import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from huggingface_hub import HfApi, get_token
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError
 from tqdm.auto import tqdm
 
+from ..errors import InputError, MissingInputError, NotAFolderError, PushError, UnverifiedFolderError
+from .manifest import VERIFICATION_FILE, changed_files, folder_files, read_manifest
+
 logger = logging.getLogger(__name__)
 
-VERIFICATION_FILE = "verification.json"
-MANIFEST_FORMAT = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pkl", ".pth", ".pickle")
 DEFAULT_REVISION = "main"
 
@@ -35,21 +33,12 @@ _HUB_FORBIDDEN_FOLDERS = (".git", ".cache")
 _NAME_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?"
 _REPO_ID_RE = re.compile(rf"^{_NAME_PART}/{_NAME_PART}$")
 _MAX_REPO_ID_LENGTH = 96
-_HASH_CHUNK = 8 * 2**20
 # Transport errors of the HTTP clients huggingface_hub used across the supported versions (requests, httpx, httpx2);
 # looked up in sys.modules because an exception can only come from a client that was imported.
 _TRANSPORT_ERRORS = (("httpx2", "TransportError"), ("httpx", "TransportError"), ("requests", "ConnectionError"),
                      ("requests", "Timeout"))
 
 _CONVERT_AGAIN = "run `llama-encoder convert` again"
-
-
-class UnverifiedFolderError(ValueError):
-    """The folder cannot be pushed: its verification failed, is malformed or stale, or it holds files never pushed."""
-
-
-class PushError(RuntimeError):
-    """The push could not be done: no token, or the Hub refused or could not be reached."""
 
 
 @dataclass(frozen=True)
@@ -68,27 +57,27 @@ class PushResult:
 def check_verified_folder(folder: str | os.PathLike) -> dict:
     """Check that `folder` is a verified checkpoint that has not changed since its verification.
 
-    Takes the checkpoint folder. Returns the parsed `verification.json` manifest. Raises `FileNotFoundError` when the
+    Takes the checkpoint folder. Returns the parsed `verification.json` manifest. Raises `MissingInputError` when the
     folder or its `verification.json` is missing, `NotADirectoryError` when it is a file, and `UnverifiedFolderError`
     when the verification did not pass, the manifest is malformed, the folder holds pickle files or files under
     `.git`/`.cache`, or files were added, removed or changed since the verification (all offending files are named).
     """
     folder = Path(folder).expanduser()
     if not folder.exists():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Checkpoint folder {folder} does not exist. Pass the folder written by `llama-encoder convert`, "
             f"or {_CONVERT_AGAIN} to create it."
         )
     if not folder.is_dir():
-        raise NotADirectoryError(f"{folder} is a file, not a checkpoint folder. Pass the folder written by "
-                                 "`llama-encoder convert`.")
+        raise NotAFolderError(f"{folder} is a file, not a checkpoint folder. Pass the folder written by "
+                              "`llama-encoder convert`.")
     manifest_path = folder / VERIFICATION_FILE
     if not manifest_path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{folder} has no {VERIFICATION_FILE}, so it was never verified and will not be pushed; "
             f"{_CONVERT_AGAIN} to write a verified checkpoint."
         )
-    manifest = _read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     if manifest["passed"] is not True:
         raise UnverifiedFolderError(
             f"The verification of {folder} did not pass (max cosine distance {manifest['max_cosine_distance']}), "
@@ -96,7 +85,7 @@ def check_verified_folder(folder: str | os.PathLike) -> dict:
         )
 
     listed: dict[str, dict] = manifest["files"]
-    on_disk = _folder_files(folder)
+    on_disk = folder_files(folder)
     every_path = sorted(set(listed) | set(on_disk))
     forbidden = [p for p in every_path if any(part in _HUB_FORBIDDEN_FOLDERS for part in p.split("/"))]
     if forbidden:
@@ -113,7 +102,10 @@ def check_verified_folder(folder: str | os.PathLike) -> dict:
 
     added = sorted(set(on_disk) - set(listed))
     removed = sorted(set(listed) - set(on_disk))
-    changed = _changed_files(folder, {p: listed[p] for p in sorted(set(listed) & set(on_disk))}, on_disk)
+    kept = {p: listed[p] for p in sorted(set(listed) & set(on_disk))}
+    with tqdm(total=sum(on_disk[p] for p in kept), unit="B", unit_scale=True, desc="Checking files",
+              disable=None) as progress:
+        changed = changed_files(folder, kept, on_disk, on_chunk=progress.update)
     if added or removed or changed:
         problems = [f"{what}: {', '.join(paths)}" for what, paths in
                     (("added", added), ("removed", removed), ("changed", changed)) if paths]
@@ -207,72 +199,11 @@ def _check_repo_id(repo_id: str) -> None:
         or repo_id.endswith(".git")
         or len(repo_id) > _MAX_REPO_ID_LENGTH
     ):
-        raise ValueError(
+        raise InputError(
             f"Repo id {repo_id!r} is not of the form OWNER/NAME (e.g. my-user/my-encoder): use your user or "
             f"organization name, a slash, and a name of letters, digits, '-', '_' or '.' "
             f"(no '--' or '..', at most {_MAX_REPO_ID_LENGTH} characters)."
         )
-
-
-def _read_manifest(path: Path) -> dict:
-    broken = f"{path} is malformed ({{}}); re-run verification ({_CONVERT_AGAIN}) to rewrite it."
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UnverifiedFolderError(broken.format(f"not valid JSON: {exc}")) from exc
-    if not isinstance(manifest, dict):
-        raise UnverifiedFolderError(broken.format("not a JSON object"))
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise UnverifiedFolderError(broken.format(f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT}"))
-    if not isinstance(manifest.get("passed"), bool):
-        raise UnverifiedFolderError(broken.format("'passed' is not true or false"))
-    distance = manifest.get("max_cosine_distance")
-    if isinstance(distance, bool) or not isinstance(distance, (int, float)) or not math.isfinite(distance):
-        raise UnverifiedFolderError(broken.format("'max_cosine_distance' is not a finite number"))
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise UnverifiedFolderError(broken.format("'files' is not an object"))
-    for name, entry in files.items():
-        pure = PurePosixPath(name)
-        if pure.is_absolute() or ".." in pure.parts or str(pure) != name or name == VERIFICATION_FILE:
-            raise UnverifiedFolderError(broken.format(f"bad file path {name!r}"))
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("sha256"), str)
-            or not re.fullmatch(r"[0-9a-fA-F]{64}", entry["sha256"])
-            or isinstance(entry.get("size"), bool)
-            or not isinstance(entry.get("size"), int)
-            or entry["size"] < 0
-        ):
-            raise UnverifiedFolderError(broken.format(f"entry for {name!r} needs a sha256 and a size"))
-    return manifest
-
-
-def _folder_files(folder: Path) -> dict[str, int]:
-    """Map each file's relative posix path to its size, listing files the way `upload_folder` does."""
-    root = folder.resolve()
-    return {
-        path.relative_to(root).as_posix(): path.stat().st_size
-        for path in sorted(root.glob("**/*"))
-        if path.is_file() and path.relative_to(root).as_posix() != VERIFICATION_FILE
-    }
-
-
-def _changed_files(folder: Path, listed: dict[str, dict], sizes: dict[str, int]) -> list[str]:
-    """Names of the listed files whose size or sha256 differs from the manifest (sizes first: no hashing needed)."""
-    changed = [path for path, entry in listed.items() if sizes[path] != entry["size"]]
-    to_hash = [path for path in listed if path not in changed]
-    with tqdm(total=sum(sizes[p] for p in to_hash), unit="B", unit_scale=True, desc="Checking files",
-              disable=None) as progress:
-        for path in to_hash:
-            digest = hashlib.sha256()
-            with open(folder / path, "rb") as handle:
-                for chunk in iter(lambda h=handle: h.read(_HASH_CHUNK), b""):
-                    digest.update(chunk)
-                    progress.update(len(chunk))
-            if digest.hexdigest() != listed[path]["sha256"].lower():
-                changed.append(path)
-    return sorted(changed)
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:

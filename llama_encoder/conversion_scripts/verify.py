@@ -3,21 +3,22 @@
 The checkpoint is loaded in a fresh Python process where `llama_encoder` cannot be imported (even if installed), with
 `HF_HUB_OFFLINE=1`: once with `AutoModel.from_pretrained(..., trust_remote_code=True)` and the checkpoint's own
 `tokenize_for_encoder`, once with `SentenceTransformer(..., trust_remote_code=True)`. Both must embed a fixed list of
-sentences (with and without the query prompt) like each other and like the in-memory model the checkpoint was written
-from. `verification.json` then lists every file with its sha256 and size; `push` refuses a folder that differs.
+sentences (with and without the query prompt) like each other and like a reference model, and `WrittenWeights` reads
+tensors back from the shards to compare them with independently computed values. The report says, check by check,
+what was compared with what; `verification.json` then lists every file with its sha256 and size, and `push` refuses a
+folder that differs.
 
 Typical use, so that the model card carries the figures and is still covered by the manifest:
 
     expected = {"plain": compute_reference_embeddings(model, tokenizer, DEFAULT_SENTENCES),
                 "query": compute_reference_embeddings(model, tokenizer, DEFAULT_SENTENCES, query_prompt)}
-    report = verify_checkpoint(out_dir, expected=expected, write_manifest=False)
+    report = verify_checkpoint(out_dir, expected=expected, reference="...", write_manifest=False)
     write_model_card(out_dir, ..., verification=report)
     write_verification_manifest(out_dir, report)
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,14 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_file
+from ..errors import InputError, MissingInputError, VerificationError
 from ..modeling_llama_encoder import LlamaEncoderModel, tokenize_for_encoder
+from ..readers import sha256_file
+from ..weights.shards import open_safetensors, read_headers, resolve_base_files
 from .checkpoint import HUB_FILES, SENTENCE_TRANSFORMERS_MODULE, hub_file_sources
+from .manifest import MANIFEST_FORMAT, write_verification_manifest
 
 logger = logging.getLogger(__name__)
 
-VERIFICATION_FILE = "verification.json"
-MANIFEST_FORMAT = 1
 PROMPT_NAMES = ("plain", "query")
 LOADERS = ("automodel", "sentence_transformers")
 
@@ -52,8 +54,6 @@ DEFAULT_SENTENCES = (
     "Neural networks learn representations from data.",
     "ok",
 )
-
-_HASH_CHUNK = 8 * 2**20
 
 # Runs in the fresh interpreter (python -I, cwd outside the repository). argv[1]: the JSON job file.
 _CHILD_SCRIPT = r'''
@@ -135,10 +135,6 @@ for index, checkpoint in enumerate(job["checkpoints"]):
 '''
 
 
-class VerificationError(RuntimeError):
-    """The checkpoint does not load, or does not embed like the model it was written from."""
-
-
 def compute_reference_embeddings(
     model: LlamaEncoderModel,
     tokenizer,
@@ -170,10 +166,76 @@ def compute_reference_embeddings(
     return np.concatenate(rows)
 
 
+class WrittenWeights:
+    """The tensors of a written checkpoint read back from its shards (by safetensors, not by the writer), to be
+    compared one at a time with independently computed values.
+
+    `sample` names what is worth comparing: the embeddings, the final norm, every tensor of the first and last
+    layer, the latent-attention head, and the first tensor of every shard. `compare(name, expected)` checks one
+    tensor: the written one must be `expected` (float32, before rounding) rounded once to the written dtype, that is
+    within one rounding step of that dtype. `report()` is the check for `verify_checkpoint`; `reference` says in
+    words where the expected values came from.
+    """
+
+    SAMPLE = ("the embeddings, the final norm, every tensor of the first and last layer, the latent-attention head "
+              "(when there is one) and the first tensor of each weight file")
+
+    def __init__(self, folder: str | os.PathLike, *, reference: str):
+        self.reference = reference
+        headers = read_headers(resolve_base_files(folder))
+        self.location = {name: file for file, header in headers.items() for name in header}
+        layers = sorted({int(name.split(".")[1]) for name in self.location if name.startswith("layers.")})
+        edge_layers = tuple(f"layers.{number}." for number in (layers[:1] + layers[-1:]))
+        self.sample = {name for name in self.location if name.startswith(edge_layers + ("latent_attention.",))
+                       or name in ("embed_tokens.weight", "norm.weight")}
+        self.sample.update(next(iter(header)) for header in headers.values() if header)
+        self.compared: list[str] = []
+        self.problems: list[str] = []
+        self.max_abs_difference = 0.0
+
+    def compare_names(self, expected: set[str]) -> None:
+        """The checkpoint must hold exactly the tensors named in `expected`."""
+        missing, extra = sorted(expected - set(self.location)), sorted(set(self.location) - expected)
+        if missing:
+            self.problems.append(f"{len(missing)} tensor(s) missing from the shards, e.g. {', '.join(missing[:3])}")
+        if extra:
+            self.problems.append(f"{len(extra)} unexpected tensor(s) in the shards, e.g. {', '.join(extra[:3])}")
+
+    def compare(self, name: str, expected: torch.Tensor) -> None:
+        """Compare the written tensor `name` with `expected` (any dtype; compared in float32)."""
+        if name not in self.location:
+            return  # compare_names reports it
+        with open_safetensors(self.location[name]) as handle:
+            written = handle.get_tensor(name)
+        self.compared.append(name)
+        if written.shape != expected.shape:
+            self.problems.append(f"{name} has shape {tuple(written.shape)}, expected {tuple(expected.shape)}")
+            return
+        difference = (written.double() - expected.double()).abs()
+        if written.dtype.is_floating_point:
+            info = torch.finfo(written.dtype)
+            allowed = info.eps * expected.double().abs() + info.tiny
+        else:
+            allowed = torch.zeros_like(difference)
+        worst = float(difference.max()) if difference.numel() else 0.0
+        self.max_abs_difference = max(self.max_abs_difference, worst)
+        if bool((difference > allowed).any()):
+            self.problems.append(f"{name} differs by up to {worst:.3g}, more than one {written.dtype} rounding step")
+
+    def report(self) -> dict:
+        """The `weights_vs_reference` check: what was compared, the largest difference, and what failed."""
+        return {
+            "name": "weights_vs_reference", "reference": self.reference, "sample": self.SAMPLE,
+            "tensors": sorted(self.compared),
+            "num_tensors_in_shards": len(self.location), "max_abs_difference": self.max_abs_difference,
+            "problems": self.problems[:10], "passed": bool(self.compared) and not self.problems,
+        }
+
+
 def max_cosine_distance(first: np.ndarray, second: np.ndarray) -> float:
     """Largest `1 - cos` between matching rows of two `(n, dim)` arrays (NaN or zero rows count as distance 2)."""
     if first.shape != second.shape:
-        raise ValueError(f"Cannot compare embeddings of shapes {first.shape} and {second.shape}.")
+        raise InputError(f"Cannot compare embeddings of shapes {first.shape} and {second.shape}.")
     first = first.astype(np.float64)
     second = second.astype(np.float64)
     norms = np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1)
@@ -204,7 +266,7 @@ def embed_in_fresh_process(
     checkpoints = [Path(checkpoint).expanduser().absolute() for checkpoint in checkpoints]
     for checkpoint in checkpoints:
         if not (checkpoint / "config.json").is_file():
-            raise FileNotFoundError(f"{checkpoint} has no config.json; pass a folder written by write_checkpoint.")
+            raise MissingInputError(f"{checkpoint} has no config.json; pass a folder written by write_checkpoint.")
     with tempfile.TemporaryDirectory(prefix="llama-encoder-verify-") as work:
         work = Path(work)
         job = {
@@ -251,31 +313,12 @@ def embed_in_fresh_process(
     return results
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def file_manifest(out_dir: str | os.PathLike) -> dict[str, dict]:
-    """Every file under `out_dir` except the top-level `verification.json`, listed the way `push` lists them:
-    relative posix path -> `{"sha256": hex digest, "size": bytes}`."""
-    root = Path(out_dir).expanduser().resolve()
-    return {
-        path.relative_to(root).as_posix(): {"sha256": _file_sha256(path), "size": path.stat().st_size}
-        for path in sorted(root.glob("**/*"))
-        if path.is_file() and path.relative_to(root).as_posix() != VERIFICATION_FILE
-    }
-
-
 def _check_hub_files(out_dir: Path) -> dict:
     """The checkpoint must ship this package's Hub files byte for byte: anything else is not what was tested."""
     mismatched = []
     for name, source in hub_file_sources().items():
         shipped = out_dir / name
-        if not shipped.is_file() or _file_sha256(shipped) != _file_sha256(source):
+        if not shipped.is_file() or sha256_file(shipped) != sha256_file(source):
             mismatched.append(name)
     if mismatched:
         raise VerificationError(
@@ -288,7 +331,7 @@ def _check_hub_files(out_dir: Path) -> dict:
 def _saved_query_prompt(out_dir: Path) -> str:
     path = out_dir / "config_sentence_transformers.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; write the checkpoint with write_checkpoint first.")
+        raise MissingInputError(f"{path} is missing; write the checkpoint with write_checkpoint first.")
     return json.loads(path.read_text(encoding="utf-8")).get("prompts", {}).get("query", "")
 
 
@@ -296,6 +339,8 @@ def verify_checkpoint(
     out_dir: str | os.PathLike,
     *,
     expected: dict[str, np.ndarray] | None = None,
+    reference: str | None = None,
+    weights: WrittenWeights | None = None,
     sentences: Sequence[str] | None = None,
     query_prompt: str | None = None,
     tolerance: float = 1e-4,
@@ -304,37 +349,43 @@ def verify_checkpoint(
     dtype: str = "auto",
     write_manifest: bool = True,
 ) -> dict:
-    """Check that the checkpoint in `out_dir` loads without llama-encoder and embeds like the in-memory model.
+    """Check that the checkpoint in `out_dir` loads without llama-encoder and embeds like a reference model.
 
-    Takes the folder; `expected`, the in-memory model's embeddings of `sentences` under the keys `"plain"` (no
+    Takes the folder; `expected`, a reference model's embeddings of `sentences` under the keys `"plain"` (no
     prompt) and/or `"query"` (behind `query_prompt`), from `compute_reference_embeddings` (None: only AutoModel and
-    SentenceTransformer are compared with each other); `sentences` (default `DEFAULT_SENTENCES`); `query_prompt`
+    SentenceTransformer are compared with each other); `reference`, what that model is, in words for the report and
+    the model card (default: "the in-memory model the checkpoint was written from"); `weights`, a `WrittenWeights`
+    whose comparisons are done (its report becomes a check); `sentences` (default `DEFAULT_SENTENCES`); `query_prompt`
     (default: the checkpoint's saved `"query"` prompt); the largest cosine distance allowed; the subprocess timeout
     in seconds; the device and dtype (`"auto"`: the dtype in config.json) to load with. With `write_manifest`, writes
     `verification.json` (see `write_verification_manifest`).
 
-    Returns the report: `{"format", "passed", "max_cosine_distance", "tolerance", "num_sentences", "checks"}` (plus
-    `"files"` when the manifest was written). Raises `VerificationError` naming the failed check, or `ValueError`
-    when `expected` does not fit `sentences`.
+    Returns the report: `{"format", "passed", "max_cosine_distance", "tolerance", "num_sentences", "reference",
+    "checks"}` (plus `"files"` when the manifest was written); each check names what it compared. Raises
+    `VerificationError` naming the failed check, or `InputError` when `expected` does not fit `sentences`.
     """
     out_dir = Path(out_dir).expanduser().absolute()
     sentences = list(DEFAULT_SENTENCES if sentences is None else sentences)
     if not sentences:
-        raise ValueError("sentences is empty; pass at least one sentence (or None for the default list).")
+        raise InputError("sentences is empty; pass at least one sentence (or None for the default list).")
     if query_prompt is None:
         query_prompt = _saved_query_prompt(out_dir)
     expected = dict(expected or {})
     unknown = set(expected) - set(PROMPT_NAMES)
     if unknown:
-        raise ValueError(f"expected has unknown keys {sorted(unknown)}; use 'plain' and/or 'query'.")
+        raise InputError(f"expected has unknown keys {sorted(unknown)}; use 'plain' and/or 'query'.")
     for name, array in expected.items():
         if np.asarray(array).ndim != 2 or len(array) != len(sentences):
-            raise ValueError(
+            raise InputError(
                 f"expected[{name!r}] has shape {np.asarray(array).shape}, but there are {len(sentences)} sentences; "
                 "compute it with compute_reference_embeddings on the same sentences."
             )
 
+    if expected and reference is None:
+        reference = "the in-memory model the checkpoint was written from"
     checks = [_check_hub_files(out_dir)]
+    if weights is not None:
+        checks.append(weights.report())
     (result,) = embed_in_fresh_process(
         [out_dir], sentences=sentences, prompts={"plain": "", "query": query_prompt}, device=device, dtype=dtype,
         timeout=timeout,
@@ -365,8 +416,8 @@ def verify_checkpoint(
         automodel, st = result["automodel"][name], result["sentence_transformers"][name]
         pairs = [("automodel", "sentence_transformers", automodel, st)]
         if name in expected:
-            reference = np.asarray(expected[name])
-            pairs += [(loader, "reference", result[loader][name], reference) for loader in LOADERS]
+            reference_rows = np.asarray(expected[name])
+            pairs += [(loader, "reference", result[loader][name], reference_rows) for loader in LOADERS]
         for first, second, first_rows, second_rows in pairs:
             if first_rows.shape != second_rows.shape:
                 raise VerificationError(
@@ -387,17 +438,19 @@ def verify_checkpoint(
         "max_cosine_distance": max(distances),
         "tolerance": tolerance,
         "num_sentences": len(sentences),
+        "reference": reference if expected else None,
         "checks": checks,
     }
     if failed:
         described = "; ".join(
-            f"{check['name']} ({check['prompt']} inputs): max cosine distance {check['max_cosine_distance']:.3g}"
+            f"{check['name']}: {'; '.join(check['problems'])}" if "problems" in check else
+            f"{check['name']} ({check['prompt']} inputs): max cosine distance {check['max_cosine_distance']:.3g} "
+            f"(tolerance {tolerance:g})"
             for check in failed
         )
         raise VerificationError(
-            f"{out_dir} does not embed like the model it was written from: {described}, above the tolerance "
-            f"{tolerance:g}. The weights, config or tokenizer files do not match the in-memory model; write the "
-            "checkpoint again."
+            f"{out_dir} does not hold or embed like the model it was written from: {described}. The weights, "
+            "config or tokenizer files do not match the reference; write the checkpoint again."
         )
     logger.info("Verified %s: max cosine distance %.3g", out_dir, report["max_cosine_distance"])
     if write_manifest:
@@ -405,25 +458,13 @@ def verify_checkpoint(
     return report
 
 
-def write_verification_manifest(out_dir: str | os.PathLike, report: dict) -> dict:
-    """Write `verification.json` into `out_dir`: the passed `report` of `verify_checkpoint` plus `"files"`, the
-    sha256 and size of every other file as it is now. Call it again after changing any file (e.g. the model card
-    with the verification figures). Returns the manifest written."""
-    if not report.get("passed"):
-        raise VerificationError("Only a passed verification is recorded; run verify_checkpoint until it passes.")
-    manifest = {**report, "files": file_manifest(out_dir)}
-    with atomic_file(Path(out_dir) / VERIFICATION_FILE, overwrite=True) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return manifest
-
-
 __all__ = [
     "DEFAULT_SENTENCES",
-    "VerificationError",
+    "LOADERS",
+    "PROMPT_NAMES",
+    "WrittenWeights",
     "compute_reference_embeddings",
     "embed_in_fresh_process",
-    "file_manifest",
     "max_cosine_distance",
     "verify_checkpoint",
-    "write_verification_manifest",
 ]

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..atomic import _TMP_PREFIX, OutputExistsError, atomic_directory, atomic_file
+from ..atomic import _TMP_PREFIX, atomic_directory, atomic_file
+from ..errors import InputChangedError, InputError, MissingInputError, NotAFolderError, OutputExistsError
+from ..readers import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +65,12 @@ def index_corpus(
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Corpus {path} does not exist; give the path of a .txt or .jsonl file.")
+        raise MissingInputError(f"Corpus {path} does not exist; give the path of a .txt or .jsonl file.")
     kind = {".txt": "txt", ".jsonl": "jsonl"}.get(path.suffix.lower())
     if kind is None:
-        raise ValueError(f"{path}: give a .txt file (one text per line) or a .jsonl file (id and text fields).")
+        raise InputError(f"{path}: give a .txt file (one text per line) or a .jsonl file (id and text fields).")
     if not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive integer; got {shard_size!r}.")
+        raise InputError(f"shard_size must be a positive integer; got {shard_size!r}.")
     digest, offsets, first_lines, count, offset = hashlib.sha256(), [], [], 0, 0
     with path.open("rb") as handle, tqdm(total=path.stat().st_size, desc="Checking corpus", unit="B",
                                          unit_scale=True, disable=not show_progress) as progress:
@@ -83,7 +85,7 @@ def index_corpus(
             offset += len(raw)
             progress.update(len(raw))
     if count == 0:
-        raise ValueError(f"{path} holds no records; give a corpus with at least one text.")
+        raise InputError(f"{path} holds no records; give a corpus with at least one text.")
     return CorpusIndex(path.absolute(), kind, count, offsets, first_lines, digest.hexdigest())
 
 
@@ -92,30 +94,30 @@ def _parse(raw: bytes, kind: str, path: Path, line: int, id_field: str, text_fie
     try:
         text = raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
-        raise ValueError(f"{path}:{line}: not valid UTF-8; save the corpus as UTF-8.") from None
+        raise InputError(f"{path}:{line}: not valid UTF-8; save the corpus as UTF-8.") from None
     if line == 1:
         text = text.removeprefix("\ufeff")  # a byte-order mark is file metadata, not text
     if kind == "txt":
         if not text.strip():
-            raise ValueError(f"{path}:{line}: empty line; every line must hold a text (remove empty lines).")
+            raise InputError(f"{path}:{line}: empty line; every line must hold a text (remove empty lines).")
         return str(position), text
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}:{line}: not valid JSON ({exc.msg}); each line must be one JSON object.") from None
+        raise InputError(f"{path}:{line}: not valid JSON ({exc.msg}); each line must be one JSON object.") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path}:{line}: expected a JSON object with {id_field!r} and {text_field!r} fields.")
+        raise InputError(f"{path}:{line}: expected a JSON object with {id_field!r} and {text_field!r} fields.")
     for field in (id_field, text_field):
         if field not in record:
-            raise ValueError(
+            raise InputError(
                 f"{path}:{line}: missing field {field!r} (it has {sorted(record)}); choose the fields with "
                 "id_field/text_field (--id-field/--text-field)."
             )
     record_id, text = record[id_field], record[text_field]
     if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
-        raise ValueError(f"{path}:{line}: field {id_field!r} must be a string or an integer; got {record_id!r}.")
+        raise InputError(f"{path}:{line}: field {id_field!r} must be a string or an integer; got {record_id!r}.")
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"{path}:{line}: field {text_field!r} must be a non-empty string; got {text!r:.60}.")
+        raise InputError(f"{path}:{line}: field {text_field!r} must be a non-empty string; got {text!r:.60}.")
     return str(record_id), text
 
 
@@ -137,32 +139,32 @@ def _read_shard(index: CorpusIndex, shard: int, shard_size: int, id_field: str,
                 texts.append(text)
             line += 1
     if len(ids) != expected:
-        raise RuntimeError(f"{index.path} changed while it was being embedded (shard {shard} ended early); "
-                           "re-run once the file stays unchanged.")
+        raise InputChangedError(f"{index.path} changed while it was being embedded (shard {shard} ended early); "
+                                "re-run once the file stays unchanged.")
     return ids, texts
 
 
 def _process_slot(shard_index: int | None, num_shards: int | None) -> tuple[int, int]:
     if (shard_index is None) != (num_shards is None):
-        raise ValueError("Give both shard_index and num_shards, or neither (then RANK/WORLD_SIZE are used).")
+        raise InputError("Give both shard_index and num_shards, or neither (then RANK/WORLD_SIZE are used).")
     if shard_index is None:
         try:
             shard_index, num_shards = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         except ValueError:
-            raise ValueError("RANK and WORLD_SIZE must be integers (as torchrun sets them).") from None
+            raise InputError("RANK and WORLD_SIZE must be integers (as torchrun sets them).") from None
     if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index must be in [0, num_shards); got {shard_index} of {num_shards}.")
+        raise InputError(f"shard_index must be in [0, num_shards); got {shard_index} of {num_shards}.")
     return shard_index, num_shards
 
 
 def _resolve_prompt(encoder, prompt: str | None, prompt_name: str | None, instruction: str | None) -> str:
     """The text that goes before every input, checked before anything is read or written."""
     if sum(x is not None for x in (prompt, prompt_name, instruction)) > 1:
-        raise ValueError("Give at most one of prompt, prompt_name and instruction.")
+        raise InputError("Give at most one of prompt, prompt_name and instruction.")
     if prompt_name is not None:
         prompts = getattr(encoder, "prompts", {})
         if prompt_name not in prompts:
-            raise ValueError(f"No prompt named {prompt_name!r}; this checkpoint has {sorted(prompts)}.")
+            raise InputError(f"No prompt named {prompt_name!r}; this checkpoint has {sorted(prompts)}.")
         return prompts[prompt_name]
     if instruction is not None:
         return encoder.instruction_prompt(instruction)
@@ -195,7 +197,7 @@ def _read_run(output: Path) -> dict | None:
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{output / RUN_FILE} is not valid JSON; remove the output folder, or pass --overwrite "
+        raise InputError(f"{output / RUN_FILE} is not valid JSON; remove the output folder, or pass --overwrite "
                          "(overwrite=True) to replace it.") from None
 
 
@@ -218,7 +220,7 @@ def _prepare_output(output: Path, run: dict, *, overwrite: bool) -> None:
     listed (the folder appears with it), and a process that loses the race to create the folder joins it.
     """
     if output.exists() and not output.is_dir():
-        raise NotADirectoryError(f"Output path {output} is a file; give a folder.")
+        raise NotAFolderError(f"Output path {output} is a file; give a folder.")
     # List first, then read: run.json may appear in between (another process), but is never removed.
     listed = {e.name for e in os.scandir(output) if not e.name.startswith(_TMP_PREFIX)} if output.is_dir() else None
     previous = _read_run(output) if listed and RUN_FILE in listed else None
@@ -227,7 +229,7 @@ def _prepare_output(output: Path, run: dict, *, overwrite: bool) -> None:
         if not changed:
             return
         if not overwrite:
-            raise ValueError(
+            raise InputError(
                 f"{output} holds embeddings of a different run (changed: {', '.join(changed)}); use another output "
                 "folder, re-run with the same parameters to resume, or pass --overwrite (overwrite=True) to "
                 "replace them."
@@ -235,7 +237,7 @@ def _prepare_output(output: Path, run: dict, *, overwrite: bool) -> None:
         logger.warning("Replacing %s: it holds a different run (changed: %s)", output, ", ".join(changed))
     elif listed:
         if not overwrite:
-            raise ValueError(f"{output} is not empty and holds no {RUN_FILE} (it has {sorted(listed)[:5]}); choose "
+            raise InputError(f"{output} is not empty and holds no {RUN_FILE} (it has {sorted(listed)[:5]}); choose "
                              "an empty or new folder, or pass --overwrite (overwrite=True) to replace its contents.")
         logger.warning("Replacing %s: it holds files of no embedding run", output)
     elif listed is not None:  # an empty folder made beforehand: only run.json needs writing
@@ -275,14 +277,6 @@ def _write_shard(output: Path, name: str, ids: list[str], embeddings: np.ndarray
         np.save(handle, embeddings, allow_pickle=False)  # straight to the file: no second copy of the shard
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _write_manifest(output: Path, run: dict, total: int, *, show_progress: bool) -> dict:
     """Check every shard's shape against its ids and the corpus, then write manifest.json; returns it."""
     shards, dimension = [], None
@@ -294,9 +288,9 @@ def _write_manifest(output: Path, run: dict, total: int, *, show_progress: bool)
         array = np.load(npy, mmap_mode="r")  # reads the header only
         dimension = dimension or array.shape[-1]
         if count != expected or array.dtype != np.float32 or array.shape != (expected, dimension):
-            raise ValueError(f"{npy} holds {array.dtype} {array.shape} with {count} ids; expected float32 "
+            raise InputError(f"{npy} holds {array.dtype} {array.shape} with {count} ids; expected float32 "
                              f"({expected}, {dimension}). Delete that shard's two files and re-run to recompute it.")
-        shards.append({"name": name, "num_records": count, "sha256": _sha256_file(npy)})
+        shards.append({"name": name, "num_records": count, "sha256": sha256_file(npy)})
     manifest = {**run, "dimension": int(dimension), "dtype": "float32", "shards": shards}
     _write_json(output / MANIFEST_FILE, manifest)
     return manifest

@@ -20,7 +20,8 @@ from transformers import AutoTokenizer
 from transformers.utils import cached_file
 
 from ..configuration_llama_encoder import LlamaEncoderConfig
-from ..dtypes import DTYPES
+from ..dtypes import DTYPE_CHOICES, describe_compute_dtype, resolve_compute_dtype
+from ..errors import InputError, MissingInputError
 from ..modeling_llama_encoder import LlamaEncoderModel, pad_for_encoder, tokenize_for_encoder
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def length_sorted_batches(
     row is padded by more than `max_padding` of the batch's longest row: padding a 16-token text to 1024 costs more
     than a forward call of its own."""
     if batch_tokens < 1 or max_batch_size < 1 or not 0 <= max_padding < 1:
-        raise ValueError("batch_tokens and max_batch_size must be at least 1, and max_padding in [0, 1).")
+        raise InputError("batch_tokens and max_batch_size must be at least 1, and max_padding in [0, 1).")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches, current = [], []
     for index in order:
@@ -82,12 +83,13 @@ class Encoder:
         if not isinstance(model.config, LlamaEncoderConfig):
             raise TypeError(f"Encoder needs a LlamaEncoderModel; got {type(model).__name__}.")
         if tokenizer.pad_token_id is None:
-            raise ValueError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its EOS token).")
+            raise InputError("The tokenizer has no pad token; set tokenizer.pad_token (e.g. to its EOS token).")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.prompts = dict(prompts or {})
         self.max_seq_length = max_seq_length or model.config.max_position_embeddings
         self.name_or_path = name_or_path or getattr(model.config, "_name_or_path", None) or "in-memory model"
+        self.dtype_choice: str | None = None  # from_pretrained: the compute dtype chosen and why
 
     @classmethod
     def from_pretrained(
@@ -95,28 +97,35 @@ class Encoder:
         path: str | os.PathLike,
         *,
         device: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         attn_implementation: str = "sdpa",
+        allow_slow_dtype: bool = False,
     ) -> Encoder:
         """Load a checkpoint written by `llama-encoder convert` (a folder or a Hub repo id) with the package's own
-        model class. `dtype`: float32, bfloat16, float16, or auto (what config.json says)."""
+        model class, to compute in `dtype`: auto (bfloat16 on a CUDA device that has it and on a CPU with native
+        bfloat16 instructions, float32 elsewhere; see `llama_encoder.dtypes`), float32, bfloat16 or float16. A
+        half-precision dtype on a CPU that only emulates it is refused before anything is loaded (SlowDtypeError,
+        about 30x slower) unless `allow_slow_dtype`. The choice is logged and kept in `dtype_choice`."""
         path = str(path)
-        if dtype != "auto" and dtype not in DTYPES:
-            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}; got {dtype!r}.")
+        if dtype not in DTYPE_CHOICES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}; got {dtype!r}.")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        compute_dtype = resolve_compute_dtype(dtype, device, allow_slow_dtype=allow_slow_dtype)
         config_file = _checkpoint_file(path, "config.json")
         if config_file is None:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path} has no config.json; give a folder (or Hub repo) written by `llama-encoder convert`."
             )
         model_type = json.loads(config_file.read_text()).get("model_type")
         if model_type != LlamaEncoderConfig.model_type:
-            raise ValueError(
+            raise InputError(
                 f"{path} holds a {model_type!r} model, not a llama_encoder checkpoint; convert it first with "
                 "`llama-encoder convert`."
             )
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype_choice = describe_compute_dtype(compute_dtype, device)
+        logger.info("Encoding in %s (--dtype %s)", dtype_choice, dtype)
         model = LlamaEncoderModel.from_pretrained(
-            path, dtype="auto" if dtype == "auto" else DTYPES[dtype], attn_implementation=attn_implementation
+            path, dtype=compute_dtype, attn_implementation=attn_implementation
         ).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         prompts, max_seq_length = {}, None
@@ -126,7 +135,9 @@ class Encoder:
         bert_config = _checkpoint_file(path, "sentence_bert_config.json")
         if bert_config is not None:
             max_seq_length = json.loads(bert_config.read_text()).get("max_seq_length")
-        return cls(model, tokenizer, prompts=prompts, max_seq_length=max_seq_length, name_or_path=path)
+        encoder = cls(model, tokenizer, prompts=prompts, max_seq_length=max_seq_length, name_or_path=path)
+        encoder.dtype_choice = dtype_choice
+        return encoder
 
     @property
     def device(self) -> torch.device:
@@ -140,14 +151,14 @@ class Encoder:
 
     def instruction_prompt(self, instruction: str) -> str:
         """The prompt an instruction becomes: the config's template, e.g. `Instruct: {instruction}\\nQuery: `."""
-        return self.model.config.instruction_template.replace("{instruction}", instruction)
+        return self.model.config.instruction_prompt(instruction)
 
     def _prompts_for(self, inputs, instruction, prompt, prompt_name) -> tuple[list[str], list[str]]:
         if sum(x is not None for x in (instruction, prompt, prompt_name)) > 1:
-            raise ValueError("Give at most one of instruction, prompt and prompt_name.")
+            raise InputError("Give at most one of instruction, prompt and prompt_name.")
         if prompt_name is not None:
             if prompt_name not in self.prompts:
-                raise ValueError(f"No prompt named {prompt_name!r}; this checkpoint has {sorted(self.prompts)}.")
+                raise InputError(f"No prompt named {prompt_name!r}; this checkpoint has {sorted(self.prompts)}.")
             prompt = self.prompts[prompt_name]
         elif instruction is not None:
             prompt = self.instruction_prompt(instruction)
@@ -160,11 +171,11 @@ class Encoder:
                 texts.append(item)
                 prompts.append(prompt or "")
             else:
-                raise ValueError(
+                raise InputError(
                     f"Input {index} is a {type(item).__name__}; give strings or (instruction, text) pairs of strings."
                 )
             if not texts[-1].strip():
-                raise ValueError(
+                raise InputError(
                     f"Input {index} is an empty or blank text, which has nothing to embed; remove it or give a text."
                 )
         return texts, prompts
@@ -194,11 +205,11 @@ class Encoder:
         pad no row by more than `max_padding` of the batch's longest.
         """
         if convert_to not in ("numpy", "torch"):
-            raise ValueError(f"convert_to must be 'numpy' or 'torch'; got {convert_to!r}.")
+            raise InputError(f"convert_to must be 'numpy' or 'torch'; got {convert_to!r}.")
         if isinstance(inputs, str):
-            raise ValueError("encode takes a list of texts; wrap a single text in a list.")
+            raise InputError("encode takes a list of texts; wrap a single text in a list.")
         if normalize is False and self.model.config.normalize_embeddings:
-            raise ValueError("This checkpoint normalises its embeddings (normalize_embeddings in config.json); "
+            raise InputError("This checkpoint normalises its embeddings (normalize_embeddings in config.json); "
                              "unnormalised ones are not available from it.")
         inputs = list(inputs)
         texts, prompts = self._prompts_for(inputs, instruction, prompt, prompt_name)
@@ -218,7 +229,7 @@ class Encoder:
             )
         for index, pooled in enumerate(rows["pool_mask"]):
             if not any(pooled):
-                raise ValueError(
+                raise InputError(
                     f"Input {index} ({texts[index][:40]!r}) has no token to pool: its prompt fills max_length "
                     f"({limit} tokens), or the tokenizer drops all of its text. Use a shorter prompt or a larger "
                     "max_length, or remove the input."
@@ -288,7 +299,7 @@ class MTEBModel:
         for item in sentences:
             if isinstance(item, Mapping):
                 if "text" not in item:
-                    raise ValueError(
+                    raise InputError(
                         f"An MTEB batch has no 'text' field (it has {sorted(item)}); only text tasks can be encoded."
                     )
                 texts.extend(item["text"])
@@ -296,7 +307,7 @@ class MTEBModel:
                 texts.append(item)
         kind = getattr(prompt_type, "value", prompt_type)
         if kind not in (None, "query", "document", "passage"):
-            raise ValueError(f"prompt_type must be query, document or passage; got {kind!r}.")
+            raise InputError(f"prompt_type must be query, document or passage; got {kind!r}.")
         task = task_name or getattr(task_metadata, "name", None)
         options = {
             "batch_tokens": self.batch_tokens,

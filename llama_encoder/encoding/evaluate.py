@@ -7,8 +7,6 @@ Correlations and metrics are returned raw, in [-1, 1] or [0, 1]; papers and lead
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import os
@@ -18,9 +16,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..errors import InputError, MissingInputError
+from ..readers import jsonl_records
+
 logger = logging.getLogger(__name__)
 
-STS_FIELDS = ("score", "sentence1", "sentence2")
 QRELS_FIELDS = ("query-id", "corpus-id", "score")
 
 
@@ -45,11 +45,11 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 def _paired(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
     if len(x) != len(y):
-        raise ValueError(f"Correlation needs two sequences of the same length; got {len(x)} and {len(y)}.")
+        raise InputError(f"Correlation needs two sequences of the same length; got {len(x)} and {len(y)}.")
     if len(x) < 2:
-        raise ValueError(f"Correlation needs at least 2 pairs; got {len(x)}.")
+        raise InputError(f"Correlation needs at least 2 pairs; got {len(x)}.")
     if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError("Correlation got NaN or infinite values; check the embeddings and gold scores.")
+        raise InputError("Correlation got NaN or infinite values; check the embeddings and gold scores.")
     return x, y
 
 
@@ -60,7 +60,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     x, y = x - x.mean(), y - y.mean()
     norm = math.sqrt((x @ x) * (y @ y))
     if norm == 0:
-        raise ValueError(
+        raise InputError(
             "Correlation is undefined: one of the sequences is constant (e.g. the encoder gives every sentence the "
             "same embedding, or all gold scores are equal)."
         )
@@ -74,59 +74,6 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return pearson(_average_ranks(x), _average_ranks(y))
 
 
-def _score(value: str, path: Path, line: int) -> float:
-    try:
-        score = float(value)
-    except ValueError:
-        score = math.nan
-    if not math.isfinite(score):
-        raise ValueError(f"{path}:{line}: the score {value!r} is not a number; fix or remove that line.")
-    return score
-
-
-def read_sts(path: str | os.PathLike) -> list[tuple[str, str, float]]:
-    """Read STS pairs `(sentence1, sentence2, score)` from `path`, in file order.
-
-    Takes the STS Benchmark's tab-separated files (no header; genre, file, year, id, score, sentence1, sentence2,
-    sometimes followed by source fields, which are ignored; quotes are literal) or a file whose header names
-    `score`, `sentence1` and `sentence2` (comma-separated csv with csv quoting, or tab-separated with literal
-    quotes). Raises ValueError naming file:line for a malformed line, FileNotFoundError for a missing file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No STS file at {path}; give the path of e.g. sts-dev.csv from the STS Benchmark.")
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        first = handle.readline().rstrip("\r\n")
-        handle.seek(0)
-        delimiter = "\t" if "\t" in first else ","
-        header = [field.strip().lower() for field in next(csv.reader([first], delimiter=delimiter), [])]
-        has_header = set(STS_FIELDS) <= set(header)
-        # tab-separated STS files use literal quotes (sentences contain unbalanced ones); csv files use csv quoting
-        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
-        if has_header:
-            next(reader)
-            columns = [header.index(name) for name in STS_FIELDS]
-            expected = f"{max(columns) + 1} fields as the header says"
-        else:
-            columns = [4, 5, 6]
-            expected = "7 tab-separated fields (genre, file, year, id, score, sentence1, sentence2)"
-        pairs = []
-        for row in reader:
-            if not row or row == [""]:
-                continue
-            if len(row) <= max(columns):
-                raise ValueError(
-                    f"{path}:{reader.line_num}: expected {expected}; found {len(row)}. Use the STS Benchmark "
-                    "format or a csv with a score,sentence1,sentence2 header."
-                )
-            score, sentence1, sentence2 = (row[column] for column in columns)
-            pairs.append((sentence1, sentence2, _score(score, path, reader.line_num)))
-    if not pairs:
-        raise ValueError(f"{path} holds no STS pairs; check that it is the right file.")
-    return pairs
-
-
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine similarity of each row of `a` with the same row of `b`."""
     a = a / np.linalg.norm(a, axis=1, keepdims=True).clip(min=1e-12)
@@ -138,13 +85,13 @@ def _embed(encoder: SupportsEncode, texts: list[str], what: str, **kwargs: Any) 
     """`encoder.encode(texts, **kwargs)` as a float32 matrix, checked to have one finite row per text."""
     embeddings = np.asarray(encoder.encode(texts, **kwargs), dtype=np.float32)
     if embeddings.ndim != 2 or len(embeddings) != len(texts):
-        raise ValueError(
+        raise InputError(
             f"The encoder returned an array of shape {embeddings.shape} for {len(texts)} {what}; "
             "it must return one embedding row per input, in input order."
         )
     bad = int((~np.isfinite(embeddings).all(axis=1)).sum())
     if bad:
-        raise ValueError(
+        raise InputError(
             f"The encoder returned NaN or infinite embeddings for {bad} of {len(texts)} {what}; "
             "encode in float32 (e.g. dtype='float32') or check the checkpoint."
         )
@@ -166,7 +113,7 @@ def evaluate_sts(
     multiply by 100; Spearman is the headline STS figure), and `n`, the number of pairs.
     """
     if len(pairs) < 2:
-        raise ValueError(f"STS needs at least 2 pairs to correlate; got {len(pairs)}.")
+        raise InputError(f"STS needs at least 2 pairs to correlate; got {len(pairs)}.")
     sentences = list(dict.fromkeys(sentence for a, b, _ in pairs for sentence in (a, b)))
     row = {sentence: index for index, sentence in enumerate(sentences)}
     embeddings = _embed(encoder, sentences, "sentences", prompt=prompt, batch_tokens=batch_tokens,
@@ -179,38 +126,15 @@ def evaluate_sts(
     return result
 
 
-def jsonl_records(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict]]:
-    """`(line number, record)` for each non-blank line of a jsonl file; each record must hold `required`."""
-    if not path.is_file():
-        raise FileNotFoundError(f"No file at {path}; give the path of a BEIR-style jsonl file.")
-    with path.open(encoding="utf-8-sig") as handle:
-        for line, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                message = f"{path}:{line}: not valid JSON ({exc.msg}); each line must be one JSON object."
-                raise ValueError(message) from None
-            if not isinstance(record, dict):
-                holding = f" with {', '.join(required)}" if required else ""
-                raise ValueError(f"{path}:{line}: expected a JSON object{holding}; found a {type(record).__name__}.")
-            missing = [field for field in required if field not in record]
-            if missing:
-                raise ValueError(f"{path}:{line}: missing field(s) {', '.join(missing)}; each line needs "
-                                 f"{', '.join(required)}.")
-            yield line, record
-
-
 def _id(value: Any, path: Path, line: int, field: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"{path}:{line}: {field} must be a string or an integer; found {value!r}.")
+        raise InputError(f"{path}:{line}: {field} must be a string or an integer; found {value!r}.")
     return str(value)
 
 
 def _text(value: Any, path: Path, line: int, field: str) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{path}:{line}: {field} must be a string; found {type(value).__name__}.")
+        raise InputError(f"{path}:{line}: {field} must be a string; found {type(value).__name__}.")
     return value
 
 
@@ -221,7 +145,7 @@ def _read_texts(path: Path, *, with_title: bool) -> dict[str, str]:
     for line, record in jsonl_records(path, ("_id", "text")):
         key = _id(record["_id"], path, line, "_id")
         if key in first_line:
-            raise ValueError(f"{path}:{line}: _id {key!r} already appeared on line {first_line[key]}; ids must be "
+            raise InputError(f"{path}:{line}: _id {key!r} already appeared on line {first_line[key]}; ids must be "
                              "unique.")
         text = _text(record["text"], path, line, "text")
         title = record.get("title") if with_title else None
@@ -229,7 +153,7 @@ def _read_texts(path: Path, *, with_title: bool) -> dict[str, str]:
             text = f"{_text(title, path, line, 'title')} {text}"
         texts[key], first_line[key] = text, line
     if not texts:
-        raise ValueError(f"{path} holds no records; check that it is the right file.")
+        raise InputError(f"{path} holds no records; check that it is the right file.")
     return texts
 
 
@@ -240,18 +164,18 @@ def _qrels_rows(path: Path) -> Iterator[tuple[int, Any, Any, Any]]:
             yield line, record["query-id"], record["corpus-id"], record["score"]
         return
     if not path.is_file():
-        raise FileNotFoundError(f"No qrels file at {path}; give a tsv with a query-id, corpus-id, score header.")
+        raise MissingInputError(f"No qrels file at {path}; give a tsv with a query-id, corpus-id, score header.")
     with path.open(encoding="utf-8-sig") as handle:
         header = handle.readline().rstrip("\r\n").split("\t")
         if [field.strip() for field in header[:3]] != list(QRELS_FIELDS):
-            raise ValueError(f"{path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score' of a BEIR qrels "
+            raise InputError(f"{path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score' of a BEIR qrels "
                              f"file; found {header!r}.")
         for line, text in enumerate(handle, start=2):
             if not text.strip():
                 continue
             fields = text.rstrip("\r\n").split("\t")
             if len(fields) < 3:
-                raise ValueError(f"{path}:{line}: expected 3 tab-separated fields (query-id, corpus-id, score); "
+                raise InputError(f"{path}:{line}: expected 3 tab-separated fields (query-id, corpus-id, score); "
                                  f"found {len(fields)}.")
             yield line, fields[0], fields[1], fields[2]
 
@@ -263,7 +187,7 @@ def _relevance(value: Any, path: Path, line: int) -> int:
     except (TypeError, ValueError):
         grade = math.nan
     if isinstance(value, bool) or not math.isfinite(grade) or grade != int(grade):
-        raise ValueError(f"{path}:{line}: the score {value!r} is not an integer relevance grade (0, 1, 2, ...).")
+        raise InputError(f"{path}:{line}: the score {value!r} is not an integer relevance grade (0, 1, 2, ...).")
     return int(grade)
 
 
@@ -288,11 +212,11 @@ def read_retrieval(
         grade = _relevance(score, qrels_path, line)
         judged = qrels.setdefault(query_id, {})
         if judged.get(doc_id, grade) != grade:
-            raise ValueError(f"{qrels_path}:{line}: ({query_id!r}, {doc_id!r}) was judged {judged[doc_id]} before "
+            raise InputError(f"{qrels_path}:{line}: ({query_id!r}, {doc_id!r}) was judged {judged[doc_id]} before "
                              f"and {grade} here; keep one judgement per pair.")
         judged[doc_id] = grade
     if not qrels:
-        raise ValueError(f"{qrels_path} holds no judgements; check that it is the right file.")
+        raise InputError(f"{qrels_path} holds no judgements; check that it is the right file.")
     missing_docs = {doc for judged in qrels.values() for doc in judged if doc not in corpus}
     if missing_docs:
         logger.warning("%d judged document(s) of %s are not in %s (e.g. %r); they count as relevant but can never "
@@ -310,7 +234,7 @@ def top_k(query_embeddings: np.ndarray, doc_embeddings: np.ndarray, k: int, *, q
     scores are ordered by document index. Scores are computed `query_block` x `doc_block` at a time, so memory
     stays bounded whatever the corpus size. Returns an int64 array `(queries, min(k, documents))`."""
     if k < 1:
-        raise ValueError(f"k must be at least 1; got {k}.")
+        raise InputError(f"k must be at least 1; got {k}.")
     queries = query_embeddings / np.linalg.norm(query_embeddings, axis=1, keepdims=True).clip(min=1e-12)
     docs = doc_embeddings / np.linalg.norm(doc_embeddings, axis=1, keepdims=True).clip(min=1e-12)
     k = min(k, len(docs))
@@ -373,13 +297,13 @@ def evaluate_retrieval(
     a relevant document, left out of the means).
     """
     if not k_values or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in k_values):
-        raise ValueError(f"k_values must be positive integers such as (10, 100); got {k_values!r}.")
+        raise InputError(f"k_values must be positive integers such as (10, 100); got {k_values!r}.")
     k_values = sorted(set(k_values))
     if not corpus:
-        raise ValueError("The corpus is empty; there is nothing to retrieve.")
+        raise InputError("The corpus is empty; there is nothing to retrieve.")
     evaluated = [query for query in queries if any(grade > 0 for grade in qrels.get(query, {}).values())]
     if not evaluated:
-        raise ValueError("No query has a relevant document (score > 0) in the qrels; check that the queries and "
+        raise InputError("No query has a relevant document (score > 0) in the qrels; check that the queries and "
                          "qrels belong to the same task.")
     doc_ids = list(corpus)
     doc_embeddings = _embed(encoder, [corpus[doc] for doc in doc_ids], "documents", prompt=document_prompt,
@@ -388,7 +312,7 @@ def evaluate_retrieval(
                               instruction=query_instruction, prompt=query_prompt, batch_tokens=batch_tokens,
                               show_progress=show_progress)
     if query_embeddings.shape[1] != doc_embeddings.shape[1]:
-        raise ValueError(f"Query embeddings have {query_embeddings.shape[1]} dimensions but document embeddings "
+        raise InputError(f"Query embeddings have {query_embeddings.shape[1]} dimensions but document embeddings "
                          f"{doc_embeddings.shape[1]}; encode both with the same model.")
     rankings = [[doc_ids[i] for i in row] for row in top_k(query_embeddings, doc_embeddings, k_values[-1])]
     ranked_and_judged = list(zip(rankings, (qrels[query] for query in evaluated), strict=True))

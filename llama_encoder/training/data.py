@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..encoding.evaluate import jsonl_records, read_sts
+from ..errors import InputError, MissingInputError
+from ..readers import jsonl_records, read_sts
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class SupervisedData:
 
 def _require_file(path: Path, what: str) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"No training data at {path}; give the path of {what}.")
+        raise MissingInputError(f"No training data at {path}; give the path of {what}.")
 
 
 def read_texts(paths: str | os.PathLike | list) -> list[str]:
@@ -58,11 +59,11 @@ def read_texts(paths: str | os.PathLike | list) -> list[str]:
             for line_number, line in enumerate(handle, start=1):
                 text = line.rstrip("\r\n")
                 if "\x00" in text:
-                    raise ValueError(f"{path}:{line_number}: the line holds a NUL character; is this a binary file?")
+                    raise InputError(f"{path}:{line_number}: the line holds a NUL character; is this a binary file?")
                 if text.strip():
                     texts.append(text)
     if not texts:
-        raise ValueError(
+        raise InputError(
             f"{', '.join(map(str, paths))} holds no text (every line is blank); give a file with one text per line."
         )
     return texts
@@ -72,11 +73,11 @@ def _text_field(record: dict, name: str, path: Path, line: int, *, required: boo
     value = record.get(name)
     if value is None:
         if required:
-            raise ValueError(f"{path}:{line}: missing field {name!r}; each record needs query and positive "
+            raise InputError(f"{path}:{line}: missing field {name!r}; each record needs query and positive "
                              "(negatives and instruction are optional).")
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{path}:{line}: {name} must be a non-empty string; found {value!r}.")
+        raise InputError(f"{path}:{line}: {name} must be a non-empty string; found {value!r}.")
     return value
 
 
@@ -87,7 +88,7 @@ def _triple(record: dict, path: Path, line: int) -> Triple:
     if isinstance(negatives, str):
         negatives = [negatives] if negatives.strip() else []
     if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
-        raise ValueError(f"{path}:{line}: negatives must be a list of non-empty strings; found {negatives!r}.")
+        raise InputError(f"{path}:{line}: negatives must be a list of non-empty strings; found {negatives!r}.")
     instruction = _text_field(record, "instruction", path, line, required=False)
     return Triple(query=query, positive=positive, negatives=tuple(negatives), instruction=instruction)
 
@@ -102,13 +103,13 @@ def _read_csv_triples(path: Path) -> list[Triple]:
         handle.seek(0)
         reader = csv.DictReader(handle, delimiter="\t" if "\t" in first else ",")
         if not reader.fieldnames or not {"query", "positive"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}:1: the header must name query and positive (optionally negative and "
+            raise InputError(f"{path}:1: the header must name query and positive (optionally negative and "
                              f"instruction); found {reader.fieldnames}.")
         triples = []
         for record in reader:
             line = reader.line_num
             if None in record:
-                raise ValueError(f"{path}:{line}: more fields than the header names; quote fields that hold commas.")
+                raise InputError(f"{path}:{line}: more fields than the header names; quote fields that hold commas.")
             cleaned = {key: value for key, value in record.items() if value not in (None, "")}
             triples.append(_triple(cleaned, path, line))
     return triples
@@ -147,23 +148,23 @@ def read_supervised(
         elif found == "sts":
             data.pairs.extend(ScoredPair(a, b, score) for a, b, score in read_sts(path))
         else:
-            raise ValueError(f"Unknown data format {data_format!r}; use auto, jsonl, csv or sts.")
+            raise InputError(f"Unknown data format {data_format!r}; use auto, jsonl, csv or sts.")
     if positive_threshold is not None and data.pairs:
         kept = [pair for pair in data.pairs if pair.score >= positive_threshold]
         if not kept:
-            raise ValueError(f"No pair is scored at or above --positive-threshold {positive_threshold}; lower it.")
+            raise InputError(f"No pair is scored at or above --positive-threshold {positive_threshold}; lower it.")
         logger.info("Kept %d of %d scored pairs (score >= %s) as positives", len(kept), len(data.pairs),
                     positive_threshold)
         data.triples.extend(Triple(query=pair.text1, positive=pair.text2) for pair in kept)
         data.pairs = []
     if data.triples and data.pairs:
-        raise ValueError("The data mixes triples (query/positive) and scored pairs; train them separately, or "
+        raise InputError("The data mixes triples (query/positive) and scored pairs; train them separately, or "
                          "pass --positive-threshold to turn the scored pairs into triples.")
     if not data.triples and not data.pairs:
-        raise ValueError(f"{', '.join(map(str, paths))} holds no training records; check that it is the right file.")
+        raise InputError(f"{', '.join(map(str, paths))} holds no training records; check that it is the right file.")
     counts = {len(t.negatives) for t in data.triples}
     if len(counts) > 1:
-        raise ValueError(f"Triples have different numbers of hard negatives ({sorted(counts)}); give every query "
+        raise InputError(f"Triples have different numbers of hard negatives ({sorted(counts)}); give every query "
                          "the same number (or none), so each batch has the same shape.")
     return data
 

@@ -1,10 +1,12 @@
 """One small training loop for MNTP, SimCSE and supervised contrastive LoRA training.
 
 Per optimizer step: the global batch (`batch_size` examples, in a per-epoch order drawn from the seed) is split into
-`grad_accum` micro-batches, each shared out between the processes; every micro-batch's loss share is
-back-propagated, gradients are summed across processes, clipped, and AdamW steps with a warmup + linear-decay
-learning rate. Randomness (dropout, MNTP masking, data order) is derived from (seed, step or example), not from a
-running generator, so a run resumed from a checkpoint continues exactly as the uninterrupted run would have.
+`grad_accum` micro-batches, each shared out between the processes; the step's loss terms are counted over all of them
+first, so that every micro-batch's share of the step's mean is back-propagated (the token mean of the whole global
+batch for MNTP, whatever the accumulation); gradients are summed across processes, clipped, and AdamW steps with a
+warmup + linear-decay learning rate. Randomness (dropout, MNTP masking, data order) is derived from (seed, step or
+example), not from a running generator, so a run resumed from a checkpoint continues exactly as the uninterrupted run
+would have.
 
 Outputs: checkpoints in `<out>-checkpoints/step-NNNNNN/` (trained tensors, optimizer state, history; safetensors and
 JSON only), and at the end the adapter folder `<out>` (peft's `adapter_config.json` + `adapter_model.safetensors`,
@@ -14,6 +16,7 @@ written to a temporary sibling and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +24,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,113 +33,23 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_directory, check_destination
-from ..configuration_llama_encoder import POOLING_MODES
-from ..conversion_scripts.lora import POOLING_CONFIG_NAME, POOLING_HEAD_NAME
+from ..dtypes import describe_compute_dtype, resolve_compute_dtype
 from ..encoding.encode import Encoder
-from ..encoding.evaluate import evaluate_sts, read_sts
+from ..encoding.evaluate import evaluate_sts
+from ..errors import InputError, OutputExistsError
+from ..readers import read_sts
+from ..weights.lora import POOLING_CONFIG_NAME, POOLING_HEAD_NAME
+from .arguments import TrainingArguments, resumable_fields, saved_arguments
 from .data import ScoredPair, read_supervised, read_texts
 from .distributed import Distributed
-from .model import DEFAULT_TARGET_MODULES, TrainingModel, load_training_model, resolve_mask_token
+from .model import TrainingModel, load_training_model, resolve_mask_token
 from .objectives import MNTP, SimCSE, Supervised, derive_seed
 
 logger = logging.getLogger(__name__)
 
-OBJECTIVES = ("mntp", "simcse", "supervised")
-DEFAULT_TEMPERATURE = {"simcse": 0.05, "supervised": 0.02}
 SUMMARY_NAME = "training_summary.json"
 ARGS_NAME = "training_args.json"
 _CHECKPOINT_PREFIX = "step-"
-# Arguments that may change between an interrupted run and its resumption without changing the result.
-# Gradient checkpointing recomputes the same arithmetic: a run that ran out of memory can resume with it.
-_RESUMABLE_CHANGES = ("resume", "overwrite", "threads", "save_every", "eval_every", "eval_sts", "keep_checkpoints",
-                      "log_every", "show_progress", "command", "gradient_checkpointing")
-
-
-@dataclass
-class TrainingArguments:
-    """Everything that defines a training run (the CLI's options). `temperature` defaults per objective."""
-
-    objective: str
-    out: str
-    data: list[str]
-    base: str | None = None
-    gguf: str | None = None
-    adapters: list[str] = field(default_factory=list)
-    max_steps: int | None = None
-    epochs: float = 1.0
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 2e-4
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 128
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    pooling: str = "mean"
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    attn_implementation: str = "auto"
-    group_by_length: bool = False
-    seed: int = 42
-    device: str | None = None
-    threads: int | None = None
-    save_every: int = 0
-    keep_checkpoints: int = 2
-    eval_sts: str | None = None
-    eval_every: int = 0
-    log_every: int = 10
-    resume: bool = False
-    overwrite: bool = False
-    show_progress: bool | None = None
-    cache_dir: str | None = None
-    command: str | None = None
-    # MNTP
-    mask_probability: float = 0.2
-    mask_token: str | None = None
-    # SimCSE and supervised
-    attention_dropout: float = 0.0
-    temperature: float | None = None
-    # supervised
-    loss: str = "auto"
-    data_format: str = "auto"
-    positive_threshold: float | None = None
-    instruction: str | None = None
-    cosent_scale: float = 20.0
-
-    def validate(self) -> None:
-        """Refuse impossible settings before any work, naming the option to change."""
-        checks = [
-            (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
-            (bool(self.data), "give at least one --data file"),
-            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
-            (self.epochs > 0, "--epochs must be positive"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
-            (0 <= self.warmup_ratio < 1, "--warmup-ratio must be in [0, 1)"),
-            (self.max_length >= 4, "--max-length must be at least 4"),
-            (self.lora_r >= 1, "--lora-r must be at least 1"),
-            (0 <= self.lora_dropout < 1 and 0 <= self.attention_dropout < 1, "dropouts must be in [0, 1)"),
-            (0 < self.mask_probability < 1, "--mask-probability must be in (0, 1)"),
-            (self.pooling in POOLING_MODES, f"--pooling must be one of {', '.join(POOLING_MODES)}"),
-            (self.temperature is None or self.temperature > 0, "--temperature must be positive"),
-            (self.loss in ("auto", "infonce", "cosent"), "--loss must be auto, infonce or cosent"),
-            (self.save_every >= 0 and self.eval_every >= 0, "--save-every and --eval-every must be >= 0"),
-            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
-            (not (self.base and self.gguf), "give --base or --gguf, not both"),
-            (self.attn_implementation in ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2"),
-             "--attn-implementation must be auto, eager, sdpa, flex_attention or flash_attention_2"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"Invalid training arguments: {message}.")
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        out = Path(self.out).expanduser().absolute()
-        return out.with_name(f"{out.name}-checkpoints")
 
 
 def learning_rate(step: int, *, peak: float, warmup_steps: int, total_steps: int) -> float:
@@ -215,7 +128,7 @@ def load_checkpoint(path: Path, model: TrainingModel, optimizer: torch.optim.Opt
     trained = load_file(path / "trainable.safetensors")
     params = dict(model.trainable_parameters())
     if set(trained) != set(params):
-        raise ValueError(f"Checkpoint {path} holds other trained tensors than this run trains; resume with the "
+        raise InputError(f"Checkpoint {path} holds other trained tensors than this run trains; resume with the "
                          "same arguments as the interrupted run.")
     with torch.no_grad():
         for name, value in trained.items():
@@ -247,13 +160,12 @@ def _objective(args: TrainingArguments, model: TrainingModel):
         return MNTP(tokenizer=model.tokenizer, lm_head=model.lm_head, max_length=args.max_length,
                     mask_token_id=resolve_mask_token(model.tokenizer, args.mask_token),
                     probability=args.mask_probability, seed=args.seed)
-    temperature = args.temperature or DEFAULT_TEMPERATURE[args.objective]
     if args.objective == "simcse":
-        return SimCSE(tokenizer=model.tokenizer, max_length=args.max_length, temperature=temperature,
+        return SimCSE(tokenizer=model.tokenizer, max_length=args.max_length, temperature=args.temperature,
                       append_eos=append_eos)
     return Supervised(tokenizer=model.tokenizer, max_length=args.max_length,
                       instruction_template=model.encoder.config.instruction_template,
-                      default_instruction=args.instruction, temperature=temperature,
+                      default_instruction=args.instruction, temperature=args.temperature,
                       cosent_scale=args.cosent_scale, append_eos=append_eos)
 
 
@@ -262,21 +174,35 @@ def _read_examples(args: TrainingArguments) -> list:
         return read_texts(args.data)
     data = read_supervised(args.data, data_format=args.data_format, positive_threshold=args.positive_threshold)
     if args.loss == "cosent" and not data.pairs:
-        raise ValueError("--loss cosent needs scored pairs (STS-style data with a score per pair); the data holds "
+        raise InputError("--loss cosent needs scored pairs (STS-style data with a score per pair); the data holds "
                          "query/positive triples, so use --loss infonce.")
     if args.loss == "infonce" and data.pairs:
-        raise ValueError("--loss infonce needs query/positive triples; the data holds scored pairs. Pass "
+        raise InputError("--loss infonce needs query/positive triples; the data holds scored pairs. Pass "
                          "--positive-threshold (e.g. 4.0) to keep the pairs scored at or above it as positives, or "
                          "use --loss cosent.")
     return data.pairs or data.triples
 
 
-def _check_resumable(saved: dict, args: TrainingArguments, checkpoint: Path) -> None:
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_resumable(checkpoint: Path, args: TrainingArguments, compute_dtype: torch.dtype) -> None:
+    """Refuse to resume from `checkpoint` with arguments that change the result, naming each changed option; read
+    from its state.json alone, before any model is built or any tensor loaded. The dtype is compared as computed in
+    (`auto` and the dtype it stands for are the same run)."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    saved = asdict(saved_arguments(state["training_args"]))
+    saved_dtype = state.get("compute_dtype") or (saved["dtype"] if saved["dtype"] != "auto" else None)
     current = asdict(args)
-    changed = sorted(key for key in current if key not in _RESUMABLE_CHANGES and saved.get(key) != current[key])
-    if changed:
-        details = "; ".join(f"{key}: {saved.get(key)!r} -> {current[key]!r}" for key in changed[:5])
-        raise ValueError(f"Cannot resume from {checkpoint}: these arguments differ from the interrupted run "
+    skipped = (*resumable_fields(), "dtype")
+    changes = [(key, saved.get(key), current[key]) for key in sorted(current)
+               if key not in skipped and saved.get(key) != current[key]]
+    if saved_dtype != _dtype_name(compute_dtype):
+        changes.append(("dtype", saved_dtype, _dtype_name(compute_dtype)))
+    if changes:
+        details = "; ".join(f"{key}: {before!r} -> {after!r}" for key, before, after in changes[:5])
+        raise InputError(f"Cannot resume from {checkpoint}: these arguments differ from the interrupted run "
                          f"({details}). Resume with the same arguments, or pass --overwrite to start over.")
 
 
@@ -293,16 +219,23 @@ def _prepare_output(args: TrainingArguments, dist: Distributed) -> Path | None:
             logger.warning("--resume: no checkpoint in %s; starting from step 0.", folder)
         return found[-1] if found else None
     if found and not args.overwrite:
-        raise FileExistsError(f"{folder} holds checkpoints of an earlier run ({found[-1].name}). Pass --resume to "
+        raise OutputExistsError(f"{folder} holds checkpoints of an earlier run ({found[-1].name}). Pass --resume to "
                               "continue it, or --overwrite to start over.")
     if found and dist.is_main:
         shutil.rmtree(folder)
     return None
 
 
-def _evaluate(model: TrainingModel, pairs: list, args: TrainingArguments, device: str) -> dict:
+def _autocast(device: str, dtype: torch.dtype):
+    """Autocast to `dtype` for half-precision training; float32 needs none."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
+
+
+def _evaluate(model: TrainingModel, pairs: list, args: TrainingArguments, device: str, dtype: torch.dtype) -> dict:
     encoder = Encoder(model.encoder, model.tokenizer, max_seq_length=args.max_length, name_or_path="training")
-    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16):
+    with _autocast(device, dtype):
         result = evaluate_sts(encoder, pairs, show_progress=False)
     model.peft_model.train()
     return {"spearman": 100 * result["spearman"], "pearson": 100 * result["pearson"]}
@@ -321,9 +254,7 @@ def _write_adapter(args: TrainingArguments, model: TrainingModel, summary: dict)
                 head = {f"latent_attention.{k}": v.detach().float().cpu().contiguous()
                         for k, v in model.encoder.latent_attention.state_dict().items()}
                 save_file(head, tmp / POOLING_HEAD_NAME)
-                pooling.update({k: getattr(config, k) for k in (
-                    "latent_attention_num_latents", "latent_attention_num_heads", "latent_attention_head_dim",
-                    "latent_attention_mlp_dim")})
+                pooling.update(config.latent_attention_settings())
             (tmp / POOLING_CONFIG_NAME).write_text(json.dumps(pooling, indent=2) + "\n")
         (tmp / ARGS_NAME).write_text(json.dumps(asdict(args), indent=2) + "\n")
         (tmp / SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
@@ -333,35 +264,42 @@ def _write_adapter(args: TrainingArguments, model: TrainingModel, summary: dict)
 def train(args: TrainingArguments) -> dict:
     """Run one training job and write the adapter folder `args.out`; returns the training summary.
 
-    Raises `ValueError`/`FileNotFoundError`/`FileExistsError` for bad arguments, data or outputs before any
-    training starts."""
+    Raises a `LlamaEncoderError` (`InputError`, `MissingInputError`, `OutputExistsError`, `SlowDtypeError`, ...) for
+    bad arguments, data or outputs before any training starts. The per-objective defaults are filled in first
+    (`TrainingArguments.resolved`): what is trained and recorded is the same whether the run came from Python or
+    the command line."""
     args.validate()
+    args = args.resolved()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    compute_dtype = resolve_compute_dtype(args.dtype, device, allow_slow_dtype=args.allow_slow_dtype)
     dist = Distributed.from_environment(device)
     device = dist.device if dist.enabled else device
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     per_step = args.grad_accum * dist.world_size
     if args.batch_size % per_step:
-        raise ValueError(f"--batch-size {args.batch_size} must divide evenly into --grad-accum {args.grad_accum} x "
+        raise InputError(f"--batch-size {args.batch_size} must divide evenly into --grad-accum {args.grad_accum} x "
                          f"{dist.world_size} process(es); use a multiple of {per_step}.")
     micro = args.batch_size // per_step
     examples = _read_examples(args)
     steps_per_epoch = len(examples) // args.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"The data holds {len(examples)} examples, fewer than one batch of {args.batch_size}; "
+        raise InputError(f"The data holds {len(examples)} examples, fewer than one batch of {args.batch_size}; "
                          "lower --batch-size or add data.")
     eval_pairs = read_sts(args.eval_sts) if args.eval_sts else None
     resume_from = _prepare_output(args, dist)
+    if resume_from is not None:
+        _check_resumable(resume_from, args, compute_dtype)
     dist.barrier()
+    logger.info("Training in %s (--dtype %s)", describe_compute_dtype(compute_dtype, device), args.dtype)
 
     model = load_training_model(
         base=args.base, gguf=args.gguf, adapters=args.adapters, pooling=args.pooling,
         with_lm_head=args.objective == "mntp", lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, target_modules=tuple(args.target_modules),
-        attention_dropout=args.attention_dropout, dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        attention_dropout=args.attention_dropout, dtype=compute_dtype,
         device=device, gradient_checkpointing=args.gradient_checkpointing, cache_dir=args.cache_dir,
         attn_implementation=_attention_backend(args.attn_implementation, device),
         init_seed=args.seed,
@@ -375,13 +313,11 @@ def train(args: TrainingArguments) -> dict:
     start_step, history, tokens_seen, train_seconds, evaluations = 0, [], 0, 0.0, []
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer)
-        _check_resumable(state["training_args"], args, resume_from)
         start_step, history = state["step"], state["history"]
         tokens_seen, train_seconds, evaluations = state["tokens"], state["train_seconds"], state["evaluations"]
         logger.info("Resuming from %s (step %d of %d)", resume_from, start_step, total_steps)
 
     model.peft_model.train()
-    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=args.bf16)
     show = dist.is_main and (args.show_progress if args.show_progress is not None else True)
     progress = tqdm(total=total_steps, initial=start_step, desc=f"train {args.objective}", disable=not show,
                     unit="step")
@@ -400,14 +336,18 @@ def train(args: TrainingArguments) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step_loss, step_tokens = 0.0, 0
         global_start = position * args.batch_size
+        batches = []
         for accumulation in range(args.grad_accum):
             begin = global_start + accumulation * micro * dist.world_size + dist.rank * micro
             ids = order[begin : begin + micro]
-            batch = objective.collate([examples[i] for i in ids], ids, epoch)
-            with autocast:
-                share, tokens = objective.loss(model.encoder, batch, dist)
-            (share / args.grad_accum).backward()
-            step_loss += float(share.detach()) / args.grad_accum
+            batches.append(objective.collate([examples[i] for i in ids], ids, epoch))
+        # The step's loss is the mean of its terms over every micro-batch and process (MNTP: the masked tokens).
+        total = dist.sum_int(sum(objective.count(batch) for batch in batches))
+        for batch in batches:
+            with _autocast(device, compute_dtype):
+                share, tokens = objective.loss(model.encoder, batch, dist, total)
+            share.backward()
+            step_loss += float(share.detach())
             step_tokens += tokens
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         dist.sum_tensors(grads)
@@ -433,13 +373,14 @@ def train(args: TrainingArguments) -> dict:
         done = step + 1 == total_steps
         eval_now = done or (args.eval_every and (step + 1) % args.eval_every == 0)
         if eval_pairs is not None and dist.is_main and eval_now:
-            result = {"step": step + 1, **_evaluate(model, eval_pairs, args, device)}
+            result = {"step": step + 1, **_evaluate(model, eval_pairs, args, device, compute_dtype)}
             evaluations.append(result)
             logger.info("step %d: STS Spearman %.2f, Pearson %.2f", step + 1, result["spearman"], result["pearson"])
         if args.save_every and (step + 1) % args.save_every == 0 and not done:
             if dist.is_main:
                 state = {"history": history, "tokens": tokens_seen, "train_seconds": train_seconds,
-                         "evaluations": evaluations, "training_args": asdict(args)}
+                         "evaluations": evaluations, "training_args": asdict(args),
+                         "compute_dtype": _dtype_name(compute_dtype)}
                 save_checkpoint(args.checkpoint_dir, step + 1, model, optimizer, state, args.keep_checkpoints)
             dist.barrier()
     progress.close()
@@ -460,7 +401,8 @@ def train(args: TrainingArguments) -> dict:
         "world_size": dist.world_size,
         "device": device,
         "threads": torch.get_num_threads(),
-        "bf16": args.bf16,
+        "dtype": _dtype_name(compute_dtype),
+        "dtype_choice": describe_compute_dtype(compute_dtype, device),
         "command": args.command or " ".join(sys.argv),
         "history": history,
     }
@@ -472,5 +414,4 @@ def train(args: TrainingArguments) -> dict:
     return summary
 
 
-__all__ = ["OBJECTIVES", "TrainingArguments", "epoch_order", "learning_rate", "load_checkpoint", "save_checkpoint",
-           "train"]
+__all__ = ["epoch_order", "learning_rate", "load_checkpoint", "save_checkpoint", "train"]

@@ -1,6 +1,6 @@
 """The model a training run optimises: the base LLM as a bidirectional `LlamaEncoderModel` (earlier adapters, such
-as the MNTP one, merged in first), LoRA from peft on its projections, the latent-attention head trainable when that
-is the pooling, and, for MNTP, the base's frozen LM head.
+as the MNTP one, merged in first, by the same float32 merge `convert` uses), LoRA from peft on its projections, the
+latent-attention head trainable when that is the pooling, and, for MNTP, the base's frozen LM head.
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors import safe_open
 from torch import nn
 
-from ..conversion_scripts.base_model import BaseModel, resolve_base
-from ..conversion_scripts.convert import encoder_config, source_weight_shapes
-from ..conversion_scripts.lora import LoraAdapter, read_adapter, validate_adapter_against
-from ..conversion_scripts.streaming import normalize_base_key
+from ..errors import InputError
 from ..modeling_llama_encoder import LlamaEncoderModel
+from ..weights.base_model import BaseModel, resolve_base
+from ..weights.encoder import encoder_config
+from ..weights.lora import read_adapter, validate_adapter_against
+from ..weights.merge import merged_state_dict
+from ..weights.names import LM_HEAD_NAME
+from .arguments import DEFAULT_TARGET_MODULES
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -41,36 +41,6 @@ class TrainingModel:
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) of every trained tensor, in a fixed order (LoRA pairs, then the latent head)."""
         return [(name, p) for name, p in self.peft_model.named_parameters() if p.requires_grad]
-
-
-def _base_tensors(source: BaseModel):
-    """(original name, tensor) for every tensor of the base, from its safetensors files or its state dict."""
-    if source.safetensors_files:
-        for file in source.safetensors_files:
-            with safe_open(str(file), framework="pt") as handle:
-                for key in handle.keys():
-                    yield key, handle.get_tensor(key)
-    else:
-        yield from source.state_dict.items()
-
-
-def _load_weights(source: BaseModel, adapters: list[LoraAdapter]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The encoder's state dict with `adapters` merged in order, and the LM head weight (the input embeddings
-    when the base ties them)."""
-    state, lm_head = {}, None
-    for key, tensor in _base_tensors(source):
-        if key.startswith("lm_head."):
-            lm_head = tensor
-            continue
-        name = normalize_base_key(key)
-        if name is None:
-            continue
-        for adapter in adapters:
-            tensor = adapter.merge_into(name, tensor)
-        state[name] = tensor
-    if lm_head is None:
-        lm_head = state["embed_tokens.weight"]  # tied embeddings (SmolLM2, Llama 3.2)
-    return state, lm_head
 
 
 def load_training_model(
@@ -94,31 +64,35 @@ def load_training_model(
     init_seed: int = 0,
 ) -> TrainingModel:
     """Build the model to train. `adapters` (e.g. the MNTP adapter before SimCSE) are validated against the base
-    and merged into its weights; a fresh LoRA adapter (`lora_r`, `lora_alpha`, `lora_dropout` on
-    `target_modules`) is added on top. Frozen weights are kept in `dtype`; LoRA and the latent head in float32.
-    LoRA and the latent head are initialised from `init_seed`, identically in every process."""
-    source = resolve_base(base=base, gguf=gguf, cache_dir=Path(cache_dir) if cache_dir else None)
-    loaded = [read_adapter(path) for path in adapters]
-    shapes = source_weight_shapes(source)
-    for adapter in loaded:
-        validate_adapter_against(adapter, source.config.to_dict(), shapes)
+    and merged into its weights in float32, rounded once to `dtype` (`weights.merge`: the model `convert` writes
+    from the same adapters); a fresh LoRA adapter (`lora_r`, `lora_alpha`, `lora_dropout` on `target_modules`) is
+    added on top. Frozen weights are kept in `dtype`; LoRA and the latent head in float32. LoRA and the latent head
+    are initialised from `init_seed`, identically in every process."""
     unknown = sorted(set(target_modules) - set(DEFAULT_TARGET_MODULES))
     if unknown:
-        raise ValueError(f"Unknown LoRA target module(s) {', '.join(unknown)}; choose from "
+        raise InputError(f"Unknown LoRA target module(s) {', '.join(unknown)}; choose from "
                          f"{', '.join(DEFAULT_TARGET_MODULES)}.")
+    source = resolve_base(base=base, gguf=gguf, cache_dir=Path(cache_dir) if cache_dir else None)
+    loaded = [read_adapter(path) for path in adapters]
+    shapes = source.weight_shapes()
+    for adapter in loaded:
+        validate_adapter_against(adapter, source.config.to_dict(), shapes)
 
-    config = encoder_config(source, pooling, dict(latent_sizes or {}), dtype, None)
+    config = encoder_config(source.config, pooling_mode=pooling, latent_sizes=latent_sizes, dtype=dtype)
     config.attention_dropout = attention_dropout
     config._attn_implementation = attn_implementation
-    state, lm_head_weight = _load_weights(source, loaded)
-    source.state_dict = None  # now held by `state`
+    lm_head_weight = source.read_tensor(LM_HEAD_NAME) if with_lm_head else None
+    state = merged_state_dict(source.tensor_source(consume=True), loaded, dtype=dtype)
+    source.state_dict = None  # consumed into `state`
+    if with_lm_head and lm_head_weight is None:
+        lm_head_weight = state["embed_tokens.weight"]  # tied embeddings (SmolLM2, Llama 3.2)
 
     torch.manual_seed(init_seed)
     encoder = LlamaEncoderModel(config)
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     missing = [name for name in missing if not name.startswith("latent_attention.")]
     if missing or unexpected:
-        raise ValueError(f"The base's weights do not fit a Llama encoder: missing {missing[:5]}, unexpected "
+        raise InputError(f"The base's weights do not fit a Llama encoder: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}.")
     del state
     encoder.to(device=device, dtype=dtype)
@@ -159,9 +133,9 @@ def resolve_mask_token(tokenizer, mask_token: str | None) -> int:
         return ids
     encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
     if len(encoded) != 1:
-        raise ValueError(f"The mask token {token!r} is {len(encoded)} tokens for this tokenizer; pass --mask-token "
+        raise InputError(f"The mask token {token!r} is {len(encoded)} tokens for this tokenizer; pass --mask-token "
                          "with a string that is a single token.")
     return encoded[0]
 
 
-__all__ = ["DEFAULT_TARGET_MODULES", "TrainingModel", "load_training_model", "resolve_mask_token"]
+__all__ = ["TrainingModel", "load_training_model", "resolve_mask_token"]

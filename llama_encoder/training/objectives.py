@@ -1,9 +1,13 @@
-"""The three LLM2Vec objectives, each a batch builder (`collate`) and a function from a batch to a loss.
+"""The three LLM2Vec objectives, each a batch builder (`collate`), a count of its loss terms (`count`) and a function
+from a batch to a loss (`loss`).
 
-A loss is returned as this process's *share* of the global batch's loss: under `torchrun` every process holds a
-slice of the global batch, embeddings are gathered across processes with gradients (`Distributed.gather`), and the
-shares add up to the loss a single process would compute on the whole batch, so summing the gradients across
-processes (what the loop does) gives exactly the single-process gradient.
+A step's loss is the mean of its terms (MNTP: one per masked token; InfoNCE: one per query; CoSENT: one per
+micro-batch) over every micro-batch of the step and every process. `loss(model, batch, dist, total)` returns this
+process's *share* of it: the sum of its micro-batch's terms divided by `total`, the step's count of terms (by default
+this micro-batch's, over all processes). Under `torchrun` every process holds a slice of the global batch, embeddings
+are gathered across processes with gradients (`Distributed.gather`), and the shares add up to the loss a single
+process would compute on the whole batch, so summing the gradients across processes and micro-batches (what the
+loop does) gives exactly the single-process gradient.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..configuration_llama_encoder import fill_instruction_template
+from ..errors import InputError
 from ..modeling_llama_encoder import tokenize_for_encoder
 from .data import ScoredPair, Triple
 from .distributed import Distributed
@@ -86,7 +92,7 @@ def mntp_token_losses(hidden_states: torch.Tensor, labels: torch.Tensor, lm_head
     positions. Returns a float32 vector with one loss per label that is not -100."""
     rows, positions = torch.nonzero(labels[:, 1:] != IGNORE_INDEX, as_tuple=True)
     if bool((labels[:, 0] != IGNORE_INDEX).any()):
-        raise ValueError("A label at position 0 has no previous position to be predicted from; never mask it.")
+        raise InputError("A label at position 0 has no previous position to be predicted from; never mask it.")
     logits = lm_head(hidden_states[rows, positions]).float()
     return F.cross_entropy(logits, labels[rows, positions + 1], reduction="none")
 
@@ -124,15 +130,20 @@ class MNTP:
         )
         return {"input_ids": masked, "attention_mask": attention, "labels": labels}
 
-    def loss(self, model: nn.Module, batch: dict, dist: Distributed) -> tuple[torch.Tensor, int]:
+    def count(self, batch: dict) -> int:
+        """This process's loss terms in `batch`: its masked tokens."""
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def loss(self, model: nn.Module, batch: dict, dist: Distributed,
+             total: int | None = None) -> tuple[torch.Tensor, int]:
         device = next(model.parameters()).device
         attention = batch["attention_mask"].to(device)
         hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=attention).last_hidden_state
         losses = mntp_token_losses(hidden, batch["labels"].to(device), self.lm_head)
-        total = dist.sum_int(len(losses))
+        total = dist.sum_int(len(losses)) if total is None else total
         tokens = int(attention.sum())
-        if total == 0:
-            return hidden.sum() * 0.0, tokens  # no token was masked anywhere in this global batch
+        if total == 0 or len(losses) == 0:
+            return hidden.sum() * 0.0, tokens  # no token of this batch is masked
         return losses.sum() / total, tokens
 
 
@@ -159,7 +170,12 @@ class SimCSE:
     def collate(self, texts: list[str], example_ids: list[int], epoch: int) -> dict:
         return {"texts": texts}
 
-    def loss(self, model: nn.Module, batch: dict, dist: Distributed) -> tuple[torch.Tensor, int]:
+    def count(self, batch: dict) -> int:
+        """This process's loss terms in `batch`: one per text (each text's first view is a query)."""
+        return len(batch["texts"])
+
+    def loss(self, model: nn.Module, batch: dict, dist: Distributed,
+             total: int | None = None) -> tuple[torch.Tensor, int]:
         texts = batch["texts"]
         # One forward over both views: every row gets its own dropout mask.
         embeddings, tokens = _encode_texts(model, self.tokenizer, texts + texts, None, self.max_length,
@@ -167,7 +183,7 @@ class SimCSE:
         first, second = embeddings[: len(texts)], embeddings[len(texts):]
         documents, offset = dist.gather(second)
         losses = info_nce_losses(first, documents, self.temperature, positive_offset=offset)
-        return losses.sum() / dist.sum_int(len(texts)), tokens
+        return losses.sum() / (dist.sum_int(len(texts)) if total is None else total), tokens
 
 
 @dataclass
@@ -187,18 +203,27 @@ class Supervised:
 
     def prompt(self, instruction: str | None) -> str:
         instruction = instruction or self.default_instruction
-        return self.instruction_template.replace("{instruction}", instruction) if instruction else ""
+        return fill_instruction_template(self.instruction_template, instruction) if instruction else ""
 
     def collate(self, examples: list, example_ids: list[int], epoch: int) -> dict:
         return {"examples": examples}
 
-    def loss(self, model: nn.Module, batch: dict, dist: Distributed) -> tuple[torch.Tensor, int]:
+    def count(self, batch: dict) -> int:
+        """This process's loss terms in `batch`: one per query (InfoNCE); CoSENT is one term of the whole
+        micro-batch, which every process computes and counts once."""
         examples = batch["examples"]
-        if isinstance(examples[0], ScoredPair):
-            return self._cosent(model, examples, dist)
-        return self._info_nce(model, examples, dist)
+        return 1 if isinstance(examples[0], ScoredPair) else len(examples)
 
-    def _info_nce(self, model: nn.Module, triples: list[Triple], dist: Distributed) -> tuple[torch.Tensor, int]:
+    def loss(self, model: nn.Module, batch: dict, dist: Distributed,
+             total: int | None = None) -> tuple[torch.Tensor, int]:
+        examples = batch["examples"]
+        total = dist.sum_int(self.count(batch)) if total is None else total
+        if isinstance(examples[0], ScoredPair):
+            return self._cosent(model, examples, dist, total)
+        return self._info_nce(model, examples, dist, total)
+
+    def _info_nce(self, model: nn.Module, triples: list[Triple], dist: Distributed,
+                  total: int) -> tuple[torch.Tensor, int]:
         n = len(triples)
         queries = [t.query for t in triples]
         documents = [t.positive for t in triples] + [negative for t in triples for negative in t.negatives]
@@ -210,9 +235,10 @@ class Supervised:
         negatives, _ = dist.gather(document_embeddings[n:])
         losses = info_nce_losses(query_embeddings, torch.cat([positives, negatives]), self.temperature,
                                  positive_offset=offset)
-        return losses.sum() / dist.sum_int(n), tokens
+        return losses.sum() / total, tokens
 
-    def _cosent(self, model: nn.Module, pairs: list[ScoredPair], dist: Distributed) -> tuple[torch.Tensor, int]:
+    def _cosent(self, model: nn.Module, pairs: list[ScoredPair], dist: Distributed,
+                total: int) -> tuple[torch.Tensor, int]:
         n = len(pairs)
         prompt = self.prompt(None)
         texts = [p.text1 for p in pairs] + [p.text2 for p in pairs]
@@ -221,7 +247,7 @@ class Supervised:
         first, _ = dist.gather(embeddings[:n])
         second, _ = dist.gather(embeddings[n:])
         scores, _ = dist.gather(torch.tensor([p.score for p in pairs], device=embeddings.device))
-        return cosent_loss(first, second, scores, self.cosent_scale) / dist.world_size, tokens
+        return cosent_loss(first, second, scores, self.cosent_scale) / total, tokens
 
 
 __all__ = [

@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .streaming import normalize_base_key
+from ..errors import InputError, MissingInputError
+from .names import normalize_base_key
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class LoraAdapter:
     """A LoRA adapter read from disk, keyed by the encoder's weight names (`layers.0.self_attn.q_proj.weight`).
 
     `modules` are the LoRA pairs to merge; `base_copies` are full copies of targeted embeddings that peft saved
-    beside their pairs (they must equal the base, see `stream_merge`); `ignored_modules` are LoRA targets the
+    beside their pairs (they must equal the base, see `merge.merge_tensor`); `ignored_modules` are LoRA targets the
     encoder does not have (`lm_head`). `pooling_head` / `pooling_config` come from our own training, when present.
     """
 
@@ -99,14 +100,14 @@ def merge_lora_delta(
     Raises `ValueError` when the shapes do not fit together.
     """
     if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_b.shape[1] != lora_a.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"LoRA pair does not fit together: lora_A {tuple(lora_a.shape)} must be (r, in) and lora_B "
             f"{tuple(lora_b.shape)} must be (out, r) with the same r."
         )
     # (B @ A).T == A.T @ B.T: the transposed delta needs no extra copy.
     left, right = (lora_a.T, lora_b.T) if fan_in_fan_out else (lora_b, lora_a)
     if tuple(weight.shape) != (left.shape[0], right.shape[1]):
-        raise ValueError(
+        raise InputError(
             f"LoRA delta of shape {(left.shape[0], right.shape[1])} cannot be added to a weight of shape "
             f"{tuple(weight.shape)}; the adapter was trained on a model of another size."
         )
@@ -127,7 +128,7 @@ def _pattern_value(patterns: dict, module_name: str, default):
 def _check_config(config: dict, path: Path) -> None:
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise ValueError(
+        raise InputError(
             f"{path / ADAPTER_CONFIG_NAME} describes a {config.get('peft_type')!r} adapter; only LoRA adapters "
             "(peft_type 'LORA') can be merged. Train or download a LoRA adapter instead."
         )
@@ -142,10 +143,10 @@ def _check_config(config: dict, path: Path) -> None:
     }
     for key, reason in refusals.items():
         if config.get(key):
-            raise ValueError(f"Cannot merge the adapter at {path}: {reason}.")
+            raise InputError(f"Cannot merge the adapter at {path}: {reason}.")
     init = str(config.get("init_lora_weights", "")).lower()
     if init.startswith(_BASE_REWRITING_INITS):
-        raise ValueError(
+        raise InputError(
             f"The adapter at {path} was initialised with init_lora_weights={config['init_lora_weights']!r}, which "
             "rewrites the base weights, so the adapter alone is not a delta on the original model. Save it with "
             "peft's path_initial_model_for_weight_conversion, which turns it into a plain LoRA adapter."
@@ -162,18 +163,18 @@ def _load_adapter_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Ten
         try:
             return load_file(safetensors_file)
         except SafetensorError as exc:
-            raise ValueError(
+            raise InputError(
                 f"Cannot read {safetensors_file}: {exc}. The file is truncated or corrupt; save or download it again."
             ) from exc
     if pickle_file.is_file():
         if not allow_pickle:
-            raise ValueError(
+            raise InputError(
                 f"The adapter at {path} stores its weights in {ADAPTER_PICKLE_NAME}, a pickle that can run code "
                 "when loaded. Pass allow_pickle=True (--allow-pickle) if you trust its source, or convert it to "
                 f"{ADAPTER_SAFETENSORS_NAME}."
             )
         return torch.load(pickle_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"The adapter at {path} has {ADAPTER_CONFIG_NAME} but no weights: expected {ADAPTER_SAFETENSORS_NAME} "
         f"(or {ADAPTER_PICKLE_NAME}) beside it. Copy the adapter's weights file into the folder."
     )
@@ -183,7 +184,7 @@ def _read_json(file: Path) -> object:
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{file} is not valid JSON ({exc}); save or download it again.") from exc
+        raise InputError(f"{file} is not valid JSON ({exc}); save or download it again.") from exc
 
 
 def _module_path(key: str) -> str:
@@ -196,27 +197,27 @@ def _read_pooling_head(path: Path) -> tuple[dict[str, torch.Tensor], dict | None
     config_file = path / POOLING_CONFIG_NAME
     pooling_config = _read_json(config_file) if config_file.is_file() else None
     if pooling_config is not None and not isinstance(pooling_config, dict):
-        raise ValueError(f'{config_file} must hold a JSON object such as {{"pooling_mode": "mean"}}.')
+        raise InputError(f'{config_file} must hold a JSON object such as {{"pooling_mode": "mean"}}.')
     head: dict[str, torch.Tensor] = {}
     if head_file.is_file():
         try:
             head = load_file(head_file)
         except SafetensorError as exc:
-            raise ValueError(f"Cannot read {head_file}: {exc}. The file is truncated or corrupt.") from exc
+            raise InputError(f"Cannot read {head_file}: {exc}. The file is truncated or corrupt.") from exc
         stray = sorted(name for name in head if not name.startswith("latent_attention."))
         if stray:
-            raise ValueError(
+            raise InputError(
                 f"{head_file} may only hold the latent-attention head (keys 'latent_attention.*'); found "
                 f"{', '.join(stray[:5])}."
             )
     mode = (pooling_config or {}).get("pooling_mode")
     if mode == "latent_attention" and not head:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{config_file} sets pooling_mode 'latent_attention' but {head_file} is missing; copy the trained "
             "head beside the adapter."
         )
     if head and mode not in (None, "latent_attention"):
-        raise ValueError(
+        raise InputError(
             f"{head_file} holds a latent-attention head but {config_file} sets pooling_mode {mode!r}; "
             "fix pooling_config.json or remove the head."
         )
@@ -235,12 +236,12 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     path = Path(path).expanduser()
     config_file = path / ADAPTER_CONFIG_NAME
     if not path.is_dir():
-        raise FileNotFoundError(f"Adapter folder {path} does not exist; pass the folder holding {ADAPTER_CONFIG_NAME}.")
+        raise MissingInputError(f"Adapter folder {path} does not exist; pass the folder holding {ADAPTER_CONFIG_NAME}.")
     if not config_file.is_file():
-        raise FileNotFoundError(f"{path} has no {ADAPTER_CONFIG_NAME}; pass a folder saved by peft's save_pretrained.")
+        raise MissingInputError(f"{path} has no {ADAPTER_CONFIG_NAME}; pass a folder saved by peft's save_pretrained.")
     config = _read_json(config_file)
     if not isinstance(config, dict):
-        raise ValueError(f"{config_file} must hold a JSON object as peft writes it.")
+        raise InputError(f"{config_file} must hold a JSON object as peft writes it.")
     _check_config(config, path)
     tensors = _load_adapter_tensors(path, allow_pickle)
 
@@ -260,13 +261,13 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
             others.append(key)
     if others:
         hint = f" (modules_to_save={config['modules_to_save']})" if config.get("modules_to_save") else ""
-        raise ValueError(
+        raise InputError(
             f"The adapter at {path} holds {len(others)} tensors that are not LoRA pairs{hint}, e.g. "
             f"{', '.join(sorted(others)[:5])}. Only LoRA deltas can be merged; train without modules_to_save, "
             "trainable tokens or biases, or merge with peft first."
         )
     if not pairs:
-        raise ValueError(f"The adapter at {path} holds no LoRA weights (no '*.lora_A.weight' keys).")
+        raise InputError(f"The adapter at {path} holds no LoRA weights (no '*.lora_A.weight' keys).")
 
     alpha = config.get("lora_alpha", 8)
     rank = config.get("r", 8)
@@ -275,7 +276,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
     for module_path, pair in sorted(pairs.items()):
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
-            raise ValueError(
+            raise InputError(
                 f"The adapter at {path} has no {missing} for {module_path}; the weights file is incomplete."
             )
         target = normalize_base_key(f"{module_path}.weight")
@@ -286,7 +287,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
         module_alpha = _pattern_value(config.get("alpha_pattern") or {}, module_path, alpha)
         lora_a, lora_b = pair["A"], pair["B"]
         if lora_a.dim() != 2 or lora_b.dim() != 2 or lora_a.shape[0] != r or lora_b.shape[1] != r:
-            raise ValueError(
+            raise InputError(
                 f"The adapter at {path} has lora_A {tuple(lora_a.shape)} and lora_B {tuple(lora_b.shape)} for "
                 f"{module_path}, but its config gives rank r={r}; adapter_config.json does not match the weights."
             )
@@ -325,7 +326,7 @@ def validate_adapter_against(
     adapter: LoraAdapter, config_dict: dict, weight_shapes: dict[str, tuple[int, ...]]
 ) -> None:
     """Check that `adapter` fits the base model described by `config_dict` (its config.json; may be empty) and
-    `weight_shapes` (encoder weight name -> shape, e.g. from `streaming.base_weight_shapes`).
+    `weight_shapes` (encoder weight name -> shape, e.g. from `shards.base_weight_shapes`).
 
     Every LoRA target must exist in the base with the shape the pair implies (A: `(r, in)`, B: `(out, r)`).
     Returns nothing; raises `ValueError` naming the base's size and the missing or mismatched modules.
@@ -355,7 +356,7 @@ def validate_adapter_against(
         sizes = ", ".join(
             f"{key}={config_dict[key]}" for key in ("hidden_size", "num_hidden_layers") if key in config_dict
         )
-        raise ValueError(
+        raise InputError(
             f"The adapter at {adapter.path} does not fit this base model{f' ({sizes})' if sizes else ''}: "
             f"{'; '.join(problems)}. It was trained on {trained_on}; convert with that base model."
         )

