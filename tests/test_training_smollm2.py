@@ -29,7 +29,8 @@ def test_mntp_then_supervised_then_convert(tmp_path):
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("score,sentence1,sentence2\n" + "\n".join(
         f"{i % 6},{a},{b}" for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1], strict=True))))
-    common = dict(max_steps=2, batch_size=4, dtype="bfloat16", show_progress=False, lora_dropout=0.0)
+    # auto: bfloat16 where the CPU has it natively; float32 where bfloat16 would be emulated (and refused)
+    common = dict(max_steps=2, batch_size=4, dtype="auto", show_progress=False, lora_dropout=0.0)
     mntp = train(TrainingArguments(objective="mntp", out=str(tmp_path / "mntp"), data=[str(texts)], **common))
     assert mntp["tokens"] > 0 and np.isfinite(mntp["final_loss"])
     supervised = train(TrainingArguments(objective="supervised", out=str(tmp_path / "sup"), data=[str(pairs)],
