@@ -5,7 +5,12 @@ For each dtype (fp32, bf16) and thread count (1, 2), three ways to embed the sam
   (a) floor: a stock transformers LlamaModel forward over the same tokens with no padding at all (rows grouped by
       exact length), i.e. the model's arithmetic and nothing else;
   (b) encode: llama_encoder's Encoder.encode (tokenise once, length-sorted token-budget batches, pooling);
-  (c) st: SentenceTransformer(checkpoint, trust_remote_code=True).encode.
+  (c) st: SentenceTransformer(checkpoint, trust_remote_code=True).encode;
+  (d) st-native: SentenceTransformer(checkpoint).encode, no remote code (stock modules on a stock bidirectional
+      LlamaModel; native checkpoints whose prompts allow it, e.g. the default one);
+  (e) vllm: vLLM's LLM.embed in its own interpreter (llama_encoder.engines.vllm; --vllm-python or
+      $LLAMA_ENCODER_VLLM_PYTHON, built by scripts/setup_vllm_env.sh), eager, bound to the same number of CPUs; the
+      row is skipped when no vLLM interpreter is found. Its start-up is not timed, like the others' model loading.
 Inputs: STS Benchmark dev sentences, and a long-document set (16 to 1024 tokens) made by joining them. Also: STS
 dev Spearman of fp32 vs bf16, achieved GFLOP/s (2 x non-embedding parameters x tokens + attention) against a
 matmul peak measured in the same run. Targets: (b) >= 0.95x (a) in fp32; bf16 >= 1.5x fp32 with STS dev Spearman
@@ -92,11 +97,22 @@ def _worker(args) -> None:
     elif method == "encode":
         def run():
             encoder.encode(texts, batch_tokens=args.batch_tokens, show_progress=False)
+    elif method == "vllm":
+        from llama_encoder.engines.vllm import VllmEmbedder
+
+        del encoder
+        embedder = VllmEmbedder(args.checkpoint, python=args.vllm_python,
+                                dtype={"fp32": "float32", "bf16": "bfloat16"}[args.worker_dtype],
+                                threads=args.worker_threads)
+        embedder.start()
+
+        def run():
+            embedder.embed(texts)
     else:
         from sentence_transformers import SentenceTransformer
 
         del encoder
-        st = SentenceTransformer(args.checkpoint, trust_remote_code=True, device="cpu",
+        st = SentenceTransformer(args.checkpoint, trust_remote_code=method == "st", device="cpu",
                                  model_kwargs={"dtype": dtype})
 
         def run():
@@ -106,6 +122,8 @@ def _worker(args) -> None:
     start = time.perf_counter()
     run()
     seconds = time.perf_counter() - start
+    if method == "vllm":
+        embedder.close()
     print(json.dumps({"tokens": tokens, "texts": len(texts), "seconds": seconds, "row_lengths": [len(r) for r in rows],
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
@@ -118,6 +136,8 @@ def _measure(args, texts_file: Path, method: str, dtype: str, threads: int, text
         command.append("--warmup")
     if args.allow_slow_dtype:
         command.append("--allow-slow-dtype")
+    if args.vllm_python:
+        command += ["--vllm-python", args.vllm_python]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     if result.returncode != 0:
@@ -174,8 +194,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts to measure")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
                         help="weight dtypes to measure")
-    parser.add_argument("--methods", nargs="+", default=["floor", "encode", "st"], choices=["floor", "encode", "st"],
-                        help="what to time (see above)")
+    methods = ["floor", "encode", "st", "st-native", "vllm"]
+    parser.add_argument("--methods", nargs="+", default=methods, choices=methods,
+                        help="what to time (see above; st-native needs a native checkpoint with stock modules, vllm "
+                        "an interpreter with vLLM)")
+    parser.add_argument("--vllm-python", metavar="PATH",
+                        help="interpreter with vLLM for the vllm rows (default: $LLAMA_ENCODER_VLLM_PYTHON)")
     parser.add_argument("--batch-tokens", type=int, default=8192, help="token budget per batch for floor and encode")
     parser.add_argument("--st-batch-size", type=int, default=32, help="SentenceTransformer.encode batch_size")
     parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
@@ -210,11 +234,23 @@ def main() -> int:
               "measure the emulated bf16 anyway")
         args.dtypes = [dtype for dtype in args.dtypes if dtype != "bf16"]
     config = json.loads((Path(args.checkpoint) / "config.json").read_text())
+    modules = json.loads((Path(args.checkpoint) / "modules.json").read_text())
+    if "st-native" in args.methods and not any(m["type"] == "sentence_transformers.models.Pooling" for m in modules):
+        print("skipping st-native: the checkpoint keeps its own Sentence Transformers module (see its model card)")
+        args.methods.remove("st-native")
+    if "vllm" in args.methods:
+        from llama_encoder.engines.vllm import find_vllm_python
+
+        args.vllm_python = find_vllm_python(args.vllm_python)
+        if args.vllm_python is None or config.get("model_type") != "llama":
+            print("skipping vllm: " + ("no interpreter with vLLM (bash scripts/setup_vllm_env.sh; --vllm-python)"
+                                       if args.vllm_python is None else "not a native checkpoint"))
+            args.methods.remove("vllm")
     texts_file = Path(args.checkpoint).parent / f".throughput-texts-{os.getpid()}.json"
     texts_file.write_text(json.dumps(_texts(args)))
     try:
         print(f"checkpoint {args.checkpoint}; {os.cpu_count()} CPUs; batch tokens {args.batch_tokens}")
-        print(f"{'set':<10}{'dtype':<6}{'thr':>4} {'method':<7}{'tokens/s':>10}{'texts/s':>9}{'vs floor':>9}"
+        print(f"{'set':<10}{'dtype':<6}{'thr':>4} {'method':<10}{'tokens/s':>10}{'texts/s':>9}{'vs floor':>9}"
               f"{'GFLOP/s':>9}{'% peak':>8}{'RSS MiB':>9}")
         summary, records, spearman = {}, [], {}
         for threads in args.threads:
@@ -233,7 +269,7 @@ def main() -> int:
                                         "tokens_per_second": tps, "vs_floor": tps / floor if floor else None,
                                         "gflops": gflops, "matmul_peak_gflops": peak,
                                         **{key: value for key, value in m.items() if key != "row_lengths"}})
-                        print(f"{text_set:<10}{dtype:<6}{threads:>4} {method:<7}{tps:>10.0f}"
+                        print(f"{text_set:<10}{dtype:<6}{threads:>4} {method:<10}{tps:>10.0f}"
                               f"{m['texts'] / m['seconds']:>9.1f}{ratio:>9}{gflops:>9.1f}{100 * gflops / peak:>7.1f}%"
                               f"{m['peak_rss_mib']:>9.0f}", flush=True)
                 print(f"  matmul peak {dtype} {threads} thread(s): {peak:.1f} GFLOP/s")
@@ -243,6 +279,13 @@ def main() -> int:
                 bf16 = summary.get((text_set, "bf16", threads, "encode"))
                 if fp32 and bf16:
                     print(f"bf16 / fp32 encode speed, {text_set}, {threads} thread(s): {bf16 / fp32:.2f}x")
+                for dtype in args.dtypes:
+                    remote = summary.get((text_set, dtype, threads, "st"))
+                    for method in ("st-native", "vllm"):
+                        other = summary.get((text_set, dtype, threads, method))
+                        if remote and other:
+                            print(f"{method} / st (remote code) speed, {text_set}, {dtype}, {threads} thread(s): "
+                                  f"{other / remote:.2f}x")
         if not args.no_spearman and set(args.dtypes) == {"fp32", "bf16"}:
             fp32, bf16 = _spearman(args, "fp32"), _spearman(args, "bf16")
             spearman = {"fp32": fp32, "bf16": bf16}

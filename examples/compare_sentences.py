@@ -1,6 +1,8 @@
 """Load an encoder checkpoint the way any user would, embed sentences, and print their similarities.
 
-Nothing from llama_encoder is imported: the checkpoint carries its own code (trust_remote_code).
+Nothing from llama_encoder is imported. An engine-native checkpoint (the default of `llama-encoder convert`) loads in
+sentence-transformers with stock modules and no remote code; a remote-code one through its own code
+(trust_remote_code). Plain transformers uses the checkpoint's own code either way, for its prompt-aware pooling.
 
     python examples/compare_sentences.py PATH_OR_REPO_ID
 """
@@ -8,7 +10,9 @@ Nothing from llama_encoder is imported: the checkpoint carries its own code (tru
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -40,8 +44,13 @@ def main() -> int:
     parser.add_argument("checkpoint", help="a folder written by `llama-encoder convert`, or a Hub repo id")
     args = parser.parse_args()
 
-    # 1. Sentence-transformers: prompts come from the checkpoint (query prompt = its instruction).
-    st_model = SentenceTransformer(args.checkpoint, trust_remote_code=True)
+    # 1. Sentence-transformers: prompts come from the checkpoint (query prompt = its instruction). Stock modules
+    #    (modules.json names sentence_transformers.models.Pooling) need no remote code.
+    modules_file = Path(args.checkpoint) / "modules.json"
+    stock = modules_file.is_file() and any(
+        module["type"] == "sentence_transformers.models.Pooling" for module in json.loads(modules_file.read_text())
+    )
+    st_model = SentenceTransformer(args.checkpoint, trust_remote_code=not stock)
     st_queries = st_model.encode(QUERIES, prompt_name="query", convert_to_tensor=True)
     st_documents = st_model.encode(DOCUMENTS, convert_to_tensor=True)
     st_scores = st_model.similarity(st_queries, st_documents)
@@ -57,7 +66,8 @@ def main() -> int:
         documents = model(**tokenize_for_encoder(tokenizer, DOCUMENTS, append_eos=append_eos)).pooler_output
     scores = torch.nn.functional.normalize(queries, dim=-1) @ torch.nn.functional.normalize(documents, dim=-1).T
 
-    print(f"Checkpoint: {args.checkpoint} (pooling: {model.config.pooling_mode})")
+    print(f"Checkpoint: {args.checkpoint} (pooling: {model.config.pooling_mode}; sentence-transformers "
+          f"{'stock modules, no remote code' if stock else 'with the checkpoint code (trust_remote_code)'})")
     print(f"Query prompt: {query_prompt!r}\n")
     for j, document in enumerate(DOCUMENTS):
         print(f"doc{j + 1}: {document}")

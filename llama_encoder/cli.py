@@ -23,6 +23,10 @@ CONVERT_EPILOG = """examples:
   llama-encoder convert --base meta-llama/Meta-Llama-3-8B-Instruct \\
       --adapter llm2vec-mntp --adapter llm2vec-supervised --dtype bfloat16 --out llama3-encoder
       LLM2Vec's recipe: the MNTP adapter, then the supervised adapter on top of it
+  llama-encoder convert --adapter runs/sup --pooling latent_attention --format remote-code --out nv-style
+      a latent-attention head has no engine-native form: it runs only with trust_remote_code=True
+  llama-encoder convert --out smollm2-encoder --vllm-python .venv-vllm/bin/python
+      also verify with vLLM (scripts/setup_vllm_env.sh builds that interpreter)
 """
 
 
@@ -30,9 +34,11 @@ def _add_convert(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="merge LoRA adapters into a base LLM and write a verified encoder checkpoint",
-        description="Merge LoRA adapters into a base Llama LLM and write a self-contained, verified "
-        "trust_remote_code encoder checkpoint (AutoModel and SentenceTransformer). The folder is built beside "
-        "--out and moved into place only once it loads without llama-encoder and embeds like the merged model.",
+        description="Merge LoRA adapters into a base Llama LLM and write a self-contained, verified encoder "
+        "checkpoint. The default (--format native) is a stock bidirectional Llama checkpoint that transformers >= 5.2, "
+        "sentence-transformers, vLLM and TEI load without remote code, and that trust_remote_code=True still loads "
+        "with the checkpoint's own code on transformers 4.57+. The folder is built beside --out and moved into place "
+        "only once every loader it claims embeds like the merged model.",
         epilog=CONVERT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -66,7 +72,23 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("--shard-size", default="2GB", metavar="SIZE",
                         help="largest output shard, e.g. 2GB or 500MB (default: 2GB)")
     parser.add_argument("--padding-side", default="right", choices=["left", "right"],
-                        help="padding side recorded in the tokenizer (results are the same either way)")
+                        help="padding side recorded in the tokenizer (the checkpoint's own code gives the same results "
+                        "either way; native checkpoints must pad right: stock LlamaModel counts positions over left "
+                        "padding)")
+    parser.add_argument("--format", default="native", choices=["native", "remote-code"],
+                        help="native (default): model_type llama with is_causal false, stock Sentence Transformers "
+                        "modules where they pool exactly like the encoder, readable by vLLM and TEI; mean and "
+                        "last_token pooling only. remote-code: model_type llama_encoder, loadable only with "
+                        "trust_remote_code=True (old transformers then fail loudly instead of running causally); "
+                        "needed for weighted_mean, eos, bos and latent_attention")
+    vllm = parser.add_mutually_exclusive_group()
+    vllm.add_argument("--vllm", dest="vllm", action="store_true", default=None,
+                      help="also verify with vLLM, and fail if no vLLM is found (default: verify with vLLM when one "
+                      "is found: this interpreter, --vllm-python or $LLAMA_ENCODER_VLLM_PYTHON)")
+    vllm.add_argument("--no-vllm", dest="vllm", action="store_false", help="do not verify with vLLM")
+    parser.add_argument("--vllm-python", metavar="PATH",
+                        help="a Python interpreter with vLLM installed, for verification (e.g. .venv-vllm/bin/python "
+                        "from scripts/setup_vllm_env.sh)")
     parser.add_argument("--model-id", metavar="OWNER/NAME",
                         help="the repo id the model card's snippets load (default: the output path)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (must not exist, see --overwrite)")
@@ -89,12 +111,18 @@ def _run_convert(args: argparse.Namespace) -> int:
         query_instruction=args.query_instruction, query_prompt=args.query_prompt,
         document_prompt=args.document_prompt, normalize=args.normalize, max_seq_length=args.max_seq_length,
         dtype=args.dtype, shard_size=args.shard_size, padding_side=args.padding_side, model_id=args.model_id,
-        overwrite=args.overwrite, allow_pickle=args.allow_pickle, cache_dir=args.cache_dir,
+        overwrite=args.overwrite, allow_pickle=args.allow_pickle, cache_dir=args.cache_dir, format=args.format,
+        vllm=args.vllm, vllm_python=args.vllm_python,
     )
-    print(f"Wrote {result.out_dir} (pooling {result.pooling_mode}, {result.dtype}, "
+    print(f"Wrote {result.out_dir} ({result.format} format, pooling {result.pooling_mode}, {result.dtype}, "
           f"{len(result.merged_adapters)} adapter(s) merged)")
-    print(f"Verified: AutoModel and SentenceTransformer match the merged model, max cosine distance "
-          f"{result.verification['max_cosine_distance']:.2e}")
+    print(f"Verified against the merged model, max cosine distance {result.verification['max_cosine_distance']:.2e}:")
+    from .conversion_scripts.layout import ENGINES
+
+    for key, label in ENGINES:
+        entry = result.verification.get("engines", {}).get(key)
+        if entry:
+            print(f"  {entry['status']:>12}  {label.replace('`', '')}")
     for name in result.files:
         print(f"  {name}")
     return 0
@@ -169,6 +197,29 @@ def _add_embed(subparsers) -> None:
     parser.add_argument("--num-shards", type=int, help="how many processes share the corpus")
     parser.add_argument("--overwrite", action="store_true", help="replace an output folder from a different run")
     _add_encoder_options(parser)
+    engine = parser.add_argument_group(
+        "engine",
+        "vLLM runs an engine-native checkpoint (`llama-encoder convert --format native`, mean or last_token "
+        "pooling) with its own Llama, in one child process for the whole run. It pools every token, so with mean "
+        "pooling a prompt's tokens are pooled too (ours leave them out): documents without a prompt, and last_token "
+        "inputs, equal --engine transformers; mean-pooled inputs behind a prompt do not.",
+    )
+    engine.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                        help="what computes the embeddings: this package's model with transformers (default), or "
+                        "vLLM; the engine is recorded in run.json, and a resume with the other one is refused")
+    engine.add_argument("--vllm-python", metavar="PATH",
+                        help="with --engine vllm: the Python interpreter that has vLLM (default: "
+                        "$LLAMA_ENCODER_VLLM_PYTHON, else this one if it imports vllm; `bash "
+                        "scripts/setup_vllm_env.sh` builds .venv-vllm/bin/python)")
+    engine.add_argument("--vllm-threads", type=int, metavar="N",
+                        help="with --engine vllm on a CPU: OpenMP threads for vLLM, bound to the first N CPUs this "
+                        "process may use (default: $VLLM_CPU_OMP_THREADS_BIND if set, else all of them)")
+    engine.add_argument("--vllm-timeout", type=float, default=3600, metavar="SECONDS",
+                        help="with --engine vllm: longest vLLM start-up, and longest time for one shard, before "
+                        "vLLM is killed and the run stops (done shards stay; default: 3600)")
+    engine.add_argument("--vllm-compile", action="store_true",
+                        help="with --engine vllm: let vLLM torch.compile the model (start-up 100-250 s longer on 2 "
+                        "CPUs, cached afterwards) instead of running it eagerly")
     parser.set_defaults(handler=_run_embed)
 
 
@@ -181,18 +232,41 @@ def _run_embed(args: argparse.Namespace) -> int:
     from .encoding.encode import Encoder
 
     device = args.device
-    if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # under torchrun, one GPU per process
-    encoder = Encoder.from_pretrained(args.checkpoint, device=device, dtype=args.dtype,
-                                      allow_slow_dtype=args.allow_slow_dtype)
-    summary = embed_corpus(
-        encoder, args.input, args.output, id_field=args.id_field, text_field=args.text_field,
-        shard_size=args.shard_size, prompt=args.prompt, prompt_name=args.prompt_name, instruction=args.instruction,
-        shard_index=args.shard_index, num_shards=args.num_shards, overwrite=args.overwrite,
-        batch_tokens=args.batch_tokens,
-    )
+    if args.engine == "vllm":
+        encoder = _vllm_encoder(args)
+    else:
+        if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+            device = f"cuda:{os.environ['LOCAL_RANK']}"  # under torchrun, one GPU per process
+        encoder = Encoder.from_pretrained(args.checkpoint, device=device, dtype=args.dtype,
+                                          allow_slow_dtype=args.allow_slow_dtype)
+    try:
+        summary = embed_corpus(
+            encoder, args.input, args.output, id_field=args.id_field, text_field=args.text_field,
+            shard_size=args.shard_size, prompt=args.prompt, prompt_name=args.prompt_name,
+            instruction=args.instruction, shard_index=args.shard_index, num_shards=args.num_shards,
+            overwrite=args.overwrite, batch_tokens=args.batch_tokens,
+        )
+    finally:
+        if args.engine == "vllm":
+            encoder.close()  # the vLLM process group, also on errors and Ctrl-C
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _vllm_encoder(args: argparse.Namespace):
+    """A `VllmEncoder` for `embed --engine vllm`; vLLM itself starts with the first shard to compute."""
+    import torch
+
+    from .dtypes import resolve_compute_dtype
+    from .engines.vllm import VllmEncoder
+
+    if args.device is not None:
+        logger.warning("--device is ignored with --engine vllm: vLLM runs on the device its build supports")
+    # --dtype auto means the same as with transformers (bfloat16 where it is native, else float32)
+    dtype = resolve_compute_dtype(args.dtype, "cuda" if torch.cuda.is_available() else "cpu",
+                                  allow_slow_dtype=args.allow_slow_dtype)
+    return VllmEncoder(args.checkpoint, python=args.vllm_python, dtype=str(dtype).removeprefix("torch."),
+                       threads=args.vllm_threads, timeout=args.vllm_timeout, enforce_eager=not args.vllm_compile)
 
 
 def _add_evaluate(subparsers) -> None:

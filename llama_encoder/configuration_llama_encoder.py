@@ -81,6 +81,16 @@ class LlamaEncoderConfig(LlamaConfig):
         # Set after the parent's init so no version of LlamaConfig can reset it.
         self.is_causal = False
 
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """The saved config, read as an encoder config also when it is an engine-native checkpoint's (`model_type:
+        llama` with `is_causal: false`, which stock transformers >= 5.2 loads as a bidirectional `LlamaModel`):
+        `trust_remote_code=True` then builds this class without a model-type mismatch warning."""
+        config_dict, kwargs = super().get_config_dict(*args, **kwargs)
+        if config_dict.get("model_type") == "llama" and config_dict.get("is_causal") is False:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
     def instruction_prompt(self, instruction: str) -> str:
         """The prompt written before a query with this task `instruction`, e.g. `Instruct: ...\nQuery: `."""
         return fill_instruction_template(self.instruction_template, instruction)

@@ -7,6 +7,9 @@ import torch
 
 CPU_CAP_VARIABLE = "LLAMA_ENCODER_TEST_CPU_CAP"
 """Set by scripts/test.sh for the run with the CPU kernels capped (AVX2): the run stops unless the cap holds."""
+REQUIRE_VLLM_VARIABLE = "LLAMA_ENCODER_REQUIRE_VLLM"
+"""Set to 1 by scripts/test.sh for its vLLM step: a test that needs vLLM then fails, instead of being skipped, when
+no vLLM interpreter is found."""
 
 
 def pytest_configure(config):
@@ -47,3 +50,19 @@ def tiny_checkpoint(tmp_path_factory):
 
     base = save_tiny_base(tmp_path_factory.mktemp("tiny-base"))
     return convert(out=tmp_path_factory.mktemp("tiny-checkpoint") / "encoder", base=str(base)).out_dir
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The interpreter that runs vLLM (`llama_encoder.engines.vllm.find_vllm_python`: $LLAMA_ENCODER_VLLM_PYTHON, else
+    this one if it imports vllm). None found: the test is skipped, or fails when LLAMA_ENCODER_REQUIRE_VLLM=1."""
+    from llama_encoder.engines.vllm import PYTHON_VARIABLE, find_vllm_python
+
+    python = find_vllm_python()
+    if python is None:
+        message = (f"no vLLM interpreter: set {PYTHON_VARIABLE}=.venv-vllm/bin/python (built by "
+                   "`bash scripts/setup_vllm_env.sh`)")
+        if os.environ.get(REQUIRE_VLLM_VARIABLE) == "1":
+            pytest.fail(f"{message}; {REQUIRE_VLLM_VARIABLE}=1 requires it", pytrace=False)
+        pytest.skip(message)
+    return python

@@ -83,7 +83,7 @@ def _write(folder: Path, model, tokenizer, **overrides) -> Path:
     folder.mkdir(parents=True)
     options = dict(
         out_dir=folder, tokenizer=tokenizer, model_id=str(folder), base_name="HuggingFaceTB/SmolLM2-135M",
-        license="apache-2.0", merged_adapters=ADAPTERS, weights_written=False,
+        license="apache-2.0", merged_adapters=ADAPTERS, weights_written=False, format="remote-code",
     )
     return write_checkpoint(model, **{**options, **overrides})
 

@@ -77,7 +77,8 @@ def test_threads_sharing_one_raw_model_get_sequential_results(backend, pooling_m
         sequential = [model(**batch) for batch in batches]
 
         def forward(batch):
-            return model(**batch)
+            with torch.inference_mode():  # grad mode is per thread: each sets its own, as Encoder.encode does
+                return model(**batch)
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
             threaded = list(pool.map(forward, batches))

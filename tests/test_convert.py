@@ -59,7 +59,8 @@ def _sha256_tree(folder: Path) -> dict[str, str]:
 def test_stacked_adapters_convert_to_peft_merge_and_verify(tiny_base, two_adapters, tmp_path):
     mntp, supervised, expected_state = two_adapters
     result = convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[mntp, supervised],
-                     pooling="weighted_mean", shard_size="150KB", query_instruction="Find the animal")
+                     pooling="weighted_mean", shard_size="150KB", query_instruction="Find the animal",
+                     format="remote-code")
     out = result.out_dir
     assert out == (tmp_path / "encoder").absolute()
     assert (out / "model.safetensors.index.json").is_file()  # small shard size: sharded output
@@ -96,7 +97,8 @@ def test_stacked_adapters_convert_to_peft_merge_and_verify(tiny_base, two_adapte
 
 @pytest.mark.parametrize("pooling", ["mean", "eos", "bos"])
 def test_every_pooling_mode_converts_and_verifies(tiny_base, tmp_path, pooling):
-    result = convert(out=tmp_path / pooling, base=str(tiny_base), pooling=pooling, padding_side="left")
+    result = convert(out=tmp_path / pooling, base=str(tiny_base), pooling=pooling, padding_side="left",
+                     format="remote-code")
     assert result.pooling_mode == pooling
     assert result.verification["passed"]
     assert json.loads((result.out_dir / "tokenizer_config.json").read_text())["padding_side"] == "left"
@@ -115,7 +117,7 @@ def test_latent_attention_head_from_training_is_carried_over(tiny_base, two_adap
     save_file(head, adapter / "pooling_head.safetensors")
     (adapter / "pooling_config.json").write_text(json.dumps({"pooling_mode": "latent_attention", **sizes}))
 
-    result = convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[adapter])
+    result = convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[adapter], format="remote-code")
     assert result.pooling_mode == "latent_attention"
     model = LlamaEncoderModel.from_pretrained(result.out_dir)
     assert model.config.latent_attention_head_dim == 16
@@ -148,7 +150,7 @@ def test_interrupted_conversion_leaves_nothing_and_keeps_the_old_checkpoint(tiny
 
     monkeypatch.setattr(convert_module, failing_step, explode)
     with pytest.raises(RuntimeError, match="injected failure"):
-        convert(out=out, base=str(tiny_base), pooling="bos", overwrite=True)
+        convert(out=out, base=str(tiny_base), pooling="bos", overwrite=True, format="remote-code")
     assert _sha256_tree(out) == before
     with pytest.raises(RuntimeError, match="injected failure"):
         convert(out=tmp_path / "fresh", base=str(tiny_base))
@@ -307,7 +309,18 @@ def test_main_job_on_the_embedded_smollm2(tmp_path):
     assert result.verification["max_cosine_distance"] <= 1e-4
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
+    # native all the way: stock AutoModel (documents) and stock SentenceTransformer (queries too) were run in the
+    # fresh process and embed like the independently merged model
+    assert config["model_type"] == "llama" and config["is_causal"] is False
+    engines = result.verification["engines"]
+    assert {key: engines[key]["status"] for key in ("transformers", "sentence_transformers", "tei")} == {
+        "transformers": "verified", "sentence_transformers": "verified", "tei": "by format"}
+    native_checks = [c for c in result.verification["checks"] if c["name"].startswith(("automodel_native",
+                                                                                         "sentence_transformers_native"))]
+    assert {c["prompt"] for c in native_checks} == {"plain", "query"}
+    assert all(c["max_cosine_distance"] <= 1e-4 for c in native_checks)
     run = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "compare_sentences.py"), str(out)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600, stdin=subprocess.DEVNULL)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Largest difference between the two loaders" in run.stdout
+    assert "stock modules, no remote code" in run.stdout

@@ -68,3 +68,10 @@ def test_the_default_merge_equals_the_shipped_adapters_given_explicitly(tmp_path
     card = (default.out_dir / "README.md").read_text()
     assert "## Training" in card and "STS Benchmark train split" in card
     assert "## Training" not in (untrained.out_dir / "README.md").read_text()
+    # the default checkpoint is native all the way: its query prompt ends in a newline, so stock Sentence
+    # Transformers pools exactly the encoder's tokens; the package's own template ("...Query: ") is not exact there
+    modules = [json.loads((r.out_dir / "modules.json").read_text()) for r in (default, explicit)]
+    assert [m["type"] for m in modules[0]][1] == "sentence_transformers.models.Pooling"
+    assert [m["type"] for m in modules[1]] == ["sentence_transformers_llama_encoder.LlamaEncoderTransformer"]
+    assert default.verification["engines"]["sentence_transformers"]["status"] == "verified"
+    assert explicit.verification["engines"]["sentence_transformers"]["status"] == "unsupported"

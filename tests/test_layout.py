@@ -16,9 +16,12 @@ FORBIDDEN = {
     "conversion_scripts": {"encoding", "training", "cli"},
     "encoding": {"weights", "conversion_scripts", "training", "cli"},
     "training": {"conversion_scripts", "cli"},
+    # engines: runners for other serving engines (vLLM), used by conversion_scripts (verification) and encoding
+    # (embed --engine); they read checkpoint folders only, never the weights or conversion layers.
+    "engines": {"weights", "conversion_scripts", "encoding", "training", "cli"},
     **{name: {"errors", "atomic", "dtypes", "readers", "weights", "conversion_scripts", "encoding", "training",
-              "cli"} for name in HUB_FILES},
-    **{name: {"weights", "conversion_scripts", "encoding", "training", "cli"}
+              "cli", "engines"} for name in HUB_FILES},
+    **{name: {"weights", "conversion_scripts", "encoding", "training", "cli", "engines"}
        for name in ("errors", "atomic", "dtypes", "readers")},
 }
 

@@ -82,7 +82,7 @@ CONVERT_CHILD = HOOKS + textwrap.dedent(
     pause_before(convert_module, "verify_checkpoint", "verifying")
     pause_before(atomic, "_exchange", "swapping")
     pause_after(atomic, "_exchange", "swapped")
-    convert_module.convert(out=out, base=base, pooling="bos", overwrite=True)
+    convert_module.convert(out=out, base=base, pooling="bos", overwrite=True, format="remote-code")
     MARKER.write_text("finished")
     """
 )
@@ -155,7 +155,8 @@ def test_convert_killed_before_the_first_output_leaves_nothing_and_can_rerun(tin
     out.parent.mkdir()
     _run_until(CONVERT_CHILD, "merging", tmp_path, str(out), str(tiny_base))
     assert not out.exists()
-    convert(out=out, base=str(tiny_base), pooling="bos")  # the leftover temporary folder is in nobody's way
+    # the leftover temporary folder is in nobody's way
+    convert(out=out, base=str(tiny_base), pooling="bos", format="remote-code")
     _assert_new_and_complete(out)
 
 
@@ -281,7 +282,7 @@ def test_disk_full_during_convert_keeps_the_old_checkpoint_and_says_how_much_was
 
     monkeypatch.setattr(streaming, "_write_tensor", write_tensor)
     with pytest.raises(OSError) as info:
-        convert(out=out, base=str(tiny_base), pooling="bos", overwrite=True)
+        convert(out=out, base=str(tiny_base), pooling="bos", overwrite=True, format="remote-code")
     assert info.value.errno == errno.ENOSPC
     message = str(info.value)
     assert f"No space left on the device while writing {out}: it needs about {needed / 1024:.1f} KiB, " in message

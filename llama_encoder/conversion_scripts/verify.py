@@ -31,17 +31,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InputError, MissingInputError, VerificationError
+from ..errors import InputError, MissingDependencyError, MissingInputError, VerificationError
 from ..modeling_llama_encoder import LlamaEncoderModel, tokenize_for_encoder
 from ..readers import sha256_file
 from ..weights.shards import open_safetensors, read_headers, resolve_base_files
-from .checkpoint import HUB_FILES, SENTENCE_TRANSFORMERS_MODULE, hub_file_sources
+from .checkpoint import HUB_FILES, SENTENCE_TRANSFORMERS_MODULE, STOCK_MODULES, hub_file_sources
+from .layout import NATIVE_POOLING, CheckpointLayout, engine_claims
 from .manifest import MANIFEST_FORMAT, write_verification_manifest
 
 logger = logging.getLogger(__name__)
 
 PROMPT_NAMES = ("plain", "query")
-LOADERS = ("automodel", "sentence_transformers")
+LOADERS = ("automodel", "sentence_transformers")  # with trust_remote_code: the checkpoint's own code
+NATIVE_LOADERS = ("automodel_native", "sentence_transformers_native")  # stock code, no trust_remote_code
 
 # Short, varied texts: different lengths make every batch padded, so padding handling is checked too.
 DEFAULT_SENTENCES = (
@@ -78,14 +80,64 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 job = json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))
 batch_size = job["batch_size"]
+
+
+def stock_embed(model, tokenizer, texts, prompt, pooling_mode, normalize, max_length):
+    """What a user of stock transformers writes: the tokenizer on prompt + text, the model's token states, masked
+    mean or last-token pooling (right padding)."""
+    rows = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer([prompt + text for text in texts[start : start + batch_size]], padding=True,
+                          truncation=True, max_length=max_length, return_tensors="pt").to(job["device"])
+        with torch.inference_mode():
+            states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        states = states.float()
+        mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+        if pooling_mode == "mean":
+            pooled = (states * mask).sum(1) / mask.sum(1)
+        else:
+            pooled = states[torch.arange(states.shape[0]), batch["attention_mask"].sum(1) - 1]
+        if normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        rows.append(pooled.cpu().numpy())
+    return np.concatenate(rows)
+
+
 for index, checkpoint in enumerate(job["checkpoints"]):
     result = {}
+    native = job.get("native") or {}
+    if native.get("sentence_transformers"):
+        st_native = SentenceTransformer(checkpoint, device=job["device"], model_kwargs={"dtype": job["dtype"]})
+        for name, prompt in job["prompts"].items():
+            result[f"sentence_transformers_native/{name}"] = st_native.encode(
+                job["sentences"], prompt=prompt, batch_size=batch_size, convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        native_modules = [f"{type(module).__module__}.{type(module).__name__}" for module in st_native]
+        del st_native
+        gc.collect()
+    if native.get("automodel"):
+        stock = AutoModel.from_pretrained(checkpoint, dtype=job["dtype"]).to(job["device"]).eval()
+        stock_tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        stock_info = {
+            "class": f"{type(stock).__module__}.{type(stock).__name__}",
+            "is_causal": getattr(stock.config, "is_causal", None),
+            "transformers_version": transformers.__version__,
+        }
+        for name in native["automodel_prompts"]:
+            result[f"automodel_native/{name}"] = stock_embed(
+                stock, stock_tokenizer, job["sentences"], job["prompts"][name], native["pooling_mode"],
+                native["normalize"], native["max_length"],
+            )
+        del stock
+        gc.collect()
     st_model = SentenceTransformer(
         checkpoint, trust_remote_code=True, device=job["device"], model_kwargs={"dtype": job["dtype"]}
     )
@@ -128,6 +180,10 @@ for index, checkpoint in enumerate(job["checkpoints"]):
         num_truncated=num_truncated,
         llama_encoder_imported=sorted(name for name in sys.modules if name.split(".")[0] == "llama_encoder"),
     )
+    if native.get("sentence_transformers"):
+        info["sentence_transformers_native_modules"] = native_modules
+    if native.get("automodel"):
+        info["automodel_native"] = stock_info
     del model
     gc.collect()
     np.savez(Path(job["output_dir"]) / f"{index}.npz", **result)
@@ -253,10 +309,16 @@ def embed_in_fresh_process(
     dtype: str = "auto",
     batch_size: int = 8,
     timeout: float = 1800,
+    native: dict | None = None,
 ) -> list[dict]:
     """Load each checkpoint folder in one fresh interpreter (`llama_encoder` blocked, Hub offline) with
-    `SentenceTransformer` and with `AutoModel` + the checkpoint's `tokenize_for_encoder`, and embed `sentences` behind
-    each of `prompts` (name -> prompt text).
+    `SentenceTransformer` and with `AutoModel` + the checkpoint's `tokenize_for_encoder` (both with
+    `trust_remote_code=True`), and embed `sentences` behind each of `prompts` (name -> prompt text).
+
+    `native` (for native checkpoints) adds the stock loaders, without remote code: `{"sentence_transformers": bool,
+    "automodel": bool, "automodel_prompts": [names], "pooling_mode", "normalize", "max_length"}`; their embeddings
+    come back under `"sentence_transformers_native"` and `"automodel_native"` (stock `LlamaModel` states, masked mean
+    or last token of `prompt + text`).
 
     Returns one dict per checkpoint: `{"sentence_transformers": {name: array}, "automodel": {name: array},
     "info": {...}}`, where info names the classes that were loaded, the max_seq_length used, how many inputs were
@@ -277,6 +339,7 @@ def embed_in_fresh_process(
             "dtype": dtype,
             "batch_size": batch_size,
             "output_dir": str(work),
+            "native": native or {},
         }
         (work / "job.json").write_text(json.dumps(job), encoding="utf-8")
         env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -304,7 +367,7 @@ def embed_in_fresh_process(
         for index in range(len(checkpoints)):
             with np.load(work / f"{index}.npz") as arrays:
                 embeddings = {key: arrays[key] for key in arrays.files}
-            result = {loader: {} for loader in LOADERS}
+            result = {loader: {} for loader in LOADERS + NATIVE_LOADERS}
             for key, value in embeddings.items():
                 loader, name = key.split("/", 1)
                 result[loader][name] = value
@@ -335,6 +398,53 @@ def _saved_query_prompt(out_dir: Path) -> str:
     return json.loads(path.read_text(encoding="utf-8")).get("prompts", {}).get("query", "")
 
 
+def layout_of(out_dir: Path) -> CheckpointLayout:
+    """The layout a written checkpoint has, read from its files (config.json's model_type, modules.json)."""
+    config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    modules_path = out_dir / "modules.json"
+    modules = json.loads(modules_path.read_text(encoding="utf-8")) if modules_path.is_file() else []
+    stock = any(module.get("type") == STOCK_MODULES["pooling"] for module in modules)
+    pooling_mode = config.get("pooling_mode", "mean")
+    if config.get("model_type") != "llama":
+        return CheckpointLayout(format="remote-code", pooling_mode=pooling_mode, sentence_transformers="custom")
+    return CheckpointLayout(
+        format="native", pooling_mode=pooling_mode, sentence_transformers="native" if stock else "custom",
+        custom_reason=None if stock else "the checkpoint's modules.json names its own module",
+        native_pooling=NATIVE_POOLING.get(pooling_mode),
+    )
+
+
+def _vllm_check(out_dir: Path, layout: CheckpointLayout, sentences: list[str], query_prompt: str,
+                expected: dict[str, np.ndarray], tolerance: float, python: str) -> dict:
+    """Embed with vLLM (its own interpreter) and compare with the reference: documents always, queries for
+    last-token pooling (vLLM pools the instruction, which mean pooling then includes)."""
+    from ..engines.vllm import embed_with_vllm
+
+    texts = list(sentences)
+    with_queries = layout.pooling_mode == "last_token" and "query" in expected
+    if with_queries:
+        texts += [query_prompt + sentence for sentence in sentences]
+    result = embed_with_vllm(out_dir, texts, python=python, dtype="float32")
+    check = {"name": "vllm_vs_reference", "vllm": result.info, "prompt": "plain" + (", query" if with_queries else "")}
+    distances = []
+    if "plain" in expected:
+        distances.append(max_cosine_distance(result.embeddings[: len(sentences)], np.asarray(expected["plain"])))
+    if with_queries:
+        distances.append(max_cosine_distance(result.embeddings[len(sentences):], np.asarray(expected["query"])))
+    check["max_cosine_distance"] = max(distances) if distances else 0.0
+    problems = []
+    if result.info.get("is_causal") not in (False, None):
+        problems.append(f"vLLM ran causal attention (is_causal {result.info.get('is_causal')})")
+    pooler = (result.info.get("pooling_type") or "").upper()
+    if layout.native_pooling is not None and pooler and pooler != layout.native_pooling.vllm_pooler:
+        problems.append(f"vLLM pooled with {pooler}, not {layout.native_pooling.vllm_pooler}")
+    if not distances:
+        problems.append("no reference embeddings to compare vLLM's with")
+    check["problems"] = problems
+    check["passed"] = not problems and check["max_cosine_distance"] <= tolerance
+    return check
+
+
 def verify_checkpoint(
     out_dir: str | os.PathLike,
     *,
@@ -348,21 +458,32 @@ def verify_checkpoint(
     device: str = "cpu",
     dtype: str = "auto",
     write_manifest: bool = True,
+    layout: CheckpointLayout | None = None,
+    vllm: bool | None = None,
+    vllm_python: str | None = None,
 ) -> dict:
-    """Check that the checkpoint in `out_dir` loads without llama-encoder and embeds like a reference model.
+    """Check that the checkpoint in `out_dir` loads without llama-encoder and embeds like a reference model, with
+    every loader its layout claims.
 
     Takes the folder; `expected`, a reference model's embeddings of `sentences` under the keys `"plain"` (no
-    prompt) and/or `"query"` (behind `query_prompt`), from `compute_reference_embeddings` (None: only AutoModel and
-    SentenceTransformer are compared with each other); `reference`, what that model is, in words for the report and
-    the model card (default: "the in-memory model the checkpoint was written from"); `weights`, a `WrittenWeights`
-    whose comparisons are done (its report becomes a check); `sentences` (default `DEFAULT_SENTENCES`); `query_prompt`
+    prompt) and/or `"query"` (behind `query_prompt`), from `compute_reference_embeddings` (None: the loaders are
+    only compared with each other); `reference`, what that model is, in words for the report and the model card
+    (default: "the in-memory model the checkpoint was written from"); `weights`, a `WrittenWeights` whose
+    comparisons are done (its report becomes a check); `sentences` (default `DEFAULT_SENTENCES`); `query_prompt`
     (default: the checkpoint's saved `"query"` prompt); the largest cosine distance allowed; the subprocess timeout
-    in seconds; the device and dtype (`"auto"`: the dtype in config.json) to load with. With `write_manifest`, writes
-    `verification.json` (see `write_verification_manifest`).
+    in seconds; the device and dtype (`"auto"`: the dtype in config.json) to load with; `layout` (default: read from
+    the files). With `write_manifest`, writes `verification.json` (see `write_verification_manifest`).
+
+    Loaders: `AutoModel` and `SentenceTransformer` with `trust_remote_code=True` always; for a native checkpoint also
+    stock `AutoModel` (documents; queries too for last-token pooling), stock `SentenceTransformer` (when the layout
+    uses the stock modules), TEI's file rules (`tei.check_tei_folder`), and vLLM (`vllm=True`: required; None: when
+    `engines.vllm.find_vllm_python(vllm_python)` finds one; False: not run).
 
     Returns the report: `{"format", "passed", "max_cosine_distance", "tolerance", "num_sentences", "reference",
-    "checks"}` (plus `"files"` when the manifest was written); each check names what it compared. Raises
-    `VerificationError` naming the failed check, or `InputError` when `expected` does not fit `sentences`.
+    "checks", "layout", "engines"}` (plus `"files"` when the manifest was written); each check names what it
+    compared, and `engines` gives each loader's status (verified / by format / not checked / unsupported) for the
+    model card. Raises `VerificationError` naming the failed check, or `InputError` when `expected` does not fit
+    `sentences`.
     """
     out_dir = Path(out_dir).expanduser().absolute()
     sentences = list(DEFAULT_SENTENCES if sentences is None else sentences)
@@ -380,23 +501,55 @@ def verify_checkpoint(
                 f"expected[{name!r}] has shape {np.asarray(array).shape}, but there are {len(sentences)} sentences; "
                 "compute it with compute_reference_embeddings on the same sentences."
             )
+    if layout is None:
+        layout = layout_of(out_dir)
+    vllm_interpreter = None
+    if layout.native and vllm is not False:
+        from ..engines.vllm import find_vllm_python
+
+        vllm_interpreter = find_vllm_python(vllm_python)
+        if vllm and vllm_interpreter is None:
+            raise MissingDependencyError(
+                "vLLM verification was asked for, but no interpreter with vLLM was found; build one with "
+                "`bash scripts/setup_vllm_env.sh` and pass --vllm-python .venv-vllm/bin/python (or set "
+                "LLAMA_ENCODER_VLLM_PYTHON)."
+            )
 
     if expected and reference is None:
         reference = "the in-memory model the checkpoint was written from"
     checks = [_check_hub_files(out_dir)]
     if weights is not None:
         checks.append(weights.report())
+    config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    native_job = None
+    if layout.native:
+        native_job = {
+            "sentence_transformers": layout.sentence_transformers == "native",
+            "automodel": True,
+            # Stock code has no pool mask: behind a prompt only last-token pooling means the same thing.
+            "automodel_prompts": ["plain", "query"] if layout.pooling_mode == "last_token" else ["plain"],
+            "pooling_mode": layout.pooling_mode,
+            "normalize": bool(config.get("normalize_embeddings", True)),
+            "max_length": _saved_max_seq_length(out_dir),
+        }
     (result,) = embed_in_fresh_process(
         [out_dir], sentences=sentences, prompts={"plain": "", "query": query_prompt}, device=device, dtype=dtype,
-        timeout=timeout,
+        timeout=timeout, native=native_job,
     )
     info = result["info"]
+    custom_st = layout.sentence_transformers == "custom"
+    st_ok = (
+        info["sentence_transformers_module"].startswith("transformers_modules.")
+        and info["sentence_transformers_module"].endswith(f".{SENTENCE_TRANSFORMERS_MODULE}")
+        and info["sentence_transformers_modules"] == 1
+    ) if custom_st else (
+        info["sentence_transformers_module"].startswith("sentence_transformers.")
+        and info["sentence_transformers_modules"] in (2, 3)
+    )
     own_code = (
         not info["llama_encoder_imported"]
         and info["automodel_class"].startswith("transformers_modules.")
-        and info["sentence_transformers_module"].startswith("transformers_modules.")
-        and info["sentence_transformers_module"].endswith(f".{SENTENCE_TRANSFORMERS_MODULE}")
-        and info["sentence_transformers_modules"] == 1
+        and st_ok
     )
     if not own_code:
         raise VerificationError(
@@ -405,6 +558,14 @@ def verify_checkpoint(
             f"{info['sentence_transformers_module']}, llama_encoder modules imported: "
             f"{info['llama_encoder_imported']}); write config.json and modules.json again with write_checkpoint."
         )
+    if layout.native:
+        stock = info.get("automodel_native", {})
+        if not stock.get("class", "").startswith("transformers.") or stock.get("is_causal") is not False:
+            raise VerificationError(
+                f"Stock transformers did not load the native checkpoint as a bidirectional model (class "
+                f"{stock.get('class')}, is_causal {stock.get('is_causal')}); native checkpoints need transformers "
+                ">= 5.2, and config.json must say model_type llama with is_causal false."
+            )
     if info["num_truncated"]:
         raise VerificationError(
             f"{info['num_truncated']} verification input(s) are longer than max_seq_length={info['max_seq_length']} "
@@ -412,12 +573,14 @@ def verify_checkpoint(
         )
     checks.append({"name": "runs_without_llama_encoder", **info, "passed": True})
 
+    loaders = list(LOADERS) + [loader for loader in NATIVE_LOADERS if result[loader]]
     for name in PROMPT_NAMES:
-        automodel, st = result["automodel"][name], result["sentence_transformers"][name]
-        pairs = [("automodel", "sentence_transformers", automodel, st)]
+        pairs = [("automodel", loader, result["automodel"][name], result[loader][name])
+                 for loader in loaders[1:] if name in result[loader]]
         if name in expected:
             reference_rows = np.asarray(expected[name])
-            pairs += [(loader, "reference", result[loader][name], reference_rows) for loader in LOADERS]
+            pairs += [(loader, "reference", result[loader][name], reference_rows)
+                      for loader in loaders if name in result[loader]]
         for first, second, first_rows, second_rows in pairs:
             if first_rows.shape != second_rows.shape:
                 raise VerificationError(
@@ -430,20 +593,21 @@ def verify_checkpoint(
                 "passed": distance <= tolerance,
             })
 
+    engines = engine_claims(layout)
+    if layout.native:
+        from .tei import check_tei_folder
+
+        tei = check_tei_folder(out_dir, pooling_mode=layout.pooling_mode,
+                               prompts={"plain": "", "query": query_prompt})
+        checks.append({"name": "tei_file_format", "passed": tei.loadable, "tei": tei.to_dict(),
+                       "problems": [f"rule {finding.rule}: {finding.message}" for finding in tei.errors]})
+        if vllm_interpreter is not None:
+            checks.append(_vllm_check(out_dir, layout, sentences, query_prompt, expected, tolerance,
+                                      vllm_interpreter))
     failed = [check for check in checks if not check["passed"]]
-    distances = [check["max_cosine_distance"] for check in checks if "max_cosine_distance" in check]
-    report = {
-        "format": MANIFEST_FORMAT,
-        "passed": not failed,
-        "max_cosine_distance": max(distances),
-        "tolerance": tolerance,
-        "num_sentences": len(sentences),
-        "reference": reference if expected else None,
-        "checks": checks,
-    }
     if failed:
         described = "; ".join(
-            f"{check['name']}: {'; '.join(check['problems'])}" if "problems" in check else
+            f"{check['name']}: {'; '.join(check['problems'])}" if check.get("problems") else
             f"{check['name']} ({check['prompt']} inputs): max cosine distance {check['max_cosine_distance']:.3g} "
             f"(tolerance {tolerance:g})"
             for check in failed
@@ -452,19 +616,65 @@ def verify_checkpoint(
             f"{out_dir} does not hold or embed like the model it was written from: {described}. The weights, "
             "config or tokenizer files do not match the reference; write the checkpoint again."
         )
+
+    def worst(*prefixes: str) -> float | None:
+        values = [check["max_cosine_distance"] for check in checks if "max_cosine_distance" in check
+                  and check["name"].startswith(prefixes)]
+        return max(values) if values else None
+
+    import transformers
+
+    vllm_info = next((check["vllm"] for check in checks if check["name"] == "vllm_vs_reference"), {})
+    for key, prefixes in (("transformers_remote", ("automodel_vs",)), ("sentence_transformers_remote",
+                          ("sentence_transformers_vs",)), ("transformers", ("automodel_native_vs",)),
+                          ("sentence_transformers", ("sentence_transformers_native_vs",)), ("vllm", ("vllm_vs",))):
+        distance = worst(*prefixes)
+        if engines.get(key, {}).get("status") == "claimed":
+            if distance is not None:
+                where = (f"vLLM {vllm_info.get('vllm_version')}" if key == "vllm"
+                         else f"transformers {transformers.__version__}")
+                engines[key] = {**engines[key], "status": "verified",
+                                "note": f"{engines[key]['note']}; {where}, max cosine distance {distance:.2g}",
+                                "max_cosine_distance": distance}
+            else:
+                engines[key] = {**engines[key], "status": "not checked",
+                                "note": f"{engines[key]['note']}; vLLM was not installed where this was verified"
+                                if key == "vllm" else engines[key]["note"]}
+    distances = [check["max_cosine_distance"] for check in checks if "max_cosine_distance" in check]
+    report = {
+        "format": MANIFEST_FORMAT,
+        "passed": True,
+        "max_cosine_distance": max(distances),
+        "tolerance": tolerance,
+        "num_sentences": len(sentences),
+        "reference": reference if expected else None,
+        "checks": checks,
+        "layout": {"format": layout.format, "sentence_transformers": layout.sentence_transformers,
+                   "pooling_mode": layout.pooling_mode, "custom_reason": layout.custom_reason},
+        "engines": engines,
+    }
     logger.info("Verified %s: max cosine distance %.3g", out_dir, report["max_cosine_distance"])
     if write_manifest:
         report = write_verification_manifest(out_dir, report)
     return report
 
 
+def _saved_max_seq_length(out_dir: Path) -> int | None:
+    path = out_dir / "sentence_bert_config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8")).get("max_seq_length")
+
+
 __all__ = [
     "DEFAULT_SENTENCES",
     "LOADERS",
+    "NATIVE_LOADERS",
     "PROMPT_NAMES",
     "WrittenWeights",
     "compute_reference_embeddings",
     "embed_in_fresh_process",
+    "layout_of",
     "max_cosine_distance",
     "verify_checkpoint",
 ]

@@ -8,6 +8,10 @@ and every shard's record count and sha256) is written by whichever process finds
 Re-running the same command skips done shards. Process `r` of `N` (from `shard_index`/`num_shards`, else torchrun's
 RANK/WORLD_SIZE) takes shards r, r+N, r+2N, ...; each shard is encoded alone, with batches that depend only on its
 own texts, so the bytes don't depend on which process computed them (on the same kind of device).
+
+The engine is part of the run (`engine` in run.json: "transformers" for `Encoder`, "vllm" for
+`llama_encoder.engines.vllm.VllmEncoder`, which serves every shard from one vLLM process): a resume with the other
+engine is refused like any other changed setting.
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ MANIFEST_FILE = "manifest.json"
 # What makes two runs the same: a resumed run must match on all of these (the input by content, not by path).
 IDENTITY_KEYS = (
     "format", "input_sha256", "num_records", "id_field", "text_field", "shard_size", "model", "model_dtype", "prompt",
+    "engine",
 )
+# What a run.json written before a key existed means by its absence.
+IDENTITY_DEFAULTS = {"engine": "transformers"}
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,10 @@ def _read_run(output: Path) -> dict | None:
 
 
 def _changed(previous: dict, run: dict) -> list[str]:
-    return [key for key in IDENTITY_KEYS if previous.get(key) != run.get(key)]
+    def value(record: dict, key: str):
+        return record.get(key, IDENTITY_DEFAULTS.get(key))
+
+    return [key for key in IDENTITY_KEYS if value(previous, key) != value(run, key)]
 
 
 def _create_output(output: Path, run: dict, *, overwrite: bool) -> None:
@@ -315,11 +325,12 @@ def embed_corpus(
 ) -> dict:
     """Embed every record of `input_path` (.txt or .jsonl) into `output_dir` (layout: see the module docstring).
 
-    `encoder` is an `Encoder` (or anything with its `encode`, `name_or_path` and `prompts`); at most one of
+    `encoder` is an `Encoder` (or anything with its `encode`, `name_or_path` and `prompts`, e.g.
+    `llama_encoder.engines.vllm.VllmEncoder`, whose `engine` and `model_dtype` attributes are recorded); at most one of
     `prompt`, `prompt_name` (a prompt saved in the checkpoint) and `instruction` goes before every text. This
     process does shards `shard_index`, `shard_index + num_shards`, ... (default: torchrun's RANK/WORLD_SIZE, else
     all). The corpus is checked completely before anything is written. A folder holding a run with other
-    parameters (input content, model, dtype, prompt, shard size, fields) is refused unless `overwrite`, which
+    parameters (input content, model, dtype, engine, prompt, shard size, fields) is refused unless `overwrite`, which
     replaces it; the same run is resumed, skipping its done shards. `batch_tokens` is passed to `encode`.
 
     Returns a summary: `output_dir`, `num_records`, `num_shards` (output shards), `process_index`, `num_processes`,
@@ -332,12 +343,13 @@ def embed_corpus(
                          show_progress=show_progress)
     output = Path(output_dir).absolute()
     total = len(index.shard_offsets)
-    model_dtype = getattr(getattr(encoder, "model", None), "dtype", None)
+    model_dtype = getattr(encoder, "model_dtype", None) or getattr(getattr(encoder, "model", None), "dtype", None)
     run = {
         "format": FORMAT, "input": str(index.path), "input_sha256": index.sha256, "num_records": index.num_records,
         "shard_size": shard_size, "num_shards": total, "id_field": id_field, "text_field": text_field,
         "model": _model_name(encoder), "model_dtype": None if model_dtype is None else str(model_dtype).split(".")[-1],
         "prompt": effective_prompt, "prompt_name": prompt_name, "instruction": instruction,
+        "engine": getattr(encoder, "engine", "transformers"),
     }
     _prepare_output(output, run, overwrite=overwrite)
 

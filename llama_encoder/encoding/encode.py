@@ -116,8 +116,11 @@ class Encoder:
             raise MissingInputError(
                 f"{path} has no config.json; give a folder (or Hub repo) written by `llama-encoder convert`."
             )
-        model_type = json.loads(config_file.read_text()).get("model_type")
-        if model_type != LlamaEncoderConfig.model_type:
+        saved = json.loads(config_file.read_text())
+        model_type = saved.get("model_type")
+        # A native checkpoint is a stock bidirectional Llama config that carries the encoder's settings.
+        native = model_type == "llama" and saved.get("is_causal") is False and "pooling_mode" in saved
+        if model_type != LlamaEncoderConfig.model_type and not native:
             raise InputError(
                 f"{path} holds a {model_type!r} model, not a llama_encoder checkpoint; convert it first with "
                 "`llama-encoder convert`."

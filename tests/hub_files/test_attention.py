@@ -145,7 +145,8 @@ def test_threads_sharing_one_model_get_sequential_results():
         sequential = [model(input_ids=ids, attention_mask=mask).pooler_output for ids, mask in batches]
 
         def encode(batch):
-            return model(input_ids=batch[0], attention_mask=batch[1]).pooler_output
+            with torch.no_grad():  # grad mode is per thread: each thread sets its own, as Encoder.encode does
+                return model(input_ids=batch[0], attention_mask=batch[1]).pooler_output
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
             threaded = list(pool.map(encode, batches))

@@ -1,0 +1,796 @@
+"""Check the files text-embeddings-inference (TEI) reads against TEI's parsing rules, without running TEI.
+
+TEI serves Llama only on CUDA in float16 with flash attention, so it cannot run on the machines that convert and
+verify checkpoints. Instead, this module checks every file TEI reads from a checkpoint folder (`config.json`, the
+safetensors headers, `1_Pooling/config.json`, `sentence_bert_config.json`, `config_sentence_transformers.json`,
+`modules.json`, `tokenizer.json`) against the rules written up in docs/ENGINES.md ("TEI file-format checker", rules
+1-22), each of which names the TEI source (commit `TEI_SOURCE_COMMIT`) it protects against. Weights are checked from
+their headers only; no tensor is read.
+
+    report = check_tei_folder(out_dir)              # pooling from config.json's `pooling_mode`
+    report.loadable                                 # no errors: TEI would load it and run it as this checkpoint
+    report.pooling, report.bidirectional           # what TEI would run
+    json.dumps(report.to_dict())                    # for verification.json and the model card
+
+A finding is an "error" when TEI would refuse to load the folder or would run it differently from the checkpoint
+(causal attention, another pooling, unscaled RoPE, other token ids), and a "warning" for behaviour a user must know
+(TEI ignores `include_prompt`, normalises on request, ignores a `modules.json` it cannot parse, ...). Rule 22 (TEI's
+Llama needs CUDA and float16) cannot be checked from files; `to_dict` states it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..configuration_llama_encoder import POOLING_MODES
+from ..errors import InputError, MissingInputError, NotAFolderError
+from ..weights.names import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from ..weights.shards import FLOAT_CODES, read_headers, resolve_base_files
+
+logger = logging.getLogger(__name__)
+
+TEI_SOURCE_COMMIT = "0d124dc9773be6ac5a9a57d8439aba9bbbf33273"
+"""The commit of github.com/huggingface/text-embeddings-inference whose source the rules (and `source`) cite."""
+
+TEI_TOKENIZERS_VERSION = "0.21.1"
+"""The `tokenizers` crate TEI is built with at `TEI_SOURCE_COMMIT` (`Cargo.toml:37` asks for 0.21, `Cargo.lock` pins
+0.21.1)."""
+
+ERROR = "error"
+WARNING = "warning"
+
+# TEI's pooling for our pooling modes; the other modes are not TEI-native (docs/ENGINES.md, "Pooling modes").
+TEI_POOLING = {"mean": "mean", "last_token": "last-token"}
+LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
+HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swiglu", "tanh")
+REQUIRED_UINTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings")
+REQUIRED_NUMBERS = ("initializer_range", "rms_norm_eps")
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+POOLING_CONFIG = "1_Pooling/config.json"
+# The names TEI tries, in order, for the Sentence Transformers config (core/src/download.rs:7-15).
+ST_CONFIG_NAMES = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
+                   "sentence_camembert_config.json", "sentence_albert_config.json",
+                   "sentence_xlm-roberta_config.json", "sentence_xlnet_config.json")
+TEI_MODULE_TYPES = tuple(f"sentence_transformers.models.{name}" for name in ("Dense", "Normalize", "Pooling",
+                                                                              "Transformer"))
+# The component `type`s the tokenizers crate 0.21.1 deserialises (tokenizers/src/*/mod.rs at tag v0.21.1): a
+# tokenizer.json with anything else (e.g. the `FixedLength` pre-tokenizer of 0.22) fails to load in TEI.
+TOKENIZER_COMPONENT_TYPES = {
+    "normalizer": {"BertNormalizer", "Bert", "Strip", "StripAccents", "NFC", "NFD", "NFKC", "NFKD", "Sequence",
+                   "Lowercase", "Nmt", "Precompiled", "Replace", "Prepend", "ByteLevel"},
+    "pre_tokenizer": {"BertPreTokenizer", "ByteLevel", "Delimiter", "CharDelimiterSplit", "Metaspace", "Whitespace",
+                      "Sequence", "Split", "Punctuation", "WhitespaceSplit", "Digits", "UnicodeScripts"},
+    "model": {"BPE", "WordPiece", "WordLevel", "Unigram"},
+    "post_processor": {"RobertaProcessing", "BertProcessing", "ByteLevel", "TemplateProcessing", "Sequence"},
+    "decoder": {"BPEDecoder", "ByteLevel", "WordPiece", "Metaspace", "CTC", "Sequence", "Replace", "Fuse", "Strip",
+                "ByteFallback"},
+}
+# Where a Sequence component keeps its parts.
+_SEQUENCE_KEYS = {"normalizer": "normalizers", "pre_tokenizer": "pretokenizers", "post_processor": "processors",
+                  "decoder": "decoders"}
+# Texts covering every first-character class (letters, upper case, digits, 's, -, (, ", accented, CJK, emoji, single
+# characters, punctuation, contractions, leading whitespace): prompt + text is tokenised for each.
+PROBE_TEXTS = (
+    "where is the cat?",
+    "The capital of France is Paris.",
+    "42 apples and 7 pears",
+    "'s",
+    "-dash first",
+    "(in parentheses)",
+    '"quoted" text',
+    "café crème brûlée",
+    "東京タワーの高さ",
+    "🙂 emoji first",
+    "a",
+    ".",
+    "?",
+    "don't stop",
+    "  two leading spaces",
+    "\nnewline first",
+)
+
+# The TEI source each rule protects against (paths relative to the TEI repository at TEI_SOURCE_COMMIT).
+SOURCES = {
+    1: "backends/candle/src/lib.rs:124-154",
+    2: "router/src/lib.rs:406-440, 469-482",
+    3: "backends/candle/src/models/flash_mistral.rs:57,107",
+    4: "backends/candle/src/models/llama.rs:6-34, backends/candle/src/layers/linear.rs:7-17",
+    5: "backends/candle/src/models/llama.rs:27-29, router/src/lib.rs:479",
+    6: "backends/candle/src/layers/rotary.rs:5-9, backends/candle/src/lib.rs:549-552",
+    7: "backends/candle/src/models/flash_mistral.rs:26-47",
+    8: "backends/candle/src/models/flash_mistral.rs:32-50, 130-145",
+    9: "backends/candle/src/lib.rs:553-575, backends/candle/src/models/flash_mistral.rs:56,107-108",
+    10: "backends/candle/src/lib.rs:170-215, backends/candle/src/models/flash_mistral.rs:256-267",
+    11: "router/src/lib.rs:446-460",
+    12: "router/src/lib.rs:486-491",
+    13: "router/src/lib.rs:493-507",
+    14: "core/src/tokenization.rs:310-318",
+    15: "router/src/lib.rs:195-219, 511-513",
+    16: "router/src/lib.rs:241-249, 516-518",
+    17: "backends/src/lib.rs:818-858",
+    18: "backends/src/lib.rs:524-551",
+    19: "router/src/http/types.rs:434-446",
+    20: "router/src/lib.rs:149-152, Cargo.toml:37",
+    21: "core/src/tokenization.rs:310-318",
+    22: "backends/candle/src/lib.rs:341-344, backends/candle/src/models/flash_mistral.rs:240-248",
+}
+RUNTIME_NOTE = (
+    "TEI serves Llama only on CUDA in float16 with flash attention (on CPU/Metal: \"Llama is only supported on Cuda "
+    "devices in fp16 with flash attention enabled\"); this cannot be checked from files, and TEI's embeddings can "
+    "only be compared with the checkpoint's on a GPU in float16 (cosine, not bit equality)."
+)
+_NATIVE_FIX = "convert with `--format native`"
+
+
+@dataclass(frozen=True)
+class TeiFinding:
+    """One broken rule: its number in docs/ENGINES.md, "error" (TEI would refuse to load the folder or run it wrong)
+    or "warning" (behaviour a user must know), what is wrong and the fix, and the TEI source the rule protects
+    against."""
+
+    rule: int
+    level: str
+    message: str
+    source: str
+
+
+@dataclass
+class TeiReport:
+    """What `check_tei_folder` found in `folder`, and what TEI would run: `pooling` is the pooling TEI derives
+    (`"cls"`, `"mean"`, `"last-token"`, or None when `1_Pooling/config.json` is missing or unparseable) and
+    `bidirectional` whether TEI would attend bidirectionally (`use_bidirectional_attention` is true)."""
+
+    folder: str
+    findings: list[TeiFinding]
+    pooling: str | None
+    bidirectional: bool
+    tokenizers_version: str | None = field(default=None)
+
+    @property
+    def errors(self) -> list[TeiFinding]:
+        """The findings that stop TEI from loading the folder or make it run the folder wrong."""
+        return [finding for finding in self.findings if finding.level == ERROR]
+
+    @property
+    def warnings(self) -> list[TeiFinding]:
+        """The findings about behaviour a user must know."""
+        return [finding for finding in self.findings if finding.level == WARNING]
+
+    @property
+    def loadable(self) -> bool:
+        """True when no rule has an error: as far as files can tell, TEI loads the folder and runs it as intended."""
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        """A JSON-able summary (for verification.json and the model card)."""
+        return {
+            "tei_commit": TEI_SOURCE_COMMIT,
+            "folder": self.folder,
+            "loadable": self.loadable,
+            "pooling": self.pooling,
+            "bidirectional": self.bidirectional,
+            "error_count": len(self.errors),
+            "warning_count": len(self.warnings),
+            "findings": [asdict(finding) for finding in self.findings],
+            "tokenizer_checked_with": {"tokenizers": self.tokenizers_version, "tei_tokenizers": TEI_TOKENIZERS_VERSION},
+            "runtime": {"rule": 22, "note": RUNTIME_NOTE, "source": SOURCES[22]},
+        }
+
+
+class _Findings:
+    """Collects findings; `source` defaults to the rule's entry in SOURCES."""
+
+    def __init__(self) -> None:
+        self.items: list[TeiFinding] = []
+
+    def error(self, rule: int, message: str, source: str | None = None) -> None:
+        self.items.append(TeiFinding(rule, ERROR, message, source or SOURCES[rule]))
+
+    def warn(self, rule: int, message: str, source: str | None = None) -> None:
+        self.items.append(TeiFinding(rule, WARNING, message, source or SOURCES[rule]))
+
+
+_MISSING = object()
+
+
+def _reject_constant(name: str):
+    raise InputError(f"{name} is not valid JSON")  # serde_json refuses NaN and Infinity too; caught as ValueError
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    """(value, None), or (_MISSING, None) when the file does not exist, or (None, why) when it cannot be parsed."""
+    if not path.is_file():
+        return _MISSING, None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant), None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return None, str(exc)
+
+
+def _is_uint(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _examples(names: list[str], count: int = 3) -> str:
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
+
+
+# config.json, rules 1-9
+
+
+def _check_model_type(config: dict, found: _Findings) -> None:
+    model_type = config.get("model_type")
+    if model_type in LLAMA_MODEL_TYPES:
+        return
+    if model_type == "llama_encoder":
+        found.error(1, "config.json has model_type \"llama_encoder\" (the remote-code layout), which TEI rejects "
+                       "(\"Model is not supported\"; TEI never runs remote code); "
+                       f"{_NATIVE_FIX} to write model_type \"llama\".")
+    else:
+        found.error(1, f"config.json has model_type {_show(model_type)}; TEI runs this checkpoint only as "
+                       f"model_type \"llama\" (a bidirectional Llama): {_NATIVE_FIX}.")
+
+
+def _check_router_fields(config: dict, found: _Findings) -> None:
+    architectures = config.get("architectures")
+    if not isinstance(architectures, list) or not architectures or not all(isinstance(a, str) for a in architectures):
+        found.error(2, f"config.json `architectures` is {_show(architectures)}; TEI requires a non-empty list of "
+                       "strings (e.g. [\"LlamaBidirectionalModel\"]).")
+    else:
+        classifiers = [name for name in architectures if name.endswith("Classification")]
+        if classifiers:
+            found.error(2, f"config.json `architectures` names {', '.join(classifiers)}: TEI serves any architecture "
+                           "ending in `Classification` as a classifier, not an embedding model; use "
+                           "[\"LlamaBidirectionalModel\"].")
+    typed = {"id2label": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+             "label2id": lambda v: isinstance(v, dict) and all(_is_uint(x) for x in v.values()),
+             "auto_map": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+             "max_trained_positions": _is_uint}
+    for key, valid in typed.items():
+        value = config.get(key)
+        if value is not None and not valid(value):
+            found.error(2, f"config.json `{key}` is {_show(value)}, which TEI's router cannot parse (\"Failed to parse "
+                           f"`config.json`\"); {'use string values only' if key == 'auto_map' else 'fix or drop it'}.")
+
+
+def _check_bidirectional(config: dict, found: _Findings) -> None:
+    value = config.get("use_bidirectional_attention")
+    if value is True:
+        return
+    if value is None or value is False:
+        state = "is missing" if value is None else "is false"
+        found.error(3, f"config.json `use_bidirectional_attention` {state}: TEI would run this Llama causally (it "
+                       "ignores `is_causal`); set `use_bidirectional_attention: true`.")
+    else:
+        found.error(3, f"config.json `use_bidirectional_attention` is {_show(value)}, not a boolean: TEI fails to "
+                       "parse config.json; set it to true.")
+
+
+def _check_required_fields(config: dict, found: _Findings) -> None:
+    bad = [f"`{key}` ({_show(config.get(key)) if key in config else 'missing'})"
+           for key in REQUIRED_UINTS if not _is_uint(config.get(key))]
+    bad += [f"`{key}` ({_show(config.get(key)) if key in config else 'missing'})"
+            for key in REQUIRED_NUMBERS if not _is_number(config.get(key))]
+    if bad:
+        found.error(4, f"config.json lacks required fields of the right type: {', '.join(bad)}; TEI's LlamaConfig "
+                       "needs non-negative integers for the sizes and numbers for initializer_range/rms_norm_eps.")
+    act = config.get("hidden_act")
+    if act not in HIDDEN_ACTS:
+        found.error(4, f"config.json `hidden_act` is {_show(act)}; TEI accepts only {', '.join(HIDDEN_ACTS)}.")
+    elif act == "gelu":
+        found.warn(4, "config.json `hidden_act` is \"gelu\": TEI computes it with the tanh approximation, so "
+                      "embeddings differ slightly from transformers' exact GeLU.",
+                   "backends/candle/src/layers/linear.rs:7-17")
+    optional = {"attention_dropout": _is_number, "pretraining_tp": _is_uint,
+                "tie_word_embeddings": lambda v: isinstance(v, bool)}
+    for key, valid in optional.items():
+        value = config.get(key)
+        if value is not None and not valid(value):
+            found.error(4, f"config.json `{key}` is {_show(value)}, which TEI's LlamaConfig cannot parse; fix or drop "
+                           "it.")
+
+
+def _check_token_ids(config: dict, found: _Findings) -> None:
+    for key in TOKEN_ID_KEYS:
+        value = config.get(key)
+        if value is None or _is_uint(value):
+            continue
+        if isinstance(value, list):
+            found.error(5, f"config.json `{key}` is a list ({_show(value)}); TEI parses it as one integer and fails "
+                           f"(\"Failed to parse `config.json`\"): write the one id of the tokenizer's "
+                           f"{key[:-len('_token_id')]} token.")
+        else:
+            found.error(5, f"config.json `{key}` is {_show(value)}; TEI needs a non-negative integer or null.")
+
+
+def _check_rope(config: dict, found: _Findings) -> None:
+    theta = config.get("rope_theta")
+    if theta is not None and not _is_number(theta):
+        found.error(6, f"config.json `rope_theta` is {_show(theta)}, not a number: TEI fails to parse config.json.")
+        theta = None
+    parameters = config.get("rope_parameters")
+    parameters_theta = None
+    if parameters is not None:
+        if not isinstance(parameters, dict) or not _is_number(parameters.get("rope_theta")) or not isinstance(
+                parameters.get("rope_type"), str):
+            found.error(6, f"config.json `rope_parameters` is {_show(parameters)}; TEI needs an object with a numeric "
+                           "`rope_theta` and a string `rope_type` (\"default\").")
+        else:
+            parameters_theta = parameters["rope_theta"]
+            if parameters["rope_type"] != "default":
+                found.error(6, f"config.json `rope_parameters.rope_type` is {_show(parameters['rope_type'])}: TEI "
+                               "reads only `rope_theta` from rope_parameters and would silently run unscaled RoPE. "
+                               "TEI cannot serve this checkpoint's RoPE scaling; keep it off TEI (or use a base with "
+                               "default RoPE).")
+    if config.get("rope_theta") is None and parameters is None:
+        found.error(6, "config.json has neither `rope_theta` nor `rope_parameters.rope_theta`: TEI refuses to start "
+                       "(\"Neither `rope_theta` nor `rope_parameters.rope_theta` are defined\"); write the base "
+                       "model's rope_theta.", "backends/candle/src/models/flash_mistral.rs:269-275")
+    if theta is not None and parameters_theta is not None and theta != parameters_theta:
+        found.error(6, f"config.json has `rope_theta` {theta} and `rope_parameters.rope_theta` {parameters_theta}: TEI "
+                       "uses the top-level one; write one value (in rope_parameters).",
+                    "backends/candle/src/models/flash_mistral.rs:269-275")
+    scaling = config.get("rope_scaling")
+    if scaling is not None:
+        found.error(6, f"config.json `rope_scaling` is {_show(scaling)}: TEI refuses it (\"Rope scaling is not "
+                       "supported for FlashLlama yet\"); TEI cannot serve this checkpoint's RoPE scaling.")
+
+
+def _head_size(config: dict) -> int | None:
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if _is_uint(hidden) and _is_uint(heads) and heads > 0 and hidden % heads == 0:
+        return hidden // heads
+    return None
+
+
+def _check_head_dim(config: dict, found: _Findings) -> None:
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if not (_is_uint(hidden) and _is_uint(heads)):
+        return  # rule 4 reports them
+    if heads == 0 or hidden % heads:
+        found.error(7, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}: TEI derives the head "
+                       "size as hidden_size / num_attention_heads and cannot load this model.")
+        return
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim != hidden // heads:
+        found.error(7, f"config.json `head_dim` is {_show(head_dim)} but TEI always uses hidden_size / "
+                       f"num_attention_heads = {hidden // heads}; TEI cannot serve a Llama with a different head "
+                       "size.")
+
+
+def _check_biases(config: dict, found: _Findings) -> None:
+    attention_bias = config.get("attention_bias")
+    if attention_bias is not None and attention_bias is not False:
+        found.error(8, f"config.json `attention_bias` is {_show(attention_bias)}: TEI loads no attention biases (or "
+                       "cannot parse a non-boolean); TEI cannot serve this model.")
+    if "mlp_bias" in config and config["mlp_bias"] is not False:
+        value = config["mlp_bias"]
+        found.error(8, f"config.json `mlp_bias` is {_show(value)}: "
+                    + ("TEI loads no MLP biases; TEI cannot serve this model." if value is True else
+                       "TEI parses it as a boolean and fails; write false or drop it."))
+
+
+def _check_sliding_window(config: dict, found: _Findings) -> None:
+    window = config.get("sliding_window")
+    if window is not None:
+        found.error(9, f"config.json `sliding_window` is {_show(window)}: TEI passes it to flash attention as an "
+                       "attention window (Llama has none); drop it or write null.")
+
+
+# weights, rule 10
+
+
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]] | None:
+    """The tensors TEI's Llama path loads, with the shapes it asks for; None when config.json cannot say."""
+    head = _head_size(config)
+    if head is None or not all(_is_uint(config.get(key)) for key in REQUIRED_UINTS):
+        return None
+    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * head
+    shapes = {"embed_tokens.weight": (vocab, hidden), "norm.weight": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"layers.{i}."
+        shapes.update({
+            prefix + "self_attn.q_proj.weight": (hidden, hidden),
+            prefix + "self_attn.k_proj.weight": (kv, hidden),
+            prefix + "self_attn.v_proj.weight": (kv, hidden),
+            prefix + "self_attn.o_proj.weight": (hidden, hidden),
+            prefix + "mlp.gate_proj.weight": (inter, hidden),
+            prefix + "mlp.up_proj.weight": (inter, hidden),
+            prefix + "mlp.down_proj.weight": (hidden, inter),
+            prefix + "input_layernorm.weight": (hidden,),
+            prefix + "post_attention_layernorm.weight": (hidden,),
+        })
+    return shapes
+
+
+def _check_weights(folder: Path, config: dict | None, found: _Findings) -> None:
+    try:
+        headers = read_headers(resolve_base_files(folder))
+    except (MissingInputError, InputError) as exc:
+        found.error(10, f"The weights cannot be checked: {exc} TEI's Llama path needs {SAFE_WEIGHTS_NAME} or the "
+                        f"shards of {SAFE_WEIGHTS_INDEX_NAME}.")
+        return
+    tensors = {name: spec for header in headers.values() for name, spec in header.items()}
+    prefixed = sorted(name for name in tensors if name.startswith("model."))
+    if prefixed:
+        found.error(10, f"{len(prefixed)} tensors carry a `model.` prefix (e.g. {_examples(prefixed)}); TEI's Llama "
+                        f"path loads unprefixed names (embed_tokens.weight, layers.0...): {_NATIVE_FIX} (the weights "
+                        "are saved as a LlamaModel).")
+    not_float = sorted(f"{name} ({code})" for name, (code, _) in tensors.items() if code not in FLOAT_CODES)
+    if not_float:
+        found.error(10, f"TEI loads float weights only; these are not: {_examples(not_float)}. Save the weights as "
+                        "float32, bfloat16 or float16.")
+    biases = sorted(name for name in tensors if name.endswith(".bias") and not name.startswith("model."))
+    if biases:
+        found.error(8, f"The weights hold {len(biases)} bias tensors (e.g. {_examples(biases)}) that TEI never loads: "
+                       "TEI would run this model without them.")
+    expected = _expected_shapes(config) if config is not None else None
+    if expected is None:
+        return  # rules 4 and 7 report why the shapes are unknown
+    # TEI's RMSNorm also takes `gamma` for `weight`.
+    gamma = {name: name[: -len("weight")] + "gamma" for name in expected if name.endswith("layernorm.weight")
+             or name == "norm.weight"}
+    missing, wrong = [], []
+    for name, shape in expected.items():
+        held = name if name in tensors else gamma.get(name) if gamma.get(name) in tensors else None
+        if held is None:
+            if "model." + name not in tensors:
+                missing.append(name)
+        elif tensors[held][1] != shape:
+            wrong.append(f"{held} {list(tensors[held][1])} (TEI expects {list(shape)})")
+    if missing:
+        found.error(10, f"The weights lack {len(missing)} tensors TEI's Llama path loads, e.g. {_examples(missing)}; "
+                        "write the complete, unprefixed LlamaModel weights.")
+    if wrong:
+        found.error(10, f"{len(wrong)} tensors do not have the shape TEI asks for (from config.json: head size "
+                        f"hidden_size / num_attention_heads): {_examples(wrong)}.")
+    known = set(expected) | set(gamma.values())
+    extra = sorted(name for name in tensors if name not in known and not name.startswith("model.")
+                   and not name.endswith(".bias") and name != "lm_head.weight" and not name.endswith("inv_freq"))
+    if extra:
+        found.warn(10, f"TEI ignores {len(extra)} tensors (e.g. {_examples(extra)}): it serves the Llama layers only, "
+                       "so whatever they compute is not in TEI's embeddings.")
+
+
+# 1_Pooling/config.json, rules 11-14
+
+
+def _check_pooling(folder: Path, found: _Findings) -> tuple[str | None, dict | None]:
+    """Rules 11-13 on the file: the pooling TEI derives (None when it cannot) and the parsed file (None if unusable)."""
+    pool, problem = _read_json(folder / POOLING_CONFIG)
+    if pool is _MISSING:
+        found.error(11, f"{POOLING_CONFIG} is missing: TEI refuses a non-BERT model without it (unless launched with "
+                        "`--pooling`). Write it with the legacy booleans (pooling_mode_cls_token, "
+                        "pooling_mode_mean_tokens, pooling_mode_lasttoken).")
+        return None, None
+    if problem is not None or not isinstance(pool, dict):
+        found.error(12, f"{POOLING_CONFIG} is not a JSON object ({problem or _show(pool)}): TEI fails to start "
+                        f"(\"Failed to parse `{POOLING_CONFIG}`\").")
+        return None, None
+    required = [key for key in ("pooling_mode_cls_token", "pooling_mode_mean_tokens")
+                if not isinstance(pool.get(key), bool)]
+    last = pool.get("pooling_mode_lasttoken", False)
+    if required:
+        compact = " (the compact format Sentence Transformers >= 5.4 writes)" if "pooling_mode" in pool else ""
+        found.error(12, f"{POOLING_CONFIG} lacks the booleans {' and '.join(required)}{compact}: TEI requires both "
+                        f"and fails to start (\"Failed to parse `{POOLING_CONFIG}`\"). Write the legacy boolean "
+                        "format (do not re-save the folder with Sentence Transformers).")
+        return None, pool
+    if not isinstance(last, bool):
+        found.error(12, f"{POOLING_CONFIG} `pooling_mode_lasttoken` is {_show(last)}, not a boolean: TEI fails to "
+                        "parse the file.")
+        return None, pool
+    if pool["pooling_mode_cls_token"]:
+        return "cls", pool
+    if pool["pooling_mode_mean_tokens"]:
+        return "mean", pool
+    if last:
+        return "last-token", pool
+    found.error(13, f"{POOLING_CONFIG} sets none of pooling_mode_cls_token, pooling_mode_mean_tokens, "
+                    "pooling_mode_lasttoken: TEI refuses it (\"Pooling config ... is not supported\").")
+    return None, pool
+
+
+def _check_include_prompt(pool: dict | None, derived: str | None, found: _Findings) -> None:
+    """Rule 14 (last-token pooling is unaffected: the last token is a text token either way)."""
+    if isinstance(pool, dict) and pool.get("include_prompt") is False and derived != "last-token":
+        found.warn(14, f"{POOLING_CONFIG} has include_prompt: false, which TEI ignores: it pools every token of "
+                       "prompt + text, so queries sent with a prompt (prompt_name) pool the instruction too and "
+                       "differ from the checkpoint's own embeddings; documents without a prompt are unaffected.")
+
+
+def _check_pooling_mode(ours: str | None, derived: str | None, found: _Findings) -> None:
+    if ours is None:
+        found.warn(13, "The checkpoint's pooling is unknown (no `pooling_mode` in config.json and none given), so "
+                       f"TEI's pooling ({derived}) cannot be compared with it.")
+    elif ours not in TEI_POOLING:
+        found.error(13, f"The checkpoint pools with {ours!r}, which TEI cannot run (TEI has cls, mean, last-token and "
+                        "splade); only mean and last_token checkpoints can be served by TEI.")
+    elif derived is not None and derived != TEI_POOLING[ours]:
+        found.error(13, f"TEI derives {derived!r} pooling from {POOLING_CONFIG} (cls wins over mean, mean over "
+                        f"last-token) but the checkpoint pools with {ours!r}; set only "
+                        f"{'pooling_mode_mean_tokens' if ours == 'mean' else 'pooling_mode_lasttoken'} to true.")
+
+
+# sentence_bert_config.json, config_sentence_transformers.json, modules.json: rules 15-19
+
+
+def _check_st_config(folder: Path, config: dict | None, found: _Findings) -> None:
+    name = next((name for name in ST_CONFIG_NAMES if (folder / name).is_file()), None)
+    if name is None:
+        return  # TEI then uses max_position_embeddings
+    st_config, problem = _read_json(folder / name)
+    if problem is not None or not isinstance(st_config, dict):
+        found.error(15, f"{name} is not a JSON object ({problem or _show(st_config)}): TEI fails to start "
+                        f"(\"Failed to parse `{name}`\").")
+        return
+    length = st_config.get("max_seq_length")
+    if not _is_uint(length):
+        found.error(15, f"{name} has max_seq_length {_show(length) if 'max_seq_length' in st_config else 'missing'}: "
+                        f"TEI requires a non-negative integer there when the file exists and fails to start; write "
+                        "the checkpoint's maximum length (e.g. max_position_embeddings).")
+        return
+    limit = config.get("max_position_embeddings") if config is not None else None
+    if _is_uint(limit) and length > limit:
+        found.error(15, f"{name} has max_seq_length {length} over max_position_embeddings {limit}: TEI would accept "
+                        "inputs longer than the model's positions; lower max_seq_length.")
+
+
+def _prompts_from_file(folder: Path, found: _Findings) -> dict[str, str]:
+    """Rule 16; returns the prompts TEI would read (the string-valued ones)."""
+    st, problem = _read_json(folder / "config_sentence_transformers.json")
+    if st is _MISSING:
+        return {}
+    if problem is not None or not isinstance(st, dict):
+        found.error(16, f"config_sentence_transformers.json is not a JSON object ({problem or _show(st)}): TEI fails "
+                        "to start (\"Failed to parse `config_sentence_transformers.json`\").")
+        return {}
+    prompts = st.get("prompts")
+    if prompts is None:
+        return {}
+    if not isinstance(prompts, dict):
+        found.error(16, f"config_sentence_transformers.json `prompts` is {_show(prompts)}; TEI needs an object of "
+                        "strings and fails to start.")
+        return {}
+    bad = [f"{key!r} ({_show(value)})" for key, value in prompts.items() if not isinstance(value, str)]
+    if bad:
+        found.error(16, f"config_sentence_transformers.json `prompts` has values that are not strings: "
+                        f"{', '.join(bad)}; TEI fails to parse the file. Write \"\" for an empty prompt.")
+    return {key: value for key, value in prompts.items() if isinstance(value, str)}
+
+
+def _check_modules(folder: Path, config: dict | None, found: _Findings) -> None:
+    modules, problem = _read_json(folder / "modules.json")
+    types: list[str] = []
+    if modules is not _MISSING:
+        why = problem
+        if why is None and not isinstance(modules, list):
+            why = "not a list"
+        if why is None:
+            for module in modules:
+                if not isinstance(module, dict):
+                    why = f"an entry is {_show(module)}"
+                    break
+                if isinstance(module.get("type"), str):
+                    types.append(module["type"])
+                if module.get("type") not in TEI_MODULE_TYPES:
+                    why = f"module type {_show(module.get('type'))} is not one of {', '.join(TEI_MODULE_TYPES)}"
+                elif not (_is_uint(module.get("idx")) and isinstance(module.get("name"), str)
+                          and isinstance(module.get("path"), str)):
+                    why = f"entry {_show(module)} lacks an integer idx or a string name/path"
+                if why:
+                    break
+        if why:
+            found.warn(17, f"TEI cannot parse modules.json ({why}) and ignores it with a warning; that only matters "
+                           "for Dense modules, which TEI then skips. Use the sentence_transformers.models.* type "
+                           "names.")
+        dense = [t for t in types if t.rsplit(".", 1)[-1] == "Dense"]
+        if dense:
+            found.warn(18, "modules.json has a Dense module: TEI applies it from its folder's config.json and weights, "
+                           "which this checker does not check; compare TEI's embeddings with the checkpoint's.",
+                       "backends/src/lib.rs:524-551, 818-858")
+    normalizes = config.get("normalize_embeddings") if config is not None else None
+    if not isinstance(normalizes, bool):
+        normalizes = any(t.rsplit(".", 1)[-1] == "Normalize" for t in types) if types else None
+    if normalizes is False:
+        found.warn(19, "The checkpoint does not normalise its embeddings, but TEI normalises unless the request says "
+                       "otherwise (`normalize` defaults to true, the Normalize module is not read): clients must send "
+                       "`normalize: false`.")
+
+
+# tokenizer.json, rules 20-21
+
+
+def _component_types(kind: str, component: Any, path: str) -> list[str]:
+    """`path: type` for each component (and Sequence part) whose type tokenizers 0.21.1 does not know."""
+    if not isinstance(component, dict):
+        return []
+    kind_type = component.get("type")
+    unknown = [] if kind_type is None or kind_type in TOKENIZER_COMPONENT_TYPES[kind] else [f"{path}: {kind_type}"]
+    parts = component.get(_SEQUENCE_KEYS.get(kind, ""))
+    if kind_type == "Sequence" and isinstance(parts, list):
+        for position, part in enumerate(parts):
+            unknown += _component_types(kind, part, f"{path}.{_SEQUENCE_KEYS[kind]}[{position}]")
+    return unknown
+
+
+def _load_raw_tokenizer(folder: Path, found: _Findings):
+    """Rule 20: the tokenizers `Tokenizer` TEI would build from tokenizer.json (None when it cannot)."""
+    from tokenizers import Tokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        found.error(20, "tokenizer.json is missing: TEI only supports fast tokenizers and panics without it; save the "
+                        "tokenizer with a fast (tokenizers-backed) tokenizer.")
+        return None
+    spec, problem = _read_json(path)
+    if problem is not None or not isinstance(spec, dict):
+        found.error(20, f"tokenizer.json is not a JSON object ({problem or 'not an object'}): TEI cannot load it.")
+        return None
+    unknown = [item for kind in TOKENIZER_COMPONENT_TYPES for item in _component_types(kind, spec.get(kind), kind)]
+    if unknown:
+        found.error(20, f"tokenizer.json uses components that the tokenizers crate TEI is built with "
+                        f"({TEI_TOKENIZERS_VERSION}) does not know ({', '.join(unknown)}); TEI cannot load it. Rebuild "
+                        "the tokenizer without them.")
+        return None
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust crate's parse errors arrive as plain Exceptions
+        found.error(20, f"tokenizer.json does not load with the tokenizers library ({exc}); TEI cannot load it either.")
+        return None
+    tokenizer.no_padding()  # TEI removes padding and sets truncation per request
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def _check_prompt_tokens(folder: Path, raw, prompts: Mapping[str, str], found: _Findings) -> None:
+    """Rule 21: TEI's ids (tokenizer.json on prompt + text) equal tokenize_for_encoder's, for every prompt."""
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    from ..modeling_llama_encoder import tokenize_for_encoder
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # any failure of transformers to build the tokenizer: report, do not crash the check
+        # transformers reads config.json too and refuses some configs that the rules above already report; the
+        # tokenizer files alone decide the comparison then (tokenizer_config.json names the tokenizer class).
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, config=PretrainedConfig(), local_files_only=True,
+                                                      trust_remote_code=False)
+        except Exception:  # the first failure is the one to report
+            found.error(21, f"transformers cannot load the checkpoint's tokenizer ({type(exc).__name__}: {exc}), "
+                            "so TEI's tokenisation cannot be compared with the checkpoint's; fix the tokenizer "
+                            "files.")
+            return
+        logger.warning("transformers refuses %s/config.json (%s: %s); compared the tokenizer without it.", folder,
+                       type(exc).__name__, exc)
+    if not getattr(tokenizer, "is_fast", False):
+        found.error(21, "transformers loads a slow tokenizer from this folder, so tokenize_for_encoder cannot run; "
+                        "save a fast tokenizer (tokenizer.json) with a matching tokenizer_config.json.")
+        return
+    if tokenizer.pad_token_id is None:  # no padding is done; tokenize_for_encoder only insists on a pad token
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.convert_ids_to_tokens(0)
+    texts = list(PROBE_TEXTS)
+    cases = {"(no prompt)": ""}
+    cases.update({f"prompt {name!r}": prompt for name, prompt in prompts.items() if prompt})
+    for label, prompt in cases.items():
+        try:
+            ours = tokenize_for_encoder(tokenizer, texts, prompt, max_length=None, append_eos=False,
+                                        padding=False, return_tensors=None)["input_ids"]
+        except ValueError as exc:
+            found.error(21, f"tokenize_for_encoder refuses the checkpoint's tokenizer ({exc}).")
+            return
+        tei = [encoding.ids for encoding in raw.encode_batch([prompt + text for text in texts],
+                                                              add_special_tokens=True)]
+        differ = [index for index, (a, b) in enumerate(zip(ours, tei, strict=True)) if list(a) != list(b)]
+        if differ:
+            first = differ[0]
+            found.error(21, f"For {label}, tokenizer.json (what TEI runs on prompt + text) gives other ids than the "
+                            f"checkpoint's tokenize_for_encoder for {len(differ)} of {len(texts)} probe texts, e.g. "
+                            f"{texts[first]!r}: TEI {list(tei[first])} vs {list(ours[first])}. Save tokenizer.json "
+                            "from the same tokenizer (tokenizer.save_pretrained) so that it holds every added and "
+                            "special token tokenizer_config.json declares.")
+
+
+def check_tei_folder(
+    folder: str | os.PathLike,
+    *,
+    pooling_mode: str | None = None,
+    prompts: dict[str, str] | None = None,
+) -> TeiReport:
+    """Check `folder` against TEI's parsing rules (docs/ENGINES.md, rules 1-21) and return what TEI would do.
+
+    `pooling_mode` is the checkpoint's pooling (one of `POOLING_MODES`; default: config.json's `pooling_mode`), which
+    rule 13 compares with the pooling TEI derives; `prompts` (default: `config_sentence_transformers.json`'s
+    `prompts`) are the prompts rule 21 tokenises with each probe text. Reads JSON files, safetensors headers and the
+    tokenizer; never a tensor.
+
+    Raises `MissingInputError` when `folder` does not exist, `NotAFolderError` when it is a file, and `InputError`
+    for a `pooling_mode` or `prompts` that cannot be used.
+    """
+    root = Path(folder).expanduser()
+    if not root.exists():
+        raise MissingInputError(f"There is no folder {root} to check for TEI; pass the folder a conversion wrote.")
+    if not root.is_dir():
+        raise NotAFolderError(f"{root} is a file; pass the checkpoint folder (the one holding config.json).")
+    if pooling_mode is not None and pooling_mode not in POOLING_MODES:
+        raise InputError(f"pooling_mode must be one of {', '.join(POOLING_MODES)}; got {pooling_mode!r}.")
+    if prompts is not None and (not isinstance(prompts, Mapping)
+                                or not all(isinstance(v, str) for v in prompts.values())):
+        raise InputError(f"prompts must map prompt names to strings; got {prompts!r}.")
+
+    found = _Findings()
+    config, problem = _read_json(root / "config.json")
+    if config is _MISSING or problem is not None or not isinstance(config, dict):
+        why = "is missing" if config is _MISSING else f"is not a JSON object ({problem or _show(config)})"
+        found.error(1, f"config.json {why}: TEI cannot start without it; {_NATIVE_FIX}.", "router/src/lib.rs:113-117")
+        config = None
+    else:
+        _check_model_type(config, found)
+        _check_router_fields(config, found)
+        _check_bidirectional(config, found)
+        _check_required_fields(config, found)
+        _check_token_ids(config, found)
+        _check_rope(config, found)
+        _check_head_dim(config, found)
+        _check_biases(config, found)
+        _check_sliding_window(config, found)
+    _check_weights(root, config, found)
+
+    derived, pool = _check_pooling(root, found)
+    ours = pooling_mode
+    if ours is None and config is not None:
+        ours = config.get("pooling_mode")
+    if ours is not None and ours not in POOLING_MODES:
+        found.error(13, f"config.json `pooling_mode` is {_show(ours)}, not one of {', '.join(POOLING_MODES)}; write "
+                        "the checkpoint's pooling there.")
+    else:
+        _check_pooling_mode(ours, derived, found)
+    _check_include_prompt(pool, derived, found)
+    _check_st_config(root, config, found)
+    file_prompts = _prompts_from_file(root, found)
+    _check_modules(root, config, found)
+    raw = _load_raw_tokenizer(root, found)
+    if raw is not None:
+        _check_prompt_tokens(root, raw, file_prompts if prompts is None else prompts, found)
+
+    import tokenizers
+
+    findings = sorted(found.items, key=lambda finding: finding.rule)  # stable: the order of checks within a rule
+    report = TeiReport(
+        folder=str(root), findings=findings, pooling=derived,
+        bidirectional=config is not None and config.get("use_bidirectional_attention") is True,
+        tokenizers_version=tokenizers.__version__,
+    )
+    logger.info("TEI check of %s: %d errors, %d warnings (pooling %s, bidirectional %s).", root,
+                len(report.errors), len(report.warnings), report.pooling, report.bidirectional)
+    for finding in findings:
+        logger.debug("TEI rule %d (%s): %s", finding.rule, finding.level, finding.message)
+    return report
+
+
+__all__ = [
+    "PROBE_TEXTS",
+    "TEI_SOURCE_COMMIT",
+    "TEI_TOKENIZERS_VERSION",
+    "TeiFinding",
+    "TeiReport",
+    "check_tei_folder",
+]

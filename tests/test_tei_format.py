@@ -1,0 +1,373 @@
+"""The TEI file-format checker (docs/ENGINES.md, rules 1-21) on tiny hand-built native folders: the native layout
+passes with no errors for mean and last_token, and breaking exactly one rule gives exactly that rule's finding.
+
+Each folder holds a tiny byte-level BPE tokenizer (trained once per module), a config.json dict and a safetensors
+file of zeros with the names and shapes TEI's Llama path loads; no model is built and nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from llama_encoder.conversion_scripts.tei import (
+    TEI_SOURCE_COMMIT,
+    TeiReport,
+    check_tei_folder,
+)
+from llama_encoder.errors import InputError, MissingInputError, NotAFolderError
+from tests.tiny import TINY_CORPUS, tiny_bpe_tokenizer
+
+QUERY_PROMPT = "Instruct: Given a query, retrieve relevant passages that answer the query\nQuery: "
+SIZES = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+HEAD = SIZES["hidden_size"] // SIZES["num_attention_heads"]
+POOLING_FLAGS = {"mean": "pooling_mode_mean_tokens", "last_token": "pooling_mode_lasttoken"}
+VLLM_POOLING = {"mean": "avg", "last_token": "last"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory):
+    """tokenizer.json and tokenizer_config.json of a tiny BPE tokenizer that adds a BOS (like Llama's), with the pad
+    token and padding side the converter writes."""
+    tokenizer = tiny_bpe_tokenizer(TINY_CORPUS)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    folder = tmp_path_factory.mktemp("tei-tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _weights(config: dict, *, prefix: str = "") -> dict[str, torch.Tensor]:
+    hidden, inter, kv = config["hidden_size"], config["intermediate_size"], config["num_key_value_heads"] * HEAD
+    shapes = {"embed_tokens.weight": (config["vocab_size"], hidden), "norm.weight": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({
+            f"layers.{i}.self_attn.q_proj.weight": (hidden, hidden),
+            f"layers.{i}.self_attn.k_proj.weight": (kv, hidden),
+            f"layers.{i}.self_attn.v_proj.weight": (kv, hidden),
+            f"layers.{i}.self_attn.o_proj.weight": (hidden, hidden),
+            f"layers.{i}.mlp.gate_proj.weight": (inter, hidden),
+            f"layers.{i}.mlp.up_proj.weight": (inter, hidden),
+            f"layers.{i}.mlp.down_proj.weight": (hidden, inter),
+            f"layers.{i}.input_layernorm.weight": (hidden,),
+            f"layers.{i}.post_attention_layernorm.weight": (hidden,),
+        })
+    return {prefix + name: torch.zeros(shape) for name, shape in shapes.items()}
+
+
+def write_native_folder(folder: Path, tokenizer_folder: Path, pooling_mode: str = "mean") -> Path:
+    """The native layout of docs/ENGINES.md at tiny sizes (include_prompt true, so that no rule warns)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_folder / name, folder / name)
+    vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
+    config = {
+        "architectures": ["LlamaBidirectionalModel"], "attention_bias": False, "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_llama_encoder.LlamaEncoderConfig",
+                     "AutoModel": "modeling_llama_encoder.LlamaEncoderModel"},
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "dtype": "float32", "head_dim": HEAD,
+        "hidden_act": "silu", "initializer_range": 0.02, "is_causal": False, "max_position_embeddings": 64,
+        "mlp_bias": False, "model_type": "llama", "normalize_embeddings": True, "pooling": VLLM_POOLING[pooling_mode],
+        "pooling_mode": pooling_mode, "pretraining_tp": 1, "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "tie_word_embeddings": True,
+        "use_bidirectional_attention": True, "use_cache": False, "vocab_size": vocab, **SIZES,
+    }
+    write_json(folder / "config.json", config)
+    save_file(_weights(config), folder / "model.safetensors")
+    pooling = {"word_embedding_dimension": SIZES["hidden_size"], "pooling_mode_cls_token": False,
+               "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+               "pooling_mode_lasttoken": False, "include_prompt": True}
+    pooling[POOLING_FLAGS[pooling_mode]] = True
+    write_json(folder / "1_Pooling" / "config.json", pooling)
+    write_json(folder / "2_Normalize" / "config.json",
+               {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"})
+    write_json(folder / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ])
+    write_json(folder / "sentence_bert_config.json", {
+        "max_seq_length": 64, "do_lower_case": False, "transformer_task": "feature-extraction",
+        "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+        "module_output_name": "token_embeddings",
+    })
+    write_json(folder / "config_sentence_transformers.json", {
+        "model_type": "SentenceTransformer", "prompts": {"query": QUERY_PROMPT, "document": ""},
+        "default_prompt_name": None, "similarity_fn_name": "cosine",
+    })
+    return folder
+
+
+def write_json(path: Path, value) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=2))
+
+
+def edit_json(path: Path, edit) -> None:
+    """Apply `edit` (which changes the parsed value in place) to a JSON file."""
+    value = json.loads(path.read_text())
+    edit(value)
+    write_json(path, value)
+
+
+def kinds(report: TeiReport) -> set[tuple[int, str]]:
+    return {(finding.rule, finding.level) for finding in report.findings}
+
+
+@pytest.fixture
+def native(tmp_path, tokenizer_folder):
+    return write_native_folder(tmp_path / "native", tokenizer_folder)
+
+
+@pytest.mark.parametrize("pooling_mode, tei_pooling", [("mean", "mean"), ("last_token", "last-token")])
+def test_the_native_layout_passes_with_no_findings(tmp_path, tokenizer_folder, pooling_mode, tei_pooling):
+    report = check_tei_folder(write_native_folder(tmp_path / "native", tokenizer_folder, pooling_mode))
+    assert report.findings == [] and report.loadable
+    assert report.pooling == tei_pooling and report.bidirectional is True
+
+
+def _set(key, value):
+    return lambda config: config.__setitem__(key, value)
+
+
+def _drop(key):
+    return lambda config: config.pop(key)
+
+
+# (rule, level, file, edit): each edit breaks exactly that rule of a passing native folder.
+JSON_BREAKS = {
+    "model_type llama_encoder": (1, "error", "config.json", _set("model_type", "llama_encoder")),
+    "model_type mistral": (1, "error", "config.json", _set("model_type", "mistral")),
+    "classifier architecture": (2, "error", "config.json", _set("architectures", ["LlamaForSequenceClassification"])),
+    "empty architectures": (2, "error", "config.json", _set("architectures", [])),
+    "auto_map list value": (2, "error", "config.json", lambda c: c["auto_map"].update(AutoTokenizer=[None, "x.Fast"])),
+    "no use_bidirectional_attention": (3, "error", "config.json", _drop("use_bidirectional_attention")),
+    "use_bidirectional_attention false": (3, "error", "config.json", _set("use_bidirectional_attention", False)),
+    "no rms_norm_eps": (4, "error", "config.json", _drop("rms_norm_eps")),
+    "float max_position_embeddings": (4, "error", "config.json", _set("max_position_embeddings", 64.0)),
+    "unknown hidden_act": (4, "error", "config.json", _set("hidden_act", "quick_gelu")),
+    "exact gelu": (4, "warning", "config.json", _set("hidden_act", "gelu")),
+    "eos_token_id list": (5, "error", "config.json", _set("eos_token_id", [2, 1])),
+    "negative pad_token_id": (5, "error", "config.json", _set("pad_token_id", -1)),
+    "rope_scaling set": (6, "error", "config.json", _set("rope_scaling", {"rope_type": "linear", "factor": 2.0})),
+    "rope_type llama3": (6, "error", "config.json", _set("rope_parameters", {
+        "rope_theta": 500000.0, "rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0, "original_max_position_embeddings": 8192})),
+    "no rope_theta": (6, "error", "config.json", _drop("rope_parameters")),
+    "rope_parameters without rope_type": (6, "error", "config.json", _set("rope_parameters", {"rope_theta": 1e5})),
+    "head_dim not hidden/heads": (7, "error", "config.json", _set("head_dim", 2 * HEAD)),
+    "attention_bias true": (8, "error", "config.json", _set("attention_bias", True)),
+    "mlp_bias null": (8, "error", "config.json", _set("mlp_bias", None)),
+    "sliding_window set": (9, "error", "config.json", _set("sliding_window", 4096)),
+    "compact pooling format": (12, "error", "1_Pooling/config.json", lambda p: (p.clear(), p.update(
+        embedding_dimension=SIZES["hidden_size"], pooling_mode="mean", include_prompt=True))),
+    "pooling_mode_lasttoken null": (12, "error", "1_Pooling/config.json", _set("pooling_mode_lasttoken", None)),
+    "no pooling flag true": (13, "error", "1_Pooling/config.json", _set("pooling_mode_mean_tokens", False)),
+    "last-token file for a mean checkpoint": (13, "error", "1_Pooling/config.json", lambda p: p.update(
+        pooling_mode_mean_tokens=False, pooling_mode_lasttoken=True)),
+    "weighted_mean checkpoint": (13, "error", "config.json", _set("pooling_mode", "weighted_mean")),
+    "unknown pooling_mode": (13, "error", "config.json", _set("pooling_mode", "max")),
+    "include_prompt false": (14, "warning", "1_Pooling/config.json", _set("include_prompt", False)),
+    "no max_seq_length": (15, "error", "sentence_bert_config.json", _drop("max_seq_length")),
+    "string max_seq_length": (15, "error", "sentence_bert_config.json", _set("max_seq_length", "64")),
+    "max_seq_length over positions": (15, "error", "sentence_bert_config.json", _set("max_seq_length", 65)),
+    "null prompt": (16, "error", "config_sentence_transformers.json", lambda c: c["prompts"].update(query=None)),
+    "custom module type": (17, "warning", "modules.json", lambda m: m[0].update(
+        type="sentence_transformers_llama_encoder.LlamaEncoderTransformer")),
+    "Dense module": (18, "warning", "modules.json", lambda m: m.insert(2, {
+        "idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})),
+    "not normalised": (19, "warning", "config.json", _set("normalize_embeddings", False)),
+}
+
+
+@pytest.mark.parametrize("case", JSON_BREAKS)
+def test_breaking_one_rule_gives_exactly_its_finding(native, case):
+    rule, level, name, edit = JSON_BREAKS[case]
+    edit_json(native / name, edit)
+    report = check_tei_folder(native)
+    assert kinds(report) == {(rule, level)}, [f.message for f in report.findings]
+    assert report.loadable is (level == "warning")
+    assert all(finding.message and finding.source for finding in report.findings)
+
+
+def test_a_remote_code_model_type_says_to_convert_natively(native):
+    edit_json(native / "config.json", _set("model_type", "llama_encoder"))
+    (finding,) = check_tei_folder(native).errors
+    assert finding.rule == 1 and "--format native" in finding.message
+
+
+def test_a_causal_config_is_reported_as_not_bidirectional(native):
+    edit_json(native / "config.json", _drop("use_bidirectional_attention"))
+    assert check_tei_folder(native).bidirectional is False
+
+
+def test_cls_wins_over_mean(native):
+    edit_json(native / "1_Pooling" / "config.json", _set("pooling_mode_cls_token", True))
+    report = check_tei_folder(native)
+    assert report.pooling == "cls"
+    assert kinds(report) == {(13, "error")}
+
+
+def test_the_compact_pooling_format_gives_no_pooling(native):
+    write_json(native / "1_Pooling" / "config.json",
+               {"embedding_dimension": SIZES["hidden_size"], "pooling_mode": "mean", "include_prompt": True})
+    report = check_tei_folder(native)
+    assert report.pooling is None and "compact format" in report.errors[0].message
+
+
+def test_the_pooling_mode_argument_overrides_config_json(native):
+    assert kinds(check_tei_folder(native, pooling_mode="last_token")) == {(13, "error")}
+    assert kinds(check_tei_folder(native, pooling_mode="eos")) == {(13, "error")}
+    assert check_tei_folder(native, pooling_mode="mean").findings == []
+
+
+def test_a_checkpoint_without_pooling_mode_warns(native):
+    edit_json(native / "config.json", _drop("pooling_mode"))
+    assert kinds(check_tei_folder(native)) == {(13, "warning")}
+
+
+@pytest.mark.parametrize("what", ["config.json missing", "config.json not JSON", "config.json NaN"])
+def test_an_unreadable_config_json_is_rule_1(native, what):
+    path = native / "config.json"
+    if what == "config.json missing":
+        path.unlink()
+    else:
+        path.write_text("{not json" if what == "config.json not JSON" else path.read_text()[:-2] + ', "x": NaN}')
+    report = check_tei_folder(native)
+    assert (1, "error") in kinds(report) and report.bidirectional is False
+
+
+def test_prefixed_weight_names_are_an_error(native):
+    config = json.loads((native / "config.json").read_text())
+    save_file(_weights(config, prefix="model."), native / "model.safetensors")
+    report = check_tei_folder(native)
+    assert kinds(report) == {(10, "error")}
+    assert "`model.` prefix" in report.errors[0].message
+
+
+def test_a_wrong_shape_is_an_error(native):
+    config = json.loads((native / "config.json").read_text())
+    weights = _weights(config)
+    weights["layers.1.self_attn.k_proj.weight"] = torch.zeros(2 * HEAD, SIZES["hidden_size"])
+    save_file(weights, native / "model.safetensors")
+    report = check_tei_folder(native)
+    assert kinds(report) == {(10, "error")} and "layers.1.self_attn.k_proj.weight" in report.errors[0].message
+
+
+def test_a_missing_tensor_is_an_error_and_an_extra_one_a_warning(native):
+    config = json.loads((native / "config.json").read_text())
+    weights = _weights(config)
+    del weights["layers.1.mlp.down_proj.weight"]
+    save_file(weights, native / "model.safetensors")
+    assert kinds(check_tei_folder(native)) == {(10, "error")}
+    weights = {**_weights(config), "latent_attention.latents": torch.zeros(4, 8)}
+    save_file(weights, native / "model.safetensors")
+    assert kinds(check_tei_folder(native)) == {(10, "warning")}
+
+
+def test_bias_tensors_are_an_error(native):
+    config = json.loads((native / "config.json").read_text())
+    save_file({**_weights(config), "layers.0.self_attn.q_proj.bias": torch.zeros(8)}, native / "model.safetensors")
+    assert kinds(check_tei_folder(native)) == {(8, "error")}
+
+
+def test_sharded_weights_are_read_from_the_index(native):
+    config = json.loads((native / "config.json").read_text())
+    weights = _weights(config)
+    (native / "model.safetensors").unlink()
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({key: weights[key] for key in keys}, native / shard)
+    write_json(native / "model.safetensors.index.json",
+               {"weight_map": {key: shard for shard, keys in shards.items() for key in keys}})
+    assert check_tei_folder(native).findings == []
+    (native / "model-00002-of-00002.safetensors").unlink()
+    assert kinds(check_tei_folder(native)) == {(10, "error")}
+
+
+def test_no_weights_is_an_error(native):
+    (native / "model.safetensors").unlink()
+    assert kinds(check_tei_folder(native)) == {(10, "error")}
+
+
+def test_a_missing_pooling_config_is_an_error(native):
+    (native / "1_Pooling" / "config.json").unlink()
+    report = check_tei_folder(native)
+    assert kinds(report) == {(11, "error")} and report.pooling is None
+
+
+def test_no_sentence_bert_config_is_fine(native):
+    (native / "sentence_bert_config.json").unlink()
+    assert check_tei_folder(native).findings == []
+
+
+@pytest.mark.parametrize("what", ["missing", "not JSON", "FixedLength pre-tokenizer"])
+def test_a_tokenizer_json_tei_cannot_load_is_an_error(native, what):
+    path = native / "tokenizer.json"
+    if what == "missing":
+        path.unlink()
+    elif what == "not JSON":
+        path.write_text('{"version": "1.0", ')
+    else:
+        edit_json(path, _set("pre_tokenizer", {"type": "Sequence", "pretokenizers": [
+            {"type": "FixedLength", "length": 5}]}))
+    assert kinds(check_tei_folder(native)) == {(20, "error")}
+
+
+def _add_token_only_in_tokenizer_config(folder: Path, token: str) -> None:
+    """Declare an added special token in tokenizer_config.json only: transformers adds it on load, tokenizer.json
+    (what TEI reads) does not know it."""
+    vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
+
+    def edit(config):
+        config.setdefault("added_tokens_decoder", {})[str(vocab)] = {
+            "content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True}
+        config["extra_special_tokens"] = [token]
+
+    edit_json(folder / "tokenizer_config.json", edit)
+
+
+def test_a_prompt_tokenised_differently_by_tei_is_an_error(native):
+    _add_token_only_in_tokenizer_config(native, "<|query|>")
+    assert check_tei_folder(native).findings == []  # no prompt uses the token yet
+    edit_json(native / "config_sentence_transformers.json",
+              lambda c: c["prompts"].update(query="<|query|> " + QUERY_PROMPT))
+    report = check_tei_folder(native)
+    assert kinds(report) == {(21, "error")}
+    assert "prompt 'query'" in report.errors[0].message
+
+
+def test_the_prompts_argument_replaces_the_files_prompts(native):
+    _add_token_only_in_tokenizer_config(native, "<|query|>")
+    report = check_tei_folder(native, prompts={"search": "<|query|> "})
+    assert kinds(report) == {(21, "error")} and "prompt 'search'" in report.errors[0].message
+    assert check_tei_folder(native, prompts={"search": "search: "}).findings == []
+
+
+def test_to_dict_is_json_and_names_the_source(native):
+    edit_json(native / "1_Pooling" / "config.json", _set("include_prompt", False))
+    summary = json.loads(json.dumps(check_tei_folder(native).to_dict()))
+    assert summary["tei_commit"] == TEI_SOURCE_COMMIT and summary["loadable"] is True
+    assert summary["pooling"] == "mean" and summary["bidirectional"] is True
+    assert [(f["rule"], f["level"]) for f in summary["findings"]] == [(14, "warning")]
+    assert summary["findings"][0]["source"] and summary["runtime"]["rule"] == 22
+
+
+def test_unusable_input_raises(tmp_path, native):
+    with pytest.raises(MissingInputError, match="There is no folder"):
+        check_tei_folder(tmp_path / "absent")
+    with pytest.raises(NotAFolderError):
+        check_tei_folder(native / "config.json")
+    with pytest.raises(InputError, match="pooling_mode must be one of"):
+        check_tei_folder(native, pooling_mode="avg")
+    with pytest.raises(InputError, match="prompts must map"):
+        check_tei_folder(native, prompts={"query": None})
