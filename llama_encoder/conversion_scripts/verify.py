@@ -638,7 +638,7 @@ def verify_checkpoint(
                                 "max_cosine_distance": distance}
             else:
                 engines[key] = {**engines[key], "status": "not checked",
-                                "note": f"{engines[key]['note']}; vLLM was not installed where this was verified"
+                                "note": f"{engines[key]['note']}; vLLM was not run at conversion (none found, or --no-vllm)"
                                 if key == "vllm" else engines[key]["note"]}
     distances = [check["max_cosine_distance"] for check in checks if "max_cosine_distance" in check]
     report = {
