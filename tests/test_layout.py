@@ -22,7 +22,7 @@ FORBIDDEN = {
     **{name: {"errors", "atomic", "dtypes", "readers", "weights", "conversion_scripts", "encoding", "training",
               "cli", "engines"} for name in HUB_FILES},
     **{name: {"weights", "conversion_scripts", "encoding", "training", "cli", "engines"}
-       for name in ("errors", "atomic", "dtypes", "readers")},
+       for name in ("errors", "atomic", "dtypes", "readers", "prompts")},
 }
 
 

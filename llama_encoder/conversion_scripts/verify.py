@@ -637,9 +637,8 @@ def verify_checkpoint(
                                 "note": f"{engines[key]['note']}; {where}, max cosine distance {distance:.2g}",
                                 "max_cosine_distance": distance}
             else:
-                engines[key] = {**engines[key], "status": "not checked",
-                                "note": f"{engines[key]['note']}; vLLM was not run at conversion (none found, or --no-vllm)"
-                                if key == "vllm" else engines[key]["note"]}
+                why = "; vLLM was not run at conversion (none found, or --no-vllm)" if key == "vllm" else ""
+                engines[key] = {**engines[key], "status": "not checked", "note": engines[key]["note"] + why}
     distances = [check["max_cosine_distance"] for check in checks if "max_cosine_distance" in check]
     report = {
         "format": MANIFEST_FORMAT,

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import _TMP_PREFIX, atomic_directory, atomic_file
 from ..errors import InputChangedError, InputError, MissingInputError, NotAFolderError, OutputExistsError
+from ..prompts import choose_prompt
 from ..readers import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -166,16 +167,8 @@ def _process_slot(shard_index: int | None, num_shards: int | None) -> tuple[int,
 
 def _resolve_prompt(encoder, prompt: str | None, prompt_name: str | None, instruction: str | None) -> str:
     """The text that goes before every input, checked before anything is read or written."""
-    if sum(x is not None for x in (prompt, prompt_name, instruction)) > 1:
-        raise InputError("Give at most one of prompt, prompt_name and instruction.")
-    if prompt_name is not None:
-        prompts = getattr(encoder, "prompts", {})
-        if prompt_name not in prompts:
-            raise InputError(f"No prompt named {prompt_name!r}; this checkpoint has {sorted(prompts)}.")
-        return prompts[prompt_name]
-    if instruction is not None:
-        return encoder.instruction_prompt(instruction)
-    return prompt or ""
+    return choose_prompt(getattr(encoder, "prompts", {}), lambda text: encoder.instruction_prompt(text), prompt=prompt,
+                         prompt_name=prompt_name, instruction=instruction) or ""
 
 
 def _model_name(encoder) -> str:

@@ -23,6 +23,7 @@ from ..configuration_llama_encoder import LlamaEncoderConfig
 from ..dtypes import DTYPE_CHOICES, describe_compute_dtype, resolve_compute_dtype
 from ..errors import InputError, MissingInputError
 from ..modeling_llama_encoder import LlamaEncoderModel, pad_for_encoder, tokenize_for_encoder
+from ..prompts import choose_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -157,14 +158,8 @@ class Encoder:
         return self.model.config.instruction_prompt(instruction)
 
     def _prompts_for(self, inputs, instruction, prompt, prompt_name) -> tuple[list[str], list[str]]:
-        if sum(x is not None for x in (instruction, prompt, prompt_name)) > 1:
-            raise InputError("Give at most one of instruction, prompt and prompt_name.")
-        if prompt_name is not None:
-            if prompt_name not in self.prompts:
-                raise InputError(f"No prompt named {prompt_name!r}; this checkpoint has {sorted(self.prompts)}.")
-            prompt = self.prompts[prompt_name]
-        elif instruction is not None:
-            prompt = self.instruction_prompt(instruction)
+        prompt = choose_prompt(self.prompts, self.instruction_prompt, prompt=prompt, prompt_name=prompt_name,
+                               instruction=instruction)
         texts, prompts = [], []
         for index, item in enumerate(inputs):
             if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(x, str) for x in item):

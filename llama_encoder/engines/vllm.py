@@ -52,6 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, MissingDependencyError, MissingInputError, VerificationError
+from ..prompts import choose_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -574,15 +575,8 @@ class VllmEncoder:
                show_progress: bool | None = None) -> np.ndarray:
         """Embeddings of `prompt + text` for each text (at most one of `prompt`, `prompt_name`, `instruction`),
         float32 (n, dim). vLLM batches by itself: `batch_tokens` and `show_progress` are ignored."""
-        if sum(x is not None for x in (prompt, prompt_name, instruction)) > 1:
-            raise InputError("Give at most one of instruction, prompt and prompt_name.")
-        if prompt_name is not None:
-            if prompt_name not in self.prompts:
-                raise InputError(f"No prompt named {prompt_name!r}; this checkpoint has {sorted(self.prompts)}.")
-            prompt = self.prompts[prompt_name]
-        elif instruction is not None:
-            prompt = self.instruction_prompt(instruction)
-        prompt = prompt or ""
+        prompt = choose_prompt(self.prompts, self.instruction_prompt, prompt=prompt, prompt_name=prompt_name,
+                               instruction=instruction) or ""
         if prompt and self.pooling_mode == "mean" and not self._warned_prompt:
             self._warned_prompt = True
             logger.warning(
