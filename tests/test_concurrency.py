@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from llama_encoder.encoding import Encoder
-from tests.tiny import TINY_LLAMA, tiny_encoder
+from tests.tiny import random_padded_batch, tiny_encoder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the cat sat on the mat a dog ran in the park plants make sugar from light 🐱 القط".split()
@@ -53,14 +53,7 @@ def test_threads_sharing_one_encoder_get_sequential_results(encoder):
 
 
 def _padded(lengths: list[int], side: str, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), TINY_LLAMA["pad_token_id"])
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        span = slice(0, length) if side == "right" else slice(width - length, width)
-        ids[row, span] = torch.randint(3, TINY_LLAMA["vocab_size"], (length,), generator=generator)
-        mask[row, span] = 1
+    ids, mask = random_padded_batch(lengths, side, seed=seed)
     pool_mask = mask.clone()
     pool_mask[0, (mask[0] == 1).nonzero()[:1, 0]] = 0  # the first row's first token is an "instruction"
     return {"input_ids": ids, "attention_mask": mask, "pool_mask": pool_mask}

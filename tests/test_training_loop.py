@@ -130,7 +130,8 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(tiny_base, tmp
         assert torch.equal(straight[name], resumed[name]), name
 
 
-def test_resume_refuses_changed_arguments(tiny_base, tmp_path, texts_file, monkeypatch):
+def _interrupted_after_first_checkpoint(tiny_base, tmp_path, texts_file, monkeypatch) -> dict:
+    """A SimCSE run killed right after its first checkpoint is saved; returns the run's arguments."""
     common = dict(objective="simcse", data=[str(texts_file)], max_steps=4, batch_size=4, save_every=2)
     saved = loop.save_checkpoint
 
@@ -142,6 +143,11 @@ def test_resume_refuses_changed_arguments(tiny_base, tmp_path, texts_file, monke
     with pytest.raises(KeyboardInterrupt):
         train(_args(tiny_base, tmp_path, **common))
     monkeypatch.setattr(loop, "save_checkpoint", saved)
+    return common
+
+
+def test_resume_refuses_changed_arguments(tiny_base, tmp_path, texts_file, monkeypatch):
+    common = _interrupted_after_first_checkpoint(tiny_base, tmp_path, texts_file, monkeypatch)
     with pytest.raises(ValueError, match=r"arguments differ from the interrupted run \(lr: 0.005 -> 0.001\)"):
         train(_args(tiny_base, tmp_path, resume=True, **{**common, "lr": 1e-3}))
     with pytest.raises(FileExistsError, match="Pass --resume to continue it, or --overwrite"):
@@ -413,17 +419,7 @@ def test_mntp_gradient_accumulation_keeps_the_token_mean_of_the_global_batch(tmp
 
 def test_resume_with_a_changed_lora_rank_names_the_option_before_building_the_model(tiny_base, tmp_path,
                                                                                      texts_file, monkeypatch):
-    common = dict(objective="simcse", data=[str(texts_file)], max_steps=4, batch_size=4, save_every=2)
-    saved = loop.save_checkpoint
-
-    def save_then_die(*args, **kwargs):
-        saved(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train(_args(tiny_base, tmp_path, **common))
-    monkeypatch.setattr(loop, "save_checkpoint", saved)
+    common = _interrupted_after_first_checkpoint(tiny_base, tmp_path, texts_file, monkeypatch)
     monkeypatch.setattr(loop, "load_training_model", lambda **_: pytest.fail("the model was built first"))
     with pytest.raises(ValueError, match=r"arguments differ from the interrupted run \(lora_r: 16 -> 8\)"):
         train(_args(tiny_base, tmp_path, resume=True, lora_r=8, **common))

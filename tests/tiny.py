@@ -82,3 +82,19 @@ def save_tiny_base(folder, *, seed: int = 0, lm_head_scale: float = 1.0):
     tokenizer.save_pretrained(folder)
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
     return folder
+
+
+def random_padded_batch(lengths, padding_side: str, *, seed: int, width: int | None = None):
+    """Random token ids (3 and up: no special tokens) for rows of `lengths`, padded to `width` (default the longest)
+    on `padding_side`, with their attention mask: `(ids, mask)`."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths) if width is None else width
+    ids = torch.full((len(lengths), width), TINY_LLAMA["pad_token_id"])
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        span = slice(0, length) if padding_side == "right" else slice(width - length, width)
+        ids[row, span] = torch.randint(3, TINY_LLAMA["vocab_size"], (length,), generator=generator)
+        mask[row, span] = 1
+    return ids, mask

@@ -12,21 +12,14 @@ import pytest
 import torch
 
 from tests.numeric import assert_equal_up_to_summation_order, encoder_terms
-from tests.tiny import TINY_LLAMA, tiny_encoder
+from tests.tiny import random_padded_batch, tiny_encoder
 
 SEQ_LEN = 9
 LENGTHS = [9, 4, 7, 1, 9]
 
 
 def _batch(lengths, padding_side: str, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.full((len(lengths), SEQ_LEN), TINY_LLAMA["pad_token_id"])
-    mask = torch.zeros(len(lengths), SEQ_LEN, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        span = slice(0, length) if padding_side == "right" else slice(SEQ_LEN - length, SEQ_LEN)
-        ids[row, span] = torch.randint(3, TINY_LLAMA["vocab_size"], (length,), generator=generator)
-        mask[row, span] = 1
-    return ids, mask
+    return random_padded_batch(lengths, padding_side, seed=seed, width=SEQ_LEN)
 
 
 def _one_at_a_time(model, ids, mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
