@@ -8,6 +8,17 @@ from transformers import LlamaConfig
 
 POOLING_MODES = ("mean", "weighted_mean", "eos", "last_token", "bos", "latent_attention")
 
+# The decoder families an encoder is built from: config `model_type` -> (transformers module, decoder layer class).
+# Every one has Llama's tensor names and layout (embed_tokens, layers.N.self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}
+# _proj, norm); what differs lives in the layer: Qwen2 adds q/k/v biases, Qwen3 per-head q/k RMSNorms, Mistral and
+# Qwen2 may set a sliding window. A checkpoint keeps its base's family in `base_model_type`.
+BASE_FAMILIES = {
+    "llama": ("llama", "LlamaDecoderLayer"),
+    "mistral": ("mistral", "MistralDecoderLayer"),
+    "qwen2": ("qwen2", "Qwen2DecoderLayer"),
+    "qwen3": ("qwen3", "Qwen3DecoderLayer"),
+}
+
 # LLM2Vec's query format; the instruction part is attended to but excluded from pooling.
 DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
 # The config entries that size the latent-attention head (saved beside a trained head, read back with it).
@@ -17,6 +28,18 @@ LATENT_ATTENTION_KEYS = (
     "latent_attention_head_dim",
     "latent_attention_mlp_dim",
 )
+
+
+def encoder_layer_types(config) -> list[str]:
+    """Each decoder layer's attention span, `"full_attention"` or `"sliding_attention"`, as the base family defines
+    it: the config's `layer_types` where it has them (Qwen2/Qwen3: sliding from `max_window_layers` on when
+    `use_sliding_window`), else every layer sliding when the config sets a `sliding_window` (Mistral), else full.
+    A layer is sliding only while `sliding_window` is set."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not types:
+        types = ["sliding_attention" if window else "full_attention"] * config.num_hidden_layers
+    return [kind if kind == "sliding_attention" and window else "full_attention" for kind in types]
 
 
 def fill_instruction_template(template: str, instruction: str) -> str:
@@ -46,6 +69,9 @@ class LlamaEncoderConfig(LlamaConfig):
             Inner width of the GELU-gated MLP; defaults to `4 * hidden_size`.
         instruction_template (`str`, defaults to `"Instruct: {instruction}\nQuery: "`):
             How an instruction is written before a query; its tokens are attended to but not pooled.
+        base_model_type (`str`, defaults to `"llama"`):
+            The decoder family of the base (a key of `BASE_FAMILIES`): which decoder layer the encoder is built of.
+            The family's own config entries (e.g. `sliding_window`, `layer_types`, `head_dim`) are kept as given.
     """
 
     model_type = "llama_encoder"
@@ -59,8 +85,13 @@ class LlamaEncoderConfig(LlamaConfig):
         latent_attention_head_dim: int | None = None,
         latent_attention_mlp_dim: int | None = None,
         instruction_template: str = DEFAULT_INSTRUCTION_TEMPLATE,
+        base_model_type: str = "llama",
         **kwargs,
     ):
+        if base_model_type not in BASE_FAMILIES:
+            raise ValueError(
+                f"base_model_type must be one of {', '.join(BASE_FAMILIES)}; got {base_model_type!r}."
+            )
         if pooling_mode not in POOLING_MODES:
             raise ValueError(f"pooling_mode must be one of {', '.join(POOLING_MODES)}; got {pooling_mode!r}.")
         if "{instruction}" not in instruction_template:
@@ -76,6 +107,7 @@ class LlamaEncoderConfig(LlamaConfig):
         self.latent_attention_head_dim = latent_attention_head_dim
         self.latent_attention_mlp_dim = latent_attention_mlp_dim
         self.instruction_template = instruction_template
+        self.base_model_type = base_model_type
         kwargs.setdefault("use_cache", False)
         super().__init__(**kwargs)
         # Set after the parent's init so no version of LlamaConfig can reset it.
@@ -83,12 +115,14 @@ class LlamaEncoderConfig(LlamaConfig):
 
     @classmethod
     def get_config_dict(cls, *args, **kwargs):
-        """The saved config, read as an encoder config also when it is an engine-native checkpoint's (`model_type:
-        llama` with `is_causal: false`, which stock transformers >= 5.2 loads as a bidirectional `LlamaModel`):
-        `trust_remote_code=True` then builds this class without a model-type mismatch warning."""
+        """The saved config, read as an encoder config also when it is an engine-native checkpoint's (the base
+        family's `model_type`, e.g. `llama` or `qwen3`, with `is_causal: false`, which stock transformers >= 5.2
+        loads as that family's bidirectional model): `trust_remote_code=True` then builds this class, with the
+        family in `base_model_type`, without a model-type mismatch warning."""
         config_dict, kwargs = super().get_config_dict(*args, **kwargs)
-        if config_dict.get("model_type") == "llama" and config_dict.get("is_causal") is False:
-            config_dict = {**config_dict, "model_type": cls.model_type}
+        model_type = config_dict.get("model_type")
+        if model_type in BASE_FAMILIES and config_dict.get("is_causal") is False:
+            config_dict = {**config_dict, "model_type": cls.model_type, "base_model_type": model_type}
         return config_dict, kwargs
 
     def instruction_prompt(self, instruction: str) -> str:
@@ -116,9 +150,11 @@ class LlamaEncoderConfig(LlamaConfig):
 
 
 __all__ = [
+    "BASE_FAMILIES",
     "DEFAULT_INSTRUCTION_TEMPLATE",
     "LATENT_ATTENTION_KEYS",
     "POOLING_MODES",
     "LlamaEncoderConfig",
+    "encoder_layer_types",
     "fill_instruction_template",
 ]

@@ -6,12 +6,17 @@ pooling, then the model. Every token attends to every non-padding token on every
 mask is built here (padding only) and every attention module is constructed with `is_causal = False`; nothing is
 toggled per call, so one model can serve several threads.
 
+The decoder layers are the base family's own (`config.base_model_type`: Llama, Mistral, Qwen2 with q/k/v biases,
+Qwen3 with q/k norms; `build_decoder_layer`), which share Llama's tensor names, rotary embedding and final norm. A
+sliding window (Mistral, Qwen2 `use_sliding_window`) is applied on the family's sliding layers as stock transformers
+does for a bidirectional model: keys at most `sliding_window` positions away on either side.
+
 Inference (eval mode, no autograd, sdpa attention, plain `nn.Linear` projections, no hooks, not under
 torch.compile) takes a faster path with the same arithmetic per token: padding is dropped before the layers (every
 product, norm and rotary runs on the real tokens only; only attention sees the padded layout), q/k/v and gate/up
 run as one product each from fused copies of their weights (on CPU prepacked for oneDNN), and no mask is built
 when a batch has no padding. Anything else (training, LoRA-wrapped projections, eager/flash attention,
-`output_hidden_states`) runs the stock decoder layers.
+`output_hidden_states`, a sliding window shorter than the batch) runs the stock decoder layers.
 """
 
 from dataclasses import dataclass
@@ -29,7 +34,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.tokenization_utils_base import BatchEncoding
 from transformers.utils import logging
 
-from .configuration_llama_encoder import LlamaEncoderConfig
+from .configuration_llama_encoder import BASE_FAMILIES, LlamaEncoderConfig, encoder_layer_types
 
 logger = logging.get_logger(__name__)
 
@@ -144,6 +149,26 @@ class ModifiedLlamaDecoderLayer(LlamaDecoderLayer):
         self.self_attn.is_causal = False
 
 
+def build_decoder_layer(config: LlamaEncoderConfig, layer_idx: int) -> nn.Module:
+    """Decoder layer `layer_idx` of the base family (`config.base_model_type`), its self-attention made
+    bidirectional once, at build: a `ModifiedLlamaDecoderLayer` for Llama, else the family's own transformers layer
+    (Mistral, Qwen2 with its q/k/v biases, Qwen3 with its q/k norms), which takes the same inputs."""
+    family = getattr(config, "base_model_type", "llama")
+    if family == "llama":
+        return ModifiedLlamaDecoderLayer(config, layer_idx)
+    if family == "mistral":
+        from transformers.models.mistral.modeling_mistral import MistralDecoderLayer as layer_class
+    elif family == "qwen2":
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer as layer_class
+    elif family == "qwen3":
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer as layer_class
+    else:
+        raise ValueError(f"Unknown base_model_type {family!r}; expected one of {', '.join(BASE_FAMILIES)}.")
+    layer = layer_class(config, layer_idx)
+    layer.self_attn.is_causal = False
+    return layer
+
+
 class LatentAttentionPooling(nn.Module):
     """NV-Embed's latent attention layer: token states are the queries against a trainable latent array that
     supplies keys and values (multi-head cross-attention, pre-LayerNorm on both sides, residual), then a GELU-gated
@@ -221,27 +246,64 @@ def pool(
     return states[torch.arange(states.shape[0], device=states.device), index]
 
 
-def bidirectional_attention_mask(
-    attention_mask: torch.Tensor | None, attn_implementation: str, dtype: torch.dtype
-) -> torch.Tensor | object | None:
-    """The padding-only mask each attention backend expects, or `None` when nothing is padded.
+def window_binds(window: int | None, seq_len: int) -> bool:
+    """Whether a bidirectional sliding window of `window` hides any token of a `seq_len`-token row: a query sees
+    the keys at most `window` positions away on either side (stock transformers' bidirectional window)."""
+    return window is not None and seq_len - 1 > window
 
-    With `None`, every backend attends to all tokens because the attention modules are not causal.
+
+def bidirectional_attention_mask(
+    attention_mask: torch.Tensor | None,
+    attn_implementation: str,
+    dtype: torch.dtype,
+    *,
+    window: int | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor | object | None:
+    """The mask each attention backend expects, or `None` when every token may see every token.
+
+    Without `window` the mask is padding only (`None` when nothing is padded: the attention modules are not
+    causal). With `window`, a query also sees only the keys whose positions (`position_ids`, which count real tokens,
+    so left and right padding agree) are at most `window` away, on either side: the bidirectional sliding window
+    stock transformers builds (`create_bidirectional_sliding_window_mask`) for Mistral and Qwen2 configs.
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None:
+        raise ValueError("bidirectional_attention_mask needs the 2D attention_mask (1 = token, 0 = padding).")
+    batch, seq_len = attention_mask.shape
+    windowed = window_binds(window, seq_len)
+    if not windowed and bool(attention_mask.all()):
         return None
     keep = attention_mask.bool()
-    batch, seq_len = keep.shape
+    if windowed:
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        positions = position_ids.expand(batch, seq_len)
+        near = (positions[:, :, None] - positions[:, None, :]).abs() <= window  # (batch, query, key)
     if "flash" in attn_implementation:
+        if windowed:
+            raise ValueError(
+                f"A sliding window of {window} tokens shorter than the input ({seq_len} tokens) cannot run on "
+                f"{attn_implementation} in the encoder; load it with attn_implementation='sdpa' or 'eager', or keep "
+                f"inputs to at most {window + 1} tokens."
+            )
         return attention_mask  # flash kernels unpad from the 2D mask themselves
     if attn_implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
-        def keep_key(b, h, q_idx, kv_idx):
-            return keep[b, kv_idx]
+        if windowed:
+
+            def keep_key(b, h, q_idx, kv_idx):
+                return keep[b, kv_idx] & near[b, q_idx, kv_idx]
+
+        else:
+
+            def keep_key(b, h, q_idx, kv_idx):
+                return keep[b, kv_idx]
 
         return create_block_mask(keep_key, batch, None, seq_len, seq_len, device=keep.device)
     expanded = keep[:, None, None, :].expand(batch, 1, seq_len, seq_len)
+    if windowed:
+        expanded = expanded & near[:, None]
     if attn_implementation == "sdpa":
         return expanded  # boolean: valid whatever dtype autocast gives the queries
     return torch.zeros(expanded.shape, dtype=dtype, device=keep.device).masked_fill(
@@ -308,7 +370,7 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
 
     config_class = LlamaEncoderConfig
     config: LlamaEncoderConfig
-    _no_split_modules = ["ModifiedLlamaDecoderLayer"]
+    _no_split_modules = ["ModifiedLlamaDecoderLayer", *(layer for _, layer in BASE_FAMILIES.values())]
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
     fuse_projections: bool = True
     """Inference runs q/k/v and gate/up as one product each, from copies of the layer weights made on first use
@@ -327,8 +389,9 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
-            [ModifiedLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [build_decoder_layer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
+        self.layer_types = encoder_layer_types(config)
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.latent_attention = (
@@ -390,23 +453,29 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
-        if self._can_take_fast_path(output_hidden_states, kwargs):
+        window = getattr(self.config, "sliding_window", None) if "sliding_attention" in self.layer_types else None
+        if self._can_take_fast_path(output_hidden_states, kwargs) and not window_binds(window, seq_len):
             hidden_states = self._fast_layers(inputs_embeds, attention_mask, position_ids)
             output = LlamaEncoderOutput(
                 last_hidden_state=hidden_states, pooler_output=self.pool(hidden_states, pool_mask)
             )
             return output.to_tuple() if return_dict is False else output
 
-        mask = bidirectional_attention_mask(attention_mask, self.config._attn_implementation, inputs_embeds.dtype)
+        implementation = self.config._attn_implementation
+        masks = {"full_attention": bidirectional_attention_mask(attention_mask, implementation, inputs_embeds.dtype)}
+        if window is not None:
+            masks["sliding_attention"] = bidirectional_attention_mask(
+                attention_mask, implementation, inputs_embeds.dtype, window=window, position_ids=position_ids
+            )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = [] if output_hidden_states else None
-        for layer in self.layers:
+        for layer, layer_type in zip(self.layers, self.layer_types, strict=True):
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
             hidden_states = layer(
                 hidden_states,
-                attention_mask=mask,
+                attention_mask=masks[layer_type],
                 position_ids=position_ids,
                 position_embeddings=position_embeddings,
                 **kwargs,
@@ -519,6 +588,8 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
                 query, key, value = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)
             query = query.view(tokens, heads, head_dim)
             key = key.view(tokens, kv_heads, head_dim)
+            if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm of q and k, before rotary
+                query, key = attn.q_norm(query), attn.k_norm(key)
             query = (query * cos) + (_rotate_half(query) * sin)
             key = (key * cos) + (_rotate_half(key) * sin)
             query, key = to_batch(query, heads), to_batch(key, kv_heads)
@@ -563,7 +634,9 @@ __all__ = [
     "LlamaEncoderOutput",
     "ModifiedLlamaDecoderLayer",
     "bidirectional_attention_mask",
+    "build_decoder_layer",
     "pad_for_encoder",
     "pool",
     "tokenize_for_encoder",
+    "window_binds",
 ]

@@ -30,8 +30,9 @@ finish_setup "$tf457_setup" tf457
 # about 3.5 minutes on 2 CPUs
 # with a fast PyPI (VLLM_WHEELHOUSE, cached, saves the downloads; a venv that imports vllm is reused in about a
 # minute). The tests run from the main venv and reach vLLM through LLAMA_ENCODER_VLLM_PYTHON: two SmolLM2
-# conversions and three vLLM start-ups, about 6 minutes on 2 busy CPUs (-m integration: the fake-vLLM tests of the
-# file already ran above). LLAMA_ENCODER_REQUIRE_VLLM=1 makes "no vLLM found" a failure instead of a skip.
+# conversions and three vLLM start-ups, then a tiny base of each non-Llama family (three more start-ups), about 9
+# minutes on 2 busy CPUs (-m integration: the fake-vLLM tests of the file already ran above).
+# LLAMA_ENCODER_REQUIRE_VLLM=1 makes "no vLLM found" a failure instead of a skip.
 finish_setup "$vllm_setup" vllm
 LLAMA_ENCODER_VLLM_PYTHON=.venv-vllm/bin/python LLAMA_ENCODER_REQUIRE_VLLM=1 .venv/bin/python -m pytest \
     tests/test_vllm.py -m integration "$@"
@@ -48,5 +49,5 @@ fi
 AVX2_CAP=(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 LLAMA_ENCODER_TEST_CPU_CAP=AVX2)
 env "${AVX2_CAP[@]}" .venv/bin/python -m pytest tests/test_numeric.py tests/test_lora_merge.py tests/test_streaming.py \
     tests/hub_files/test_pooling.py tests/hub_files/test_attention.py tests/hub_files/test_latent_attention.py \
-    tests/hub_files/test_fast_path.py \
+    tests/hub_files/test_fast_path.py tests/hub_files/test_families.py \
     tests/test_fuzz_pooling.py "tests/test_training_ddp.py::test_two_processes_equal_one_process" "$@"

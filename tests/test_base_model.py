@@ -130,9 +130,9 @@ def test_missing_shard_is_refused(tmp_path):
 def test_non_llama_config_is_refused(tmp_path, config, model_type):
     config.save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
-    with pytest.raises(ValueError, match=f"'{model_type}' model.*only Llama-architecture") as info:
+    with pytest.raises(ValueError, match=f"'{model_type}' model.*only the decoder families") as info:
         resolve_base(base=str(tmp_path / "m"))
-    assert "'llama'" in str(info.value)
+    assert all(f"'{family}'" in str(info.value) for family in ("llama", "mistral", "qwen2", "qwen3"))
 
 
 def test_quantized_config_is_refused(tmp_path):
@@ -397,7 +397,7 @@ def write_gguf(path: Path, architecture: str, *, tokenizer: bool) -> Path:
 
 def test_non_llama_gguf_is_refused(tmp_path):
     path = write_gguf(tmp_path / "gpt2.gguf", "gpt2", tokenizer=True)
-    with pytest.raises(ValueError, match=r"holds a 'gpt2' model \(general\.architecture\).*Llama"):
+    with pytest.raises(ValueError, match=r"holds a 'gpt2' model \(general\.architecture\).*families llama, mistral"):
         resolve_base(gguf=path)
     with pytest.raises(ValueError, match="'gpt2' model"):  # a .gguf given as the base goes the same way
         resolve_base(base=str(path))

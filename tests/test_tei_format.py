@@ -1,12 +1,17 @@
-"""The TEI file-format checker (docs/ENGINES.md, rules 1-21) on tiny hand-built native folders: the native layout
-passes with no errors for mean and last_token, and breaking exactly one rule gives exactly that rule's finding.
+"""The TEI file-format checker (docs/ENGINES.md, rules 1-24) on tiny native folders: the native layout passes with no
+errors for mean and last_token, for every decoder family (llama, mistral, qwen2, qwen3), and breaking exactly one rule
+gives exactly that rule's finding.
 
 Each folder holds a tiny byte-level BPE tokenizer (trained once per module), a config.json dict and a safetensors
-file of zeros with the names and shapes TEI's Llama path loads; no model is built and nothing touches the network.
+file. The Llama folder's config is hand-built and its weights are zeros with the names and shapes TEI's Llama path
+loads; each family's folder (`write_family_folder`) holds the config.json our writer (`native_config_dict`) writes for
+a tiny stock base of the family, with the fixes the writer still has to make (`WRITER_PATCHES`), and the tiny
+encoder's own weights. Nothing touches the network.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -15,13 +20,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from llama_encoder.configuration_llama_encoder import BASE_FAMILIES
 from llama_encoder.conversion_scripts.tei import (
+    RUNTIME_NOTES,
+    TEI_CHECKED_FAMILIES,
     TEI_SOURCE_COMMIT,
     TeiReport,
     check_tei_folder,
+    tei_family,
+    tei_rules_implemented,
 )
 from llama_encoder.errors import InputError, MissingInputError, NotAFolderError
-from tests.tiny import TINY_CORPUS, tiny_bpe_tokenizer
+from tests.tiny import TINY_CORPUS, tiny_bpe_tokenizer, tiny_family_encoder
 
 QUERY_PROMPT = "Instruct: Given a query, retrieve relevant passages that answer the query\nQuery: "
 SIZES = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
@@ -60,13 +70,13 @@ def _weights(config: dict, *, prefix: str = "") -> dict[str, torch.Tensor]:
     return {prefix + name: torch.zeros(shape) for name, shape in shapes.items()}
 
 
-def write_native_folder(folder: Path, tokenizer_folder: Path, pooling_mode: str = "mean") -> Path:
-    """The native layout of docs/ENGINES.md at tiny sizes (include_prompt true, so that no rule warns)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_folder / name, folder / name)
-    vocab = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"])
-    config = {
+def tokenizer_vocab(tokenizer_folder: Path) -> int:
+    return len(json.loads((tokenizer_folder / "tokenizer.json").read_text())["model"]["vocab"])
+
+
+def llama_config(vocab: int, pooling_mode: str = "mean") -> dict:
+    """The hand-built native Llama config.json at SIZES."""
+    return {
         "architectures": ["LlamaBidirectionalModel"], "attention_bias": False, "attention_dropout": 0.0,
         "auto_map": {"AutoConfig": "configuration_llama_encoder.LlamaEncoderConfig",
                      "AutoModel": "modeling_llama_encoder.LlamaEncoderModel"},
@@ -77,9 +87,20 @@ def write_native_folder(folder: Path, tokenizer_folder: Path, pooling_mode: str 
         "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "tie_word_embeddings": True,
         "use_bidirectional_attention": True, "use_cache": False, "vocab_size": vocab, **SIZES,
     }
+
+
+def write_native_folder(folder: Path, tokenizer_folder: Path, pooling_mode: str = "mean", *,
+                        config: dict | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """The native layout of docs/ENGINES.md at tiny sizes (include_prompt true, so that no rule warns): a hand-built
+    Llama config.json and zero weights, unless `config` and `weights` are given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_folder / name, folder / name)
+    if config is None:
+        config = llama_config(tokenizer_vocab(folder), pooling_mode)
     write_json(folder / "config.json", config)
-    save_file(_weights(config), folder / "model.safetensors")
-    pooling = {"word_embedding_dimension": SIZES["hidden_size"], "pooling_mode_cls_token": False,
+    save_file(_weights(config) if weights is None else weights, folder / "model.safetensors")
+    pooling = {"word_embedding_dimension": config["hidden_size"], "pooling_mode_cls_token": False,
                "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
                "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
                "pooling_mode_lasttoken": False, "include_prompt": True}
@@ -143,7 +164,8 @@ def _drop(key):
 # (rule, level, file, edit): each edit breaks exactly that rule of a passing native folder.
 JSON_BREAKS = {
     "model_type llama_encoder": (1, "error", "config.json", _set("model_type", "llama_encoder")),
-    "model_type mistral": (1, "error", "config.json", _set("model_type", "mistral")),
+    "model_type gemma3_text": (1, "error", "config.json", _set("model_type", "gemma3_text")),
+    "model_type bidirectional_pplx_qwen3": (1, "error", "config.json", _set("model_type", "bidirectional_pplx_qwen3")),
     "classifier architecture": (2, "error", "config.json", _set("architectures", ["LlamaForSequenceClassification"])),
     "empty architectures": (2, "error", "config.json", _set("architectures", [])),
     "auto_map list value": (2, "error", "config.json", lambda c: c["auto_map"].update(AutoTokenizer=[None, "x.Fast"])),
@@ -371,3 +393,295 @@ def test_unusable_input_raises(tmp_path, native):
         check_tei_folder(native, pooling_mode="avg")
     with pytest.raises(InputError, match="prompts must map"):
         check_tei_folder(native, prompts={"query": None})
+
+
+# The decoder families: each family's native folder holds what our writer writes for a tiny stock base of the family.
+
+# Where a tiny stock base of the family differs from tests.tiny's (what the writer meets in published bases): stock
+# MistralConfig (and Mistral-7B-v0.1) has sliding_window 4096, stock Qwen3Config has eos_token_id null.
+STOCK_BASES = {"llama": {}, "mistral": {"sliding_window": 4096}, "qwen2": {}, "qwen3": {"eos_token_id": None}}
+# The config.json changes TEI needs that `native_config_dict` does not make yet: EXPECTED FROM THE WRITER
+# (layout.native_config_dict), applied here in its stead. Without them the folder fails exactly `WRITER_RULES`.
+WRITER_PATCHES = {
+    "llama": {},
+    # TEI's Mistral applies sliding_window as a left-only window (rule 9): null when the window never binds.
+    "mistral": {"sliding_window": None},
+    "qwen2": {},
+    # TEI's Qwen3Config requires one integer eos_token_id (rule 24): the tokenizer's EOS id (tiny_bpe_tokenizer: 2).
+    "qwen3": {"eos_token_id": 2},
+}
+WRITER_RULES = {"llama": set(), "mistral": {(9, "error")}, "qwen2": set(), "qwen3": {(24, "error")}}
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+# The rules whose TEI source differs per family: their findings must cite the family's own TEI files.
+FAMILY_SOURCED_RULES = {3, 4, 6, 7, 8, 9, 10, 23, 24}
+
+
+@functools.cache
+def _family_checkpoint(family: str, pooling_mode: str, vocab: int, overrides: tuple) -> tuple[str, dict]:
+    """(config.json text as `native_config_dict` writes it, the tiny encoder's weights) for a tiny stock base."""
+    from llama_encoder.conversion_scripts.layout import native_config_dict
+
+    _, encoder = tiny_family_encoder(family, pooling_mode=pooling_mode, vocab_size=vocab,
+                                     **{**STOCK_BASES[family], **dict(overrides)})
+    weights = {name: tensor.detach().clone().contiguous() for name, tensor in encoder.state_dict().items()}
+    return json.dumps(native_config_dict(encoder.config)), weights
+
+
+def family_checkpoint(tokenizer_folder: Path, family: str, pooling_mode: str = "mean", *, patched: bool = True,
+                      **overrides) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A fresh (config dict, weights dict) of `family`'s native checkpoint, with WRITER_PATCHES applied unless
+    `patched` is false; `overrides` change the tiny base's config."""
+    text, weights = _family_checkpoint(family, pooling_mode, tokenizer_vocab(tokenizer_folder),
+                                       tuple(sorted(overrides.items())))
+    config = json.loads(text)
+    if patched:
+        config.update(WRITER_PATCHES[family])
+    return config, dict(weights)
+
+
+def write_family_folder(folder: Path, tokenizer_folder: Path, family: str, pooling_mode: str = "mean", *,
+                        patched: bool = True, **overrides) -> Path:
+    config, weights = family_checkpoint(tokenizer_folder, family, pooling_mode, patched=patched, **overrides)
+    return write_native_folder(folder, tokenizer_folder, pooling_mode, config=config, weights=weights)
+
+
+def _save_weights(folder: Path, weights: dict[str, torch.Tensor]) -> None:
+    save_file(weights, folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("pooling_mode, tei_pooling", [("mean", "mean"), ("last_token", "last-token")])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_familys_native_folder_passes_with_no_findings(tmp_path, tokenizer_folder, family, pooling_mode,
+                                                            tei_pooling):
+    report = check_tei_folder(write_family_folder(tmp_path / family, tokenizer_folder, family, pooling_mode))
+    assert report.findings == [], [f.message for f in report.findings]
+    assert report.loadable and report.family == family
+    assert report.pooling == tei_pooling and report.bidirectional is True
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_writers_unpatched_config_fails_only_what_the_writer_must_fix(tmp_path, tokenizer_folder, family):
+    """What `native_config_dict` writes today, for a stock base of the family: at most the rules WRITER_PATCHES
+    fixes fail (none, once the writer makes the patches itself)."""
+    report = check_tei_folder(write_family_folder(tmp_path / family, tokenizer_folder, family, patched=False))
+    assert kinds(report) <= WRITER_RULES[family], [f.message for f in report.findings]
+
+
+def test_tei_family_names_the_rules_a_config_gets():
+    assert TEI_CHECKED_FAMILIES == tuple(BASE_FAMILIES)  # every decoder family we convert has its TEI rules
+    for model_type, family in {"llama": "llama", "llama_bidirec": "llama", "mistral": "mistral", "qwen2": "qwen2",
+                               "qwen3": "qwen3"}.items():
+        assert tei_family({"model_type": model_type}) == family and tei_rules_implemented({"model_type": model_type})
+    for config in ({"model_type": "llama_encoder", "base_model_type": "qwen2"}, {"model_type": "gemma3_text"},
+                   {"model_type": "bidirectional_pplx_qwen3"}, {"model_type": None}, {}, {"model_type": ["qwen3"]}):
+        assert tei_family(config) is None and not tei_rules_implemented(config)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_to_dict_states_the_familys_runtime(tmp_path, tokenizer_folder, family):
+    summary = check_tei_folder(write_family_folder(tmp_path / family, tokenizer_folder, family)).to_dict()
+    runtime = summary["runtime"]
+    assert summary["family"] == family and runtime["rule"] == 22 and runtime["note"] == RUNTIME_NOTES[family]
+    assert runtime["cpu"] is (family == "qwen3")  # only TEI's Qwen3 runs on CPU
+    assert "lib.rs:" in runtime["source"] and ("CPU" in runtime["note"])
+
+
+def _update(**values):
+    return lambda config: config.update(values)
+
+
+# (family, rule, level, edit of config.json): each edit breaks exactly that rule of the family's passing folder.
+FAMILY_BREAKS = {
+    "mistral sliding_window 4096": ("mistral", 9, "error", _set("sliding_window", 4096)),
+    "mistral sliding_window not an integer": ("mistral", 9, "error", _set("sliding_window", 4096.0)),
+    "mistral no initializer_range": ("mistral", 4, "error", _drop("initializer_range")),
+    "mistral head_dim not hidden/heads": ("mistral", 7, "error", _set("head_dim", 32)),
+    "mistral no use_bidirectional_attention": ("mistral", 3, "error", _drop("use_bidirectional_attention")),
+    "mistral rope_scaling set": ("mistral", 6, "error", _set("rope_scaling", {"type": "linear", "factor": 2.0})),
+    "mistral pad_token_id list": ("mistral", 5, "error", _set("pad_token_id", [0, 2])),
+    "mistral classifier architecture": ("mistral", 2, "error",
+                                        _set("architectures", ["MistralForSequenceClassification"])),
+    "qwen2 no is_causal": ("qwen2", 3, "error", _drop("is_causal")),
+    "qwen2 is_causal true": ("qwen2", 3, "error", _set("is_causal", True)),
+    "qwen2 is_causal null": ("qwen2", 3, "error", _set("is_causal", None)),
+    "qwen2 no use_sliding_window": ("qwen2", 23, "error", _drop("use_sliding_window")),
+    "qwen2 use_sliding_window null": ("qwen2", 23, "error", _set("use_sliding_window", None)),
+    "qwen2 use_sliding_window true": ("qwen2", 23, "error", _set("use_sliding_window", True)),
+    "qwen2 sliding_window not an integer": ("qwen2", 23, "error", _set("sliding_window", "4096")),
+    "qwen2 head_dim not hidden/heads": ("qwen2", 7, "error", _set("head_dim", 32)),
+    "qwen2 rope_scaling set": ("qwen2", 6, "error", _set("rope_scaling", {"rope_type": "yarn", "factor": 4.0})),
+    "qwen2 no rms_norm_eps": ("qwen2", 4, "error", _drop("rms_norm_eps")),
+    "qwen2 remote-code auto_map": ("qwen2", 21, "error",
+                                   lambda c: c["auto_map"].update(AutoModel="modeling_qwen.Qwen2Model")),
+    "qwen3 no attention_bias": ("qwen3", 24, "error", _drop("attention_bias")),
+    "qwen3 attention_bias null": ("qwen3", 24, "error", _set("attention_bias", None)),
+    "qwen3 eos_token_id null": ("qwen3", 24, "error", _set("eos_token_id", None)),
+    "qwen3 eos_token_id list": ("qwen3", 24, "error", _set("eos_token_id", [2, 1])),
+    "qwen3 no eos_token_id": ("qwen3", 24, "error", _drop("eos_token_id")),
+    "qwen3 num_labels not an integer": ("qwen3", 24, "error", _set("num_labels", "2")),
+    "qwen3 no use_sliding_window": ("qwen3", 23, "error", _drop("use_sliding_window")),
+    "qwen3 use_sliding_window true": ("qwen3", 23, "error", _set("use_sliding_window", True)),
+    "qwen3 use_bidirectional_attention false": ("qwen3", 3, "error", _set("use_bidirectional_attention", False)),
+    "qwen3 use_bidirectional_attention not a boolean": ("qwen3", 3, "error",
+                                                        _set("use_bidirectional_attention", "true")),
+    "qwen3 head_dim not an integer": ("qwen3", 7, "error", _set("head_dim", "16")),
+    "qwen3 rope_scaling set": ("qwen3", 6, "error", _set("rope_scaling", {"rope_type": "linear", "factor": 2.0})),
+    "qwen3 rope_type yarn": ("qwen3", 6, "error", _set("rope_parameters", {
+        "rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768})),
+    "qwen3 no rope_theta": ("qwen3", 6, "error", _drop("rope_parameters")),
+}
+
+
+@pytest.mark.parametrize("case", FAMILY_BREAKS)
+def test_breaking_one_family_rule_gives_exactly_its_finding(tmp_path, tokenizer_folder, case):
+    family, rule, level, edit = FAMILY_BREAKS[case]
+    folder = write_family_folder(tmp_path / family, tokenizer_folder, family)
+    edit_json(folder / "config.json", edit)
+    report = check_tei_folder(folder)
+    assert kinds(report) == {(rule, level)}, [f.message for f in report.findings]
+    assert report.loadable is (level == "warning") and report.family == family
+    for finding in report.findings:
+        assert finding.message and finding.source
+        if finding.rule in FAMILY_SOURCED_RULES:
+            assert family in finding.source, (finding.rule, finding.source)  # e.g. flash_qwen2.rs, models/qwen3.rs
+
+
+# (family, edit of config.json): keys the family's TEI model does not read, so the folder still passes.
+FAMILY_IGNORED = {
+    "mistral eos_token_id list": ("mistral", _set("eos_token_id", [2, 1])),
+    "mistral no is_causal": ("mistral", _drop("is_causal")),
+    "mistral attention_bias true": ("mistral", _set("attention_bias", True)),  # MistralModel has no biases anyway
+    "qwen2 no use_bidirectional_attention": ("qwen2", _drop("use_bidirectional_attention")),
+    "qwen2 use_bidirectional_attention false": ("qwen2", _set("use_bidirectional_attention", False)),
+    "qwen2 no initializer_range": ("qwen2", _drop("initializer_range")),
+    "qwen2 eos_token_id list": ("qwen2", _set("eos_token_id", [2, 1])),
+    "qwen2 attention_bias false": ("qwen2", _set("attention_bias", False)),  # Qwen2 always has q/k/v biases
+    "qwen2 sliding_window with use_sliding_window false": ("qwen2", _set("sliding_window", 32768)),
+    "qwen3 no is_causal": ("qwen3", _drop("is_causal")),
+    "qwen3 no initializer_range": ("qwen3", _drop("initializer_range")),
+    "qwen3 bos_token_id list": ("qwen3", _set("bos_token_id", [1, 2])),
+    "qwen3 sliding_window with use_sliding_window false": ("qwen3", _set("sliding_window", 4096)),
+    "qwen3 no head_dim": ("qwen3", _drop("head_dim")),  # tiny head_dim is hidden/heads
+}
+
+
+@pytest.mark.parametrize("case", FAMILY_IGNORED)
+def test_keys_a_family_does_not_read_do_not_matter(tmp_path, tokenizer_folder, case):
+    family, edit = FAMILY_IGNORED[case]
+    folder = write_family_folder(tmp_path / family, tokenizer_folder, family)
+    edit_json(folder / "config.json", edit)
+    report = check_tei_folder(folder)
+    assert report.findings == [], [f.message for f in report.findings]
+
+
+def test_qwen2_reads_is_causal_not_use_bidirectional_attention(tmp_path, tokenizer_folder):
+    folder = write_family_folder(tmp_path / "qwen2", tokenizer_folder, "qwen2")
+    edit_json(folder / "config.json", _update(use_bidirectional_attention=True))
+    edit_json(folder / "config.json", _drop("is_causal"))
+    report = check_tei_folder(folder)
+    assert report.bidirectional is False and kinds(report) == {(3, "error")}
+    assert "ignores `use_bidirectional_attention`" in report.errors[0].message
+    assert "`is_causal: false`" in report.errors[0].message
+
+
+def test_a_mistral_window_is_reported_as_left_only(tmp_path, tokenizer_folder):
+    folder = write_family_folder(tmp_path / "mistral", tokenizer_folder, "mistral", patched=False)
+    (finding,) = check_tei_folder(folder).errors
+    assert finding.rule == 9 and "left-only" in finding.message and "`sliding_window: null`" in finding.message
+    assert "flash_attn.rs:74-80" in finding.source
+
+
+def test_a_qwen3_eos_list_names_the_fix(tmp_path, tokenizer_folder):
+    folder = write_family_folder(tmp_path / "qwen3", tokenizer_folder, "qwen3")
+    edit_json(folder / "config.json", _set("eos_token_id", [2, 1]))
+    (finding,) = check_tei_folder(folder).errors
+    assert finding.rule == 24 and "eos_token_id" in finding.message and "one of them" in finding.message
+
+
+def test_a_remote_code_config_is_rule_1_and_checked_as_its_base_family(tmp_path, tokenizer_folder):
+    folder = write_family_folder(tmp_path / "qwen2", tokenizer_folder, "qwen2")
+    edit_json(folder / "config.json", _update(model_type="llama_encoder", base_model_type="qwen2"))
+    report = check_tei_folder(folder)
+    assert kinds(report) == {(1, "error")} and report.family == "qwen2"  # the q/k/v biases pass as Qwen2's
+    assert 'model_type "qwen2"' in report.errors[0].message
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_weights_may_carry_the_model_prefix(tmp_path, tokenizer_folder, family):
+    folder = write_family_folder(tmp_path / family, tokenizer_folder, family)
+    _, weights = family_checkpoint(tokenizer_folder, family)
+    _save_weights(folder, {"model." + name: tensor for name, tensor in weights.items()})
+    assert check_tei_folder(folder).findings == []
+    # TEI prefixes every name when model.embed_tokens.weight exists: the unprefixed layers are then not found
+    mixed = {("model." + name if name == "embed_tokens.weight" else name): tensor for name, tensor in weights.items()}
+    _save_weights(folder, mixed)
+    report = check_tei_folder(folder)
+    assert kinds(report) == {(10, "error")}
+    assert any("unprefixed" in f.message and "with the prefix or all without" in f.message for f in report.errors)
+
+
+def test_mistral_weights_may_not_carry_the_model_prefix(tmp_path, tokenizer_folder):
+    folder = write_family_folder(tmp_path / "mistral", tokenizer_folder, "mistral")
+    _, weights = family_checkpoint(tokenizer_folder, "mistral")
+    _save_weights(folder, {"model." + name: tensor for name, tensor in weights.items()})
+    report = check_tei_folder(folder)
+    assert kinds(report) == {(10, "error")} and "`model.` prefix" in report.errors[0].message
+
+
+# (family, change of the weights dict, findings): the tensors each family's TEI model loads, and no others.
+WEIGHT_BREAKS = {
+    "qwen2 without a q_proj bias": ("qwen2", lambda w: w.pop("layers.0.self_attn.q_proj.bias"), {(10, "error")}),
+    "qwen2 with an o_proj bias": ("qwen2", lambda w: w.update({"layers.1.self_attn.o_proj.bias": torch.zeros(64)}),
+                                  {(8, "error")}),
+    "qwen2 with a wrong k_proj bias": ("qwen2", lambda w: w.update({"layers.0.self_attn.k_proj.bias": torch.zeros(64)}),
+                                       {(10, "error")}),
+    "qwen3 without q_norm": ("qwen3", lambda w: w.pop("layers.1.self_attn.q_norm.weight"), {(10, "error")}),
+    "qwen3 with a wrong k_norm": ("qwen3", lambda w: w.update({"layers.0.self_attn.k_norm.weight": torch.zeros(64)}),
+                                  {(10, "error")}),
+    "qwen3 with a q_proj bias": ("qwen3", lambda w: w.update({"layers.0.self_attn.q_proj.bias": torch.zeros(64)}),
+                                 {(8, "error")}),
+    "qwen3 with a stray linear.weight": ("qwen3", lambda w: w.update({"linear.weight": torch.zeros(4, 64)}),
+                                         {(10, "warning")}),
+    "mistral with a q_proj bias": ("mistral", lambda w: w.update({"layers.0.self_attn.q_proj.bias": torch.zeros(64)}),
+                                   {(8, "error")}),
+    "mistral without norm": ("mistral", lambda w: w.pop("norm.weight"), {(10, "error")}),
+}
+
+
+@pytest.mark.parametrize("case", WEIGHT_BREAKS)
+def test_each_family_loads_its_own_tensors(tmp_path, tokenizer_folder, case):
+    family, change, expected = WEIGHT_BREAKS[case]
+    folder = write_family_folder(tmp_path / family, tokenizer_folder, family)
+    _, weights = family_checkpoint(tokenizer_folder, family)
+    change(weights)
+    _save_weights(folder, weights)
+    report = check_tei_folder(folder)
+    assert kinds(report) == expected, [f.message for f in report.findings]
+    assert all(family in f.source for f in report.findings)
+
+
+def test_a_qwen3_projection_tei_would_apply_is_rule_24(tmp_path, tokenizer_folder):
+    folder = write_family_folder(tmp_path / "qwen3", tokenizer_folder, "qwen3")
+    _, weights = family_checkpoint(tokenizer_folder, "qwen3")
+    _save_weights(folder, {**weights, "linear.weight": torch.zeros(4, 64)})
+    edit_json(folder / "config.json", _set("num_labels", 4))
+    report = check_tei_folder(folder)
+    assert kinds(report) == {(24, "error")} and "projection" in report.errors[0].message
+
+
+def test_qwen3s_head_dim_is_honoured_and_the_others_is_not(tmp_path, tokenizer_folder):
+    """A head_dim other than hidden_size / num_attention_heads: TEI's Qwen3 reads it, TEI's Mistral and Qwen2 do not
+    (q_proj is asked for as hidden x hidden)."""
+    qwen3 = write_family_folder(tmp_path / "qwen3", tokenizer_folder, "qwen3", head_dim=32)
+    assert check_tei_folder(qwen3).findings == []
+    for family in ("mistral", "qwen2"):
+        folder = write_family_folder(tmp_path / family, tokenizer_folder, family, head_dim=32)
+        assert kinds(check_tei_folder(folder)) == {(7, "error"), (10, "error")}
+
+
+def test_qwen3_attention_biases_are_not_servable(tmp_path, tokenizer_folder):
+    """transformers' Qwen3 with attention_bias has an o_proj bias, which TEI never loads."""
+    folder = write_family_folder(tmp_path / "qwen3", tokenizer_folder, "qwen3", attention_bias=True)
+    report = check_tei_folder(folder)
+    assert kinds(report) == {(8, "error")}
+    assert any("o_proj" in f.message for f in report.errors)

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from llama_encoder.cli import main as cli_main
+from llama_encoder.conversion_scripts.verify import max_cosine_distance
 from llama_encoder.encoding.embed import embed_corpus
 from llama_encoder.engines import vllm as engine
 from llama_encoder.engines.vllm import VllmEmbedder, VllmEncoder, embed_with_vllm, find_vllm_python
@@ -514,3 +515,42 @@ def test_convert_verifies_with_vllm_and_the_card_says_so(native_last):
     assert manifest["engines"]["vllm"]["status"] == "verified"
     card = (native_last / "README.md").read_text()
     assert any(line.startswith("| vLLM") and "| verified |" in line for line in card.splitlines())
+
+
+# The smallest sizes vLLM's CPU attention runs (head size 32): TINY_LLAMA's 64/4 = 16 is below it.
+VLLM_TINY = dict(hidden_size=128, intermediate_size=256, head_dim=32)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_convert_verifies_each_family_with_vllm_bidirectionally(family, vllm_python, tmp_path):
+    """A tiny random base of the family, converted native (mean pooling): vLLM (the architecture the config names,
+    encoder-only attention, the pooling passed as PoolerConfig) embeds like our bidirectional model, and the
+    bidirectional model is far from the same weights run causally, so agreeing with it is not an accident."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from llama_encoder.conversion_scripts.convert import convert
+    from llama_encoder.encoding.encode import Encoder
+    from tests.tiny import save_tiny_base
+
+    base = save_tiny_base(tmp_path / "base", family=family, **VLLM_TINY)
+    out = tmp_path / "encoder"
+    convert(base=str(base), out=out, vllm=True, vllm_python=vllm_python, max_seq_length=128)
+    manifest = json.loads((out / "verification.json").read_text())
+    check = next(check for check in manifest["checks"] if check["name"] == "vllm_vs_reference")
+    assert check["passed"] and check["max_cosine_distance"] <= 1e-4
+    assert check["vllm"]["is_causal"] is False and check["vllm"]["pooling_type"] == "MEAN"
+    assert manifest["engines"]["vllm"]["status"] == "verified"
+    card = (out / "README.md").read_text()
+    assert "pooler_config=PoolerConfig(seq_pooling_type=\"MEAN\", use_activation=True)" in card
+
+    ours = Encoder.from_pretrained(out, device="cpu", dtype="float32").encode(DOCUMENTS)
+    stock = AutoModel.from_pretrained(out, dtype=torch.float32, is_causal=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer(DOCUMENTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = stock(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    causal = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    assert max_cosine_distance(ours, causal) > 100 * check["max_cosine_distance"] + 1e-3

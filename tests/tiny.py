@@ -68,14 +68,19 @@ TINY_CORPUS = [
 ]
 
 
-def save_tiny_base(folder, *, seed: int = 0, lm_head_scale: float = 1.0):
-    """A sharded tiny LlamaForCausalLM folder with a byte-level BPE tokenizer that has no pad token; returns it.
-    `lm_head_scale` multiplies the LM head's weights (random ones give near-uniform logits)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def save_tiny_base(folder, *, seed: int = 0, lm_head_scale: float = 1.0, family: str = "llama", **overrides):
+    """A sharded tiny causal-LM folder of `family` (LlamaForCausalLM by default; see TINY_FAMILIES) with a
+    byte-level BPE tokenizer that has no pad token; returns it. `lm_head_scale` multiplies the LM head's weights
+    (random ones give near-uniform logits); `overrides` go to the family's config."""
+    from transformers import AutoModelForCausalLM
 
     tokenizer = tiny_bpe_tokenizer(TINY_CORPUS)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, "vocab_size": len(tokenizer)}))
+    # Headroom in the vocabulary, as real models have: a family's tokenizer class may add its own special tokens
+    # (Qwen2's loads with "<|endoftext|>").
+    vocab_size = len(tokenizer) if family == "llama" else len(tokenizer) + 8
+    config = tiny_family_config(family, vocab_size=vocab_size, **overrides)
+    model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         model.lm_head.weight.mul_(lm_head_scale)
     model.save_pretrained(folder, max_shard_size="100KB")
@@ -98,3 +103,50 @@ def random_padded_batch(lengths, padding_side: str, *, seed: int, width: int | N
         ids[row, span] = torch.randint(3, TINY_LLAMA["vocab_size"], (length,), generator=generator)
         mask[row, span] = 1
     return ids, mask
+
+
+# Each decoder family's tiny config on top of TINY_LLAMA: what makes the family differ is switched on (Qwen2's q/k/v
+# biases come with its layer; Qwen3's q/k norms likewise; a sliding window where the family has one).
+TINY_FAMILIES = {
+    "llama": {},
+    "mistral": {"sliding_window": None},
+    "qwen2": {"use_sliding_window": False},
+    "qwen3": {"head_dim": 16},
+}
+# A window shorter than the tests' inputs, on every layer (Mistral) or from layer 1 on (Qwen2's max_window_layers).
+TINY_WINDOWS = {
+    "mistral": {"sliding_window": 3},
+    "qwen2": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
+}
+
+
+def tiny_family_config(family: str, **overrides):
+    """The stock transformers config of `family` (model_type) at TINY_LLAMA's sizes."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(family, **{**TINY_LLAMA, **TINY_FAMILIES[family], **overrides})
+
+
+def tiny_family_base(family: str, seed: int = 0, **overrides):
+    """A random stock `<Family>Model` (causal, as published) at TINY_LLAMA's sizes, in eval mode."""
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    return AutoModel.from_config(tiny_family_config(family, **overrides)).eval()
+
+
+def tiny_family_encoder(family: str, seed: int = 0, pooling_mode: str = "mean", **overrides):
+    """(stock base, LlamaEncoderModel with the base's weights): the encoder built as convert builds it, from the
+    base's config (`weights.encoder.encoder_config`), loaded with every base tensor and nothing else."""
+    from llama_encoder import LlamaEncoderModel
+    from llama_encoder.weights.encoder import encoder_config
+
+    base = tiny_family_base(family, seed, **overrides)
+    config = encoder_config(base.config, pooling_mode=pooling_mode, dtype=torch.float32,
+                            latent_sizes=TINY_LATENTS if pooling_mode == "latent_attention" else None)
+    encoder = LlamaEncoderModel(config).eval()
+    missing, unexpected = encoder.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or [name for name in missing if not name.startswith("latent_attention.")]:
+        raise AssertionError(f"{family}: the encoder and the stock model disagree on weights: missing {missing}, "
+                             f"unexpected {unexpected}")
+    return base, encoder

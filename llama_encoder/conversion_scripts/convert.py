@@ -33,7 +33,7 @@ from ..weights.lora import LoraAdapter, read_adapter, validate_adapter_against
 from ..weights.merge import merged_state_dict, stream_merge
 from ..weights.streaming import output_dtype
 from .checkpoint import default_prompts, resolve_max_seq_length, write_checkpoint, write_model_card
-from .layout import DEFAULT_FORMAT, plan_layout
+from .layout import DEFAULT_FORMAT, binding_window, drop_idle_window, plan_layout
 from .manifest import write_verification_manifest
 from .verify import DEFAULT_SENTENCES, WrittenWeights, compute_reference_embeddings, verify_checkpoint
 
@@ -235,8 +235,15 @@ def convert(
     if document_prompt is not None:
         prompts["document"] = document_prompt
     max_seq_length = resolve_max_seq_length(config, source.tokenizer, max_seq_length)
+    window = getattr(config, "sliding_window", None)
+    if drop_idle_window(config, max_seq_length):
+        logger.info("The base's sliding window (%s tokens) never binds for inputs of at most %d tokens: the "
+                    "checkpoint is written as full attention, which computes the same", window, max_seq_length)
+    if config.eos_token_id is None and source.tokenizer.eos_token_id is not None:
+        config.eos_token_id = source.tokenizer.eos_token_id  # some engines (TEI's Qwen3) need the id in config.json
     layout = plan_layout(format=format, pooling_mode=mode, tokenizer=source.tokenizer, prompts=prompts,
-                         padding_side=padding_side)
+                         padding_side=padding_side, family=config.base_model_type,
+                         window=binding_window(config, max_seq_length))
     if layout.native and layout.sentence_transformers == "custom":
         logger.warning("The checkpoint keeps its own Sentence Transformers module (SentenceTransformer then needs "
                        "trust_remote_code=True): %s. Pass --query-prompt with a prompt ending in a newline to make it "

@@ -2,14 +2,16 @@
 
 Two formats (`--format`):
 
-* `native` (default): `config.json` says `model_type: llama` with `is_causal: false` (stock transformers >= 5.2 builds
-  a bidirectional `LlamaModel`, vLLM's Llama layers run encoder-only attention), `use_bidirectional_attention: true`
-  (what TEI reads), `architectures: ["LlamaBidirectionalModel"]` and `pooling` (what vLLM's registry and pooler
-  read), and keeps `auto_map`, so `trust_remote_code=True` still gives `LlamaEncoderModel` (pool mask,
-  `pooler_output`) on transformers 4.57 and later. The Sentence Transformers files are the stock Transformer + Pooling
-  (+ Normalize) modules in the legacy boolean pooling format every reader parses, *when they pool exactly the tokens
-  the encoder's `pool_mask` pools* for the checkpoint's prompts (checked here with the checkpoint's tokenizer); where
-  they would not, the checkpoint keeps its own Sentence Transformers module for that reason, and says so.
+* `native` (default): `config.json` keeps the base family's `model_type` (`llama`, `mistral`, `qwen2`, `qwen3`) with
+  `is_causal: false` (stock transformers >= 5.2 builds that family's model bidirectionally, vLLM's layers run
+  encoder-only attention), `use_bidirectional_attention: true` (what TEI reads), the `architectures` entry vLLM's
+  registry maps to a pooling model of the family (`NATIVE_ARCHITECTURES`) and `pooling` (what vLLM's
+  `LlamaBidirectionalModel` reads), and keeps `auto_map`, so `trust_remote_code=True` still gives
+  `LlamaEncoderModel` (pool mask, `pooler_output`) on transformers 4.57 and later. The Sentence Transformers files are
+  the stock Transformer + Pooling (+ Normalize) modules in the legacy boolean pooling format every reader parses,
+  *when they pool exactly the tokens the encoder's `pool_mask` pools* for the checkpoint's prompts (checked here with
+  the checkpoint's tokenizer); where they would not, the checkpoint keeps its own Sentence Transformers module for
+  that reason, and says so.
   Only mean and last-token pooling have native forms: no engine has the others.
 * `remote-code`: `model_type: llama_encoder` and the checkpoint's own Sentence Transformers module. Nothing but our
   Hub code runs it, so an old transformers fails loudly instead of running it causally.
@@ -24,8 +26,11 @@ from dataclasses import dataclass, field
 
 import transformers
 
+from ..configuration_llama_encoder import BASE_FAMILIES, encoder_layer_types
 from ..errors import InputError
 from ..modeling_llama_encoder import tokenize_for_encoder
+from .tei import RUNTIME_NOTES as TEI_RUNTIME_NOTES
+from .tei import TEI_CHECKED_FAMILIES
 
 FORMATS = ("native", "remote-code")
 DEFAULT_FORMAT = "native"
@@ -34,6 +39,15 @@ AUTO_MAP = {
     "AutoModel": "modeling_llama_encoder.LlamaEncoderModel",
 }
 NATIVE_ARCHITECTURE = "LlamaBidirectionalModel"
+# Per family, the `architectures` entry of a native config: what vLLM's registry maps to a model of that family
+# whose layers switch to encoder-only attention on `is_causal: false` (docs/ENGINES.md has the source lines).
+NATIVE_ARCHITECTURES = {
+    "llama": NATIVE_ARCHITECTURE,
+    "mistral": "MistralModel",
+    "qwen2": "Qwen2Model",
+    "qwen3": "Qwen3Model",
+}
+FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 @dataclass(frozen=True)
@@ -132,21 +146,59 @@ class CheckpointLayout:
     custom_reason: str | None = None
     native_pooling: NativePooling | None = None
     notes: tuple[str, ...] = field(default=())
+    family: str = "llama"  # the base's decoder family (config base_model_type), a key of BASE_FAMILIES
+    window: int | None = None  # the sliding window of its sliding layers, when it has any and it binds
 
     @property
     def native(self) -> bool:
         return self.format == "native"
 
 
+def _first_sentence(text: str) -> str:
+    return text.split("; ")[0].split(": ")[0].rstrip(".")
+
+
+def binding_window(config, max_seq_length: int | None) -> int | None:
+    """The sliding window of `config`'s sliding layers when inputs of `max_seq_length` tokens (no limit: None) can
+    be longer than it reaches (a query sees `window` positions either side), else None: a window that never binds
+    leaves the model exactly full-attention for every input it takes."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or "sliding_attention" not in encoder_layer_types(config):
+        return None
+    return window if max_seq_length is None or max_seq_length - 1 > window else None
+
+
+def drop_idle_window(config, max_seq_length: int | None) -> bool:
+    """Turn off a sliding window that never binds for inputs of `max_seq_length` tokens (`binding_window` is None):
+    `sliding_window` null, `use_sliding_window` false, every layer full attention. The model then computes exactly
+    what it did for every input it takes, and every engine reads one unambiguous config (TEI, for one, applies a
+    Mistral `sliding_window` as a left-only window and refuses Qwen's `use_sliding_window`). Returns whether it
+    changed `config`."""
+    if getattr(config, "sliding_window", None) is None and not getattr(config, "use_sliding_window", False):
+        return False
+    if binding_window(config, max_seq_length) is not None:
+        return False
+    config.sliding_window = None
+    if getattr(config, "use_sliding_window", None) is not None:
+        config.use_sliding_window = False
+    if getattr(config, "layer_types", None):
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+    return True
+
+
 def plan_layout(*, format: str, pooling_mode: str, tokenizer, prompts: dict[str, str],
-                padding_side: str = "right") -> CheckpointLayout:
+                padding_side: str = "right", family: str = "llama", window: int | None = None) -> CheckpointLayout:
     """Decide the checkpoint's layout. Raises `InputError` (before anything is written) for a format that cannot
-    hold the checkpoint: `native` with a pooling no engine has, or with left padding."""
+    hold the checkpoint: `native` with a pooling no engine has, or with left padding. `family` is the base's
+    decoder family; `window` its binding sliding window (`binding_window`), if any."""
     if format not in FORMATS:
         raise InputError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}.")
+    if family not in BASE_FAMILIES:
+        raise InputError(f"Unknown decoder family {family!r}; expected one of {', '.join(BASE_FAMILIES)}.")
     if format == "remote-code":
         return CheckpointLayout(format=format, pooling_mode=pooling_mode, sentence_transformers="custom",
-                                custom_reason="the remote-code format always uses the checkpoint's own module")
+                                custom_reason="the remote-code format always uses the checkpoint's own module",
+                                family=family, window=window)
     if pooling_mode not in NATIVE_POOLING:
         raise InputError(
             f"Pooling {pooling_mode!r} has no engine-native form ({NOT_NATIVE[pooling_mode]}); pass --format "
@@ -154,7 +206,7 @@ def plan_layout(*, format: str, pooling_mode: str, tokenizer, prompts: dict[str,
         )
     if padding_side != "right":
         raise InputError(
-            "A native checkpoint pads on the right: stock LlamaModel counts positions over left padding, so a "
+            "A native checkpoint pads on the right: stock models count positions over left padding, so a "
             "left-padded batch would embed differently; drop --padding-side left (or use --format remote-code)."
         )
     problems = []
@@ -166,14 +218,19 @@ def plan_layout(*, format: str, pooling_mode: str, tokenizer, prompts: dict[str,
         reason = ("stock Sentence Transformers pooling would not pool exactly the encoder's tokens (" +
                   "; ".join(problems) + "); a prompt ending in a newline avoids this")
         return CheckpointLayout(format=format, pooling_mode=pooling_mode, sentence_transformers="custom",
-                                custom_reason=reason, native_pooling=NATIVE_POOLING[pooling_mode])
+                                custom_reason=reason, native_pooling=NATIVE_POOLING[pooling_mode], family=family,
+                                window=window)
     return CheckpointLayout(format=format, pooling_mode=pooling_mode, sentence_transformers="native",
-                            native_pooling=NATIVE_POOLING[pooling_mode])
+                            native_pooling=NATIVE_POOLING[pooling_mode], family=family, window=window)
 
 
 __all__ = [
     "AUTO_MAP",
+    "FAMILY_NAMES",
     "NATIVE_ARCHITECTURE",
+    "NATIVE_ARCHITECTURES",
+    "binding_window",
+    "drop_idle_window",
     "native_config_dict",
     "DEFAULT_FORMAT",
     "FORMATS",
@@ -190,20 +247,24 @@ __all__ = [
 
 def native_config_dict(config) -> dict:
     """The `config.json` of a native checkpoint: every key of `config` written out (no defaults left implicit, since
-    a stock `LlamaConfig` reads it), as a bidirectional Llama: `model_type: llama`, `is_causal: false`,
-    `use_bidirectional_attention: true`, `architectures: [LlamaBidirectionalModel]`, vLLM's `pooling`, no KV cache,
-    and `auto_map` for trust_remote_code loaders."""
+    a stock config of the family reads it), as a bidirectional model of the base's family: its `model_type`
+    (`config.base_model_type`), `is_causal: false`, `use_bidirectional_attention: true`, the family's
+    `architectures` entry (`NATIVE_ARCHITECTURES`), vLLM's `pooling`, no KV cache, and `auto_map` for
+    trust_remote_code loaders (which read the family back from the model type)."""
     native = NATIVE_POOLING.get(config.pooling_mode)
     if native is None:
         raise InputError(f"Pooling {config.pooling_mode!r} has no native form; write the checkpoint with "
                          "format='remote-code'.")
     values = config.to_dict()
     values.pop("transformers_version", None)
+    family = values.pop("base_model_type", "llama")
     values.update(
-        model_type="llama", architectures=[NATIVE_ARCHITECTURE], auto_map=dict(AUTO_MAP), is_causal=False,
+        model_type=family, architectures=[NATIVE_ARCHITECTURES[family]], auto_map=dict(AUTO_MAP), is_causal=False,
         use_bidirectional_attention=True, pooling=native.vllm, use_cache=False,
         transformers_version=transformers.__version__,
     )
+    if family == "qwen3" and isinstance(values.get("eos_token_id"), list):  # TEI's Qwen3Config reads one id
+        values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
     return dict(sorted(values.items()))
 
 
@@ -218,6 +279,9 @@ ENGINES = (
     ("tei", "text-embeddings-inference"),
 )
 ENGINE_LABELS = dict(ENGINES)
+# The families each engine is claimed for (docs/ENGINES.md: what was read in its source, and what was run).
+VLLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+TEI_FAMILIES = TEI_CHECKED_FAMILIES
 
 
 def engine_claims(layout: CheckpointLayout) -> dict[str, dict]:
@@ -240,14 +304,26 @@ def engine_claims(layout: CheckpointLayout) -> dict[str, dict]:
     mean = layout.pooling_mode == "mean"
     instruction_pooled = "documents; queries pool the instruction tokens too (no prompt exclusion)" if mean else (
         "documents and queries")
+    name = FAMILY_NAMES[layout.family]
     claims.update(
-        transformers={"status": "claimed", "note": "stock bidirectional LlamaModel; pool last_hidden_state yourself"},
+        transformers={"status": "claimed",
+                      "note": f"stock bidirectional {name}Model; pool last_hidden_state yourself"},
         transformers_old={"status": "unsupported",
                           "note": "ignores is_causal: false and runs causally, silently: use trust_remote_code=True"},
         vllm={"status": "claimed", "note": instruction_pooled},
-        tei={"status": "by format", "note": f"files checked against TEI's parsing rules, not run (TEI serves Llama "
-                                            f"on CUDA in float16 only); {instruction_pooled}"},
+        tei={"status": "by format", "note": f"files checked against TEI's parsing rules, not run ("
+                                            f"{_first_sentence(TEI_RUNTIME_NOTES[layout.family])}); "
+                                            f"{instruction_pooled}"},
     )
+    if layout.family not in VLLM_FAMILIES:
+        claims["vllm"] = {"status": "unsupported", "note": f"not verified for {name} bases yet"}
+    if layout.family not in TEI_FAMILIES:
+        claims["tei"] = {"status": "unsupported", "note": f"TEI's rules for {name} are not checked yet"}
+    if layout.window is not None:
+        why = (f"a sliding window of {layout.window} tokens binds within the encoder's inputs, and the engine's "
+               "bidirectional window is not verified")
+        claims["vllm"] = {"status": "unsupported", "note": why}
+        claims["tei"] = {"status": "unsupported", "note": why}
     if layout.sentence_transformers == "native":
         claims["sentence_transformers"] = {"status": "claimed", "note": "stock modules; queries and documents"}
     else:

@@ -1,21 +1,29 @@
 """Check the files text-embeddings-inference (TEI) reads against TEI's parsing rules, without running TEI.
 
-TEI serves Llama only on CUDA in float16 with flash attention, so it cannot run on the machines that convert and
-verify checkpoints. Instead, this module checks every file TEI reads from a checkpoint folder (`config.json`, the
-safetensors headers, `1_Pooling/config.json`, `sentence_bert_config.json`, `config_sentence_transformers.json`,
-`modules.json`, `tokenizer.json`) against the rules written up in docs/ENGINES.md ("TEI file-format checker", rules
-1-22), each of which names the TEI source (commit `TEI_SOURCE_COMMIT`) it protects against. Weights are checked from
-their headers only; no tensor is read.
+TEI serves Llama, Mistral and Qwen2 only on CUDA in float16 with flash attention, and Qwen3 on CPU too, so most of
+what a checkpoint needs cannot be run on the machines that convert and verify checkpoints. Instead, this module
+checks every file TEI reads from a checkpoint folder (`config.json`, the safetensors headers,
+`1_Pooling/config.json`, `sentence_bert_config.json`, `config_sentence_transformers.json`, `modules.json`,
+`tokenizer.json`) against the rules written up in docs/ENGINES.md ("TEI file-format checker", rules 1-24), each of
+which names the TEI source (commit `TEI_SOURCE_COMMIT`) it protects against. Weights are checked from their headers
+only; no tensor is read.
+
+The rules follow the family TEI dispatches on, config.json's `model_type`: `llama` (alias `llama_bidirec`),
+`mistral`, `qwen2` and `qwen3` (`TEI_CHECKED_FAMILIES`; `tei_family(config)` says which one a config is checked as,
+`tei_rules_implemented(config)` whether it is one of them). Rules shared by the families (3-10, 22) check what each
+family's TEI struct and loader read; rules 23 (Qwen2/Qwen3 `use_sliding_window`) and 24 (Qwen3's own required
+fields) exist for one family only.
 
     report = check_tei_folder(out_dir)              # pooling from config.json's `pooling_mode`
     report.loadable                                 # no errors: TEI would load it and run it as this checkpoint
-    report.pooling, report.bidirectional           # what TEI would run
+    report.family, report.pooling, report.bidirectional   # what TEI would run
     json.dumps(report.to_dict())                    # for verification.json and the model card
 
 A finding is an "error" when TEI would refuse to load the folder or would run it differently from the checkpoint
-(causal attention, another pooling, unscaled RoPE, other token ids), and a "warning" for behaviour a user must know
-(TEI ignores `include_prompt`, normalises on request, ignores a `modules.json` it cannot parse, ...). Rule 22 (TEI's
-Llama needs CUDA and float16) cannot be checked from files; `to_dict` states it.
+(causal attention, an attention window, another pooling, unscaled RoPE, other token ids), and a "warning" for
+behaviour a user must know (TEI ignores `include_prompt`, normalises on request, ignores a `modules.json` it cannot
+parse, ...). Rule 22 (the device and dtype TEI serves the family on) cannot be checked from files; `to_dict` states
+it.
 """
 
 from __future__ import annotations
@@ -46,6 +54,15 @@ TEI_TOKENIZERS_VERSION = "0.21.1"
 ERROR = "error"
 WARNING = "warning"
 
+TEI_CHECKED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+"""The decoder families (`config.base_model_type`, native `model_type`) whose TEI rules `check_tei_folder`
+implements."""
+# The model_types TEI dispatches on (backends/candle/src/lib.rs:124-154) that are checked, with the family's rules
+# they get.
+TEI_MODEL_TYPES = {"llama": "llama", "llama_bidirec": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+# TEI's name for each family (its config structs are `<name>Config`).
+FAMILY_LABELS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
 # TEI's pooling for our pooling modes; the other modes are not TEI-native (docs/ENGINES.md, "Pooling modes").
 TEI_POOLING = {"mean": "mean", "last_token": "last-token"}
 LLAMA_MODEL_TYPES = ("llama", "llama_bidirec")
@@ -53,7 +70,18 @@ HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swiglu"
 REQUIRED_UINTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "max_position_embeddings")
 REQUIRED_NUMBERS = ("initializer_range", "rms_norm_eps")
+# Per family, the float fields its TEI config struct requires (Qwen2Config and Qwen3Config have no
+# initializer_range).
+FAMILY_REQUIRED_NUMBERS = {"llama": REQUIRED_NUMBERS, "mistral": REQUIRED_NUMBERS, "qwen2": ("rms_norm_eps",),
+                           "qwen3": ("rms_norm_eps",)}
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# Per family, the token ids TEI parses as an integer or null: LlamaConfig's three, the router's pad_token_id for the
+# others (Qwen3's required integer eos_token_id is rule 24).
+FAMILY_TOKEN_ID_KEYS = {"llama": TOKEN_ID_KEYS, "mistral": ("pad_token_id",), "qwen2": ("pad_token_id",),
+                        "qwen3": ("pad_token_id",)}
+# The key each family's TEI model reads to attend bidirectionally (docs/ENGINES.md, "Bidirectionality per family").
+BIDIRECTIONAL_KEYS = {"llama": "use_bidirectional_attention", "mistral": "use_bidirectional_attention",
+                      "qwen2": "is_causal", "qwen3": "use_bidirectional_attention"}
 POOLING_CONFIG = "1_Pooling/config.json"
 # The names TEI tries, in order, for the Sentence Transformers config (core/src/download.rs:7-15).
 ST_CONFIG_NAMES = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
@@ -96,8 +124,12 @@ PROBE_TEXTS = (
     "  two leading spaces",
     "\nnewline first",
 )
+# The Qwen2 remote-code AutoModel for which TEI's router appends `<|endoftext|>` to every input
+# (router/src/lib.rs:154-182).
+QWEN2_REMOTE_AUTO_MODEL = "modeling_qwen.Qwen2Model"
 
-# The TEI source each rule protects against (paths relative to the TEI repository at TEI_SOURCE_COMMIT).
+# The TEI source each rule protects against (paths relative to the TEI repository at TEI_SOURCE_COMMIT): the Llama
+# path's (or the only) source here, another family's in FAMILY_SOURCES.
 SOURCES = {
     1: "backends/candle/src/lib.rs:124-154",
     2: "router/src/lib.rs:406-440, 469-482",
@@ -121,13 +153,86 @@ SOURCES = {
     20: "router/src/lib.rs:149-152, Cargo.toml:37",
     21: "core/src/tokenization.rs:310-318",
     22: "backends/candle/src/lib.rs:341-344, backends/candle/src/models/flash_mistral.rs:240-248",
+    23: "backends/candle/src/models/qwen2.rs:22-23, backends/candle/src/models/flash_qwen2.rs:26-29, "
+        "backends/candle/src/models/qwen3.rs:28-29, 57-60, backends/candle/src/models/flash_qwen3.rs:31-34",
+    24: "backends/candle/src/models/qwen3.rs:14-37, 482",
+}
+FAMILY_SOURCES = {
+    (3, "qwen2"): "backends/candle/src/models/qwen2.rs:4-7, 24-25, backends/candle/src/models/flash_qwen2.rs:72,118",
+    (3, "qwen3"): "backends/candle/src/models/qwen3.rs:33-34, 484, 602-608, "
+                  "backends/candle/src/models/flash_qwen3.rs:104,165-166",
+    (4, "mistral"): "backends/candle/src/models/mistral.rs:5-24, backends/candle/src/layers/linear.rs:7-17",
+    (4, "qwen2"): "backends/candle/src/models/qwen2.rs:9-26, backends/candle/src/layers/linear.rs:7-17",
+    (4, "qwen3"): "backends/candle/src/models/qwen3.rs:13-37, backends/candle/src/layers/linear.rs:7-17",
+    (5, "mistral"): "router/src/lib.rs:478-479",
+    (5, "qwen2"): "router/src/lib.rs:478-479",
+    (5, "qwen3"): "router/src/lib.rs:478-479",
+    (6, "mistral"): "backends/candle/src/layers/rotary.rs:4-27, 86-93, "
+                    "backends/candle/src/models/flash_mistral.rs:269-283",
+    (6, "qwen2"): "backends/candle/src/layers/rotary.rs:4-9, backends/candle/src/models/flash_qwen2.rs:290-304",
+    (6, "qwen3"): "backends/candle/src/layers/rotary.rs:4-9, backends/candle/src/models/qwen3.rs:460-469, "
+                  "backends/candle/src/models/flash_qwen3.rs:359-373",
+    (7, "qwen2"): "backends/candle/src/models/flash_qwen2.rs:31-45, 59",
+    (7, "qwen3"): "backends/candle/src/models/qwen3.rs:17, 62-72, 111-118, "
+                  "backends/candle/src/models/flash_qwen3.rs:36-46, 82-89",
+    (8, "qwen2"): "backends/candle/src/models/flash_qwen2.rs:36-61, 142-156",
+    (8, "qwen3"): "backends/candle/src/models/qwen3.rs:73-115, 288-302, "
+                  "backends/candle/src/models/flash_qwen3.rs:47-86",
+    (9, "mistral"): "backends/candle/src/models/flash_mistral.rs:56,107-108, backends/candle/src/flash_attn.rs:74-80",
+    (10, "qwen2"): "backends/candle/src/lib.rs:170-215, backends/candle/src/models/flash_qwen2.rs:268-288",
+    (10, "qwen3"): "backends/candle/src/lib.rs:170-215, backends/candle/src/models/qwen3.rs:417-439, "
+                   "backends/candle/src/models/flash_qwen3.rs:320-342",
+    (22, "mistral"): "backends/candle/src/lib.rs:345-348, 477-485, backends/candle/src/models/flash_mistral.rs:240-248",
+    (22, "qwen2"): "backends/candle/src/lib.rs:359-362, 515-523, backends/candle/src/models/flash_qwen2.rs:251-259",
+    (22, "qwen3"): "backends/candle/src/lib.rs:363-366, 524-535",
+    (23, "qwen2"): "backends/candle/src/models/qwen2.rs:22-23, backends/candle/src/models/flash_qwen2.rs:26-29",
+    (23, "qwen3"): "backends/candle/src/models/qwen3.rs:28-29, 57-60, backends/candle/src/models/flash_qwen3.rs:31-34",
+}
+# Where each family's TEI model bails without a RoPE base.
+_ROPE_THETA_SOURCES = {
+    "llama": "backends/candle/src/models/flash_mistral.rs:269-275",
+    "mistral": "backends/candle/src/models/flash_mistral.rs:269-275",
+    "qwen2": "backends/candle/src/models/flash_qwen2.rs:290-297",
+    "qwen3": "backends/candle/src/models/qwen3.rs:460-467, backends/candle/src/models/flash_qwen3.rs:359-366",
 }
 RUNTIME_NOTE = (
     "TEI serves Llama only on CUDA in float16 with flash attention (on CPU/Metal: \"Llama is only supported on Cuda "
     "devices in fp16 with flash attention enabled\"); this cannot be checked from files, and TEI's embeddings can "
     "only be compared with the checkpoint's on a GPU in float16 (cosine, not bit equality)."
 )
+# Rule 22 per family: where TEI serves it (not checkable from files).
+RUNTIME_NOTES = {
+    "llama": RUNTIME_NOTE,
+    "mistral": (
+        "TEI serves Mistral only on CUDA in float16 with flash attention v2 (compute capability 8.0 or newer; on "
+        "CPU/Metal: \"Mistral is only supported on Cuda devices in fp16 with flash attention enabled\"); this cannot "
+        "be checked from files, and TEI's embeddings can only be compared with the checkpoint's on such a GPU in "
+        "float16 (cosine, not bit equality)."),
+    "qwen2": (
+        "TEI serves Qwen2 only on CUDA in float16 with flash attention (v1 or v2; on CPU/Metal: \"Qwen2 is only "
+        "supported on Cuda devices in fp16 with flash attention enabled\"); this cannot be checked from files, and "
+        "TEI's embeddings can only be compared with the checkpoint's on a GPU in float16 (cosine, not bit "
+        "equality)."),
+    "qwen3": (
+        "TEI serves Qwen3 on CPU and Metal (Qwen3Model, float32 or float16) and on CUDA (FlashQwen3Model in float16 "
+        "with flash attention, otherwise Qwen3Model): TEI's embeddings can be compared with the checkpoint's on a "
+        "CPU in float32 (`--dtype float32`, the CPU image's default)."),
+}
 _NATIVE_FIX = "convert with `--format native`"
+
+
+def tei_family(config: Mapping) -> str | None:
+    """The family (a key of `TEI_CHECKED_FAMILIES`) whose TEI rules `check_tei_folder` applies to the `config.json`
+    dict `config`, from its `model_type` (`llama_bidirec` is TEI's alias of `llama`); None for any other model type
+    (including our remote-code `llama_encoder` and TEI families the checker does not implement, such as
+    `gemma3_text`)."""
+    model_type = config.get("model_type") if isinstance(config, Mapping) else None
+    return TEI_MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
+
+
+def tei_rules_implemented(config: Mapping) -> bool:
+    """Whether `check_tei_folder` implements TEI's rules for the `config.json` dict `config`'s `model_type`."""
+    return tei_family(config) is not None
 
 
 @dataclass(frozen=True)
@@ -144,15 +249,18 @@ class TeiFinding:
 
 @dataclass
 class TeiReport:
-    """What `check_tei_folder` found in `folder`, and what TEI would run: `pooling` is the pooling TEI derives
-    (`"cls"`, `"mean"`, `"last-token"`, or None when `1_Pooling/config.json` is missing or unparseable) and
-    `bidirectional` whether TEI would attend bidirectionally (`use_bidirectional_attention` is true)."""
+    """What `check_tei_folder` found in `folder`, and what TEI would run: `family` the family whose rules were
+    applied (`TEI_CHECKED_FAMILIES`; for a model_type TEI would not run as one of them, the family its other files
+    were checked as), `pooling` the pooling TEI derives (`"cls"`, `"mean"`, `"last-token"`, or None when
+    `1_Pooling/config.json` is missing or unparseable) and `bidirectional` whether TEI would attend bidirectionally
+    (the family's switch, `BIDIRECTIONAL_KEYS`: `use_bidirectional_attention` true, or Qwen2's `is_causal` false)."""
 
     folder: str
     findings: list[TeiFinding]
     pooling: str | None
     bidirectional: bool
     tokenizers_version: str | None = field(default=None)
+    family: str = field(default="llama")
 
     @property
     def errors(self) -> list[TeiFinding]:
@@ -174,6 +282,7 @@ class TeiReport:
         return {
             "tei_commit": TEI_SOURCE_COMMIT,
             "folder": self.folder,
+            "family": self.family,
             "loadable": self.loadable,
             "pooling": self.pooling,
             "bidirectional": self.bidirectional,
@@ -181,21 +290,27 @@ class TeiReport:
             "warning_count": len(self.warnings),
             "findings": [asdict(finding) for finding in self.findings],
             "tokenizer_checked_with": {"tokenizers": self.tokenizers_version, "tei_tokenizers": TEI_TOKENIZERS_VERSION},
-            "runtime": {"rule": 22, "note": RUNTIME_NOTE, "source": SOURCES[22]},
+            "runtime": {"rule": 22, "note": RUNTIME_NOTES[self.family],
+                        "source": _source(22, self.family), "cpu": self.family == "qwen3"},
         }
 
 
-class _Findings:
-    """Collects findings; `source` defaults to the rule's entry in SOURCES."""
+def _source(rule: int, family: str) -> str:
+    return FAMILY_SOURCES.get((rule, family), SOURCES[rule])
 
-    def __init__(self) -> None:
+
+class _Findings:
+    """Collects findings; `source` defaults to the rule's source for `family` (FAMILY_SOURCES, else SOURCES)."""
+
+    def __init__(self, family: str = "llama") -> None:
         self.items: list[TeiFinding] = []
+        self.family = family
 
     def error(self, rule: int, message: str, source: str | None = None) -> None:
-        self.items.append(TeiFinding(rule, ERROR, message, source or SOURCES[rule]))
+        self.items.append(TeiFinding(rule, ERROR, message, source or _source(rule, self.family)))
 
     def warn(self, rule: int, message: str, source: str | None = None) -> None:
-        self.items.append(TeiFinding(rule, WARNING, message, source or SOURCES[rule]))
+        self.items.append(TeiFinding(rule, WARNING, message, source or _source(rule, self.family)))
 
 
 _MISSING = object()
@@ -227,37 +342,70 @@ def _show(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
+def _shown(config: dict, key: str) -> str:
+    """A config value for a message: its JSON, or "missing"."""
+    return _show(config[key]) if key in config else "missing"
+
+
 def _examples(names: list[str], count: int = 3) -> str:
     return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
 
-# config.json, rules 1-9
+def _checked_family(config: dict) -> str:
+    """The family whose rules the rest of config.json and the weights are checked by: the model_type's
+    (`tei_family`), else a remote-code config's `base_model_type`, else Llama."""
+    family = tei_family(config)
+    if family is None:
+        base = config.get("base_model_type")
+        family = base if base in TEI_CHECKED_FAMILIES else "llama"
+    return family
+
+
+def _bidirectional(config: dict | None, family: str) -> bool:
+    """Whether TEI's model of `family` would attend bidirectionally with `config`."""
+    if config is None:
+        return False
+    if family == "qwen2":
+        return config.get("is_causal", True) is False
+    return config.get("use_bidirectional_attention") is True
+
+
+# config.json, rules 1-9, 23-24
 
 
 def _check_model_type(config: dict, found: _Findings) -> None:
     model_type = config.get("model_type")
-    if model_type in LLAMA_MODEL_TYPES:
+    if tei_family(config) is not None:
         return
     if model_type == "llama_encoder":
+        base = config.get("base_model_type", "llama")
+        native = base if base in TEI_CHECKED_FAMILIES else "llama"
         found.error(1, "config.json has model_type \"llama_encoder\" (the remote-code layout), which TEI rejects "
                        "(\"Model is not supported\"; TEI never runs remote code); "
-                       f"{_NATIVE_FIX} to write model_type \"llama\".")
+                       f"{_NATIVE_FIX} to write model_type {_show(native)}.")
+    elif model_type == "bidirectional_pplx_qwen3":
+        found.error(1, "config.json has model_type \"bidirectional_pplx_qwen3\": TEI runs it as Perplexity's Qwen3 "
+                       "(mean pooling only, float32 only, and tanh-scaled, rounded embeddings), not as this "
+                       "checkpoint; write model_type \"qwen3\" with `use_bidirectional_attention: true`.",
+                    "backends/candle/src/lib.rs:147-148, 367-377, backends/candle/src/models/pplx1.rs:13-45")
     else:
-        found.error(1, f"config.json has model_type {_show(model_type)}; TEI runs this checkpoint only as "
-                       f"model_type \"llama\" (a bidirectional Llama): {_NATIVE_FIX}.")
+        found.error(1, f"config.json has model_type {_show(model_type)}; this checker implements TEI's rules only for "
+                       "model_type \"llama\", \"mistral\", \"qwen2\" and \"qwen3\" (a bidirectional model of the "
+                       f"base's family): {_NATIVE_FIX} from a base of one of those families.")
 
 
-def _check_router_fields(config: dict, found: _Findings) -> None:
+def _check_router_fields(config: dict, family: str, found: _Findings) -> None:
+    example = _show([f"{FAMILY_LABELS[family]}Model"])  # any non-classifier name does (layout writes the engines')
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures or not all(isinstance(a, str) for a in architectures):
         found.error(2, f"config.json `architectures` is {_show(architectures)}; TEI requires a non-empty list of "
-                       "strings (e.g. [\"LlamaBidirectionalModel\"]).")
+                       f"strings (e.g. {example}).")
     else:
         classifiers = [name for name in architectures if name.endswith("Classification")]
         if classifiers:
             found.error(2, f"config.json `architectures` names {', '.join(classifiers)}: TEI serves any architecture "
-                           "ending in `Classification` as a classifier, not an embedding model; use "
-                           "[\"LlamaBidirectionalModel\"].")
+                           "ending in `Classification` as a classifier, not an embedding model (and refuses "
+                           f"classifiers of this family); use {example}.")
     typed = {"id2label": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
              "label2id": lambda v: isinstance(v, dict) and all(_is_uint(x) for x in v.values()),
              "auto_map": lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
@@ -269,27 +417,45 @@ def _check_router_fields(config: dict, found: _Findings) -> None:
                            f"`config.json`\"); {'use string values only' if key == 'auto_map' else 'fix or drop it'}.")
 
 
-def _check_bidirectional(config: dict, found: _Findings) -> None:
+def _check_bidirectional(config: dict, family: str, found: _Findings) -> None:
+    label = FAMILY_LABELS[family]
+    if family == "qwen2":
+        value = config.get("is_causal", _MISSING)
+        if value is False:
+            return
+        if value is _MISSING:
+            also = (" (it ignores `use_bidirectional_attention`)"
+                    if config.get("use_bidirectional_attention") is True else "")
+            found.error(3, f"config.json has no `is_causal`: TEI's Qwen2 then runs causally (it defaults to true, with "
+                           f"a warning){also}; set `is_causal: false`.")
+        elif value is True:
+            found.error(3, "config.json `is_causal` is true: TEI's Qwen2 would run this checkpoint causally (it reads "
+                           "`is_causal`, not `use_bidirectional_attention`); set `is_causal: false`.")
+        else:
+            found.error(3, f"config.json `is_causal` is {_show(value)}, not a boolean: TEI's Qwen2Config fails to "
+                           "parse config.json (\"Model is not supported\"); set it to false.")
+        return
     value = config.get("use_bidirectional_attention")
     if value is True:
         return
+    ignores = "it ignores `is_causal` for now" if family == "qwen3" else "it ignores `is_causal`"
     if value is None or value is False:
         state = "is missing" if value is None else "is false"
-        found.error(3, f"config.json `use_bidirectional_attention` {state}: TEI would run this Llama causally (it "
-                       "ignores `is_causal`); set `use_bidirectional_attention: true`.")
+        found.error(3, f"config.json `use_bidirectional_attention` {state}: TEI would run this {label} causally "
+                       f"({ignores}); set `use_bidirectional_attention: true`.")
     else:
         found.error(3, f"config.json `use_bidirectional_attention` is {_show(value)}, not a boolean: TEI fails to "
                        "parse config.json; set it to true.")
 
 
-def _check_required_fields(config: dict, found: _Findings) -> None:
-    bad = [f"`{key}` ({_show(config.get(key)) if key in config else 'missing'})"
-           for key in REQUIRED_UINTS if not _is_uint(config.get(key))]
-    bad += [f"`{key}` ({_show(config.get(key)) if key in config else 'missing'})"
-            for key in REQUIRED_NUMBERS if not _is_number(config.get(key))]
+def _check_required_fields(config: dict, family: str, found: _Findings) -> None:
+    numbers = FAMILY_REQUIRED_NUMBERS[family]
+    bad = [f"`{key}` ({_shown(config, key)})" for key in REQUIRED_UINTS if not _is_uint(config.get(key))]
+    bad += [f"`{key}` ({_shown(config, key)})" for key in numbers if not _is_number(config.get(key))]
     if bad:
-        found.error(4, f"config.json lacks required fields of the right type: {', '.join(bad)}; TEI's LlamaConfig "
-                       "needs non-negative integers for the sizes and numbers for initializer_range/rms_norm_eps.")
+        found.error(4, f"config.json lacks required fields of the right type: {', '.join(bad)}; TEI's "
+                       f"{FAMILY_LABELS[family]}Config needs non-negative integers for the sizes and numbers for "
+                       f"{'/'.join(numbers)}.")
     act = config.get("hidden_act")
     if act not in HIDDEN_ACTS:
         found.error(4, f"config.json `hidden_act` is {_show(act)}; TEI accepts only {', '.join(HIDDEN_ACTS)}.")
@@ -297,6 +463,8 @@ def _check_required_fields(config: dict, found: _Findings) -> None:
         found.warn(4, "config.json `hidden_act` is \"gelu\": TEI computes it with the tanh approximation, so "
                       "embeddings differ slightly from transformers' exact GeLU.",
                    "backends/candle/src/layers/linear.rs:7-17")
+    if family != "llama":
+        return  # the other families' structs have no further optional fields of these names
     optional = {"attention_dropout": _is_number, "pretraining_tp": _is_uint,
                 "tie_word_embeddings": lambda v: isinstance(v, bool)}
     for key, valid in optional.items():
@@ -306,8 +474,8 @@ def _check_required_fields(config: dict, found: _Findings) -> None:
                            "it.")
 
 
-def _check_token_ids(config: dict, found: _Findings) -> None:
-    for key in TOKEN_ID_KEYS:
+def _check_token_ids(config: dict, family: str, found: _Findings) -> None:
+    for key in FAMILY_TOKEN_ID_KEYS[family]:
         value = config.get(key)
         if value is None or _is_uint(value):
             continue
@@ -319,7 +487,9 @@ def _check_token_ids(config: dict, found: _Findings) -> None:
             found.error(5, f"config.json `{key}` is {_show(value)}; TEI needs a non-negative integer or null.")
 
 
-def _check_rope(config: dict, found: _Findings) -> None:
+def _check_rope(config: dict, family: str, found: _Findings) -> None:
+    label = FAMILY_LABELS[family]
+    theta_source = _ROPE_THETA_SOURCES[family]
     theta = config.get("rope_theta")
     if theta is not None and not _is_number(theta):
         found.error(6, f"config.json `rope_theta` is {_show(theta)}, not a number: TEI fails to parse config.json.")
@@ -341,15 +511,25 @@ def _check_rope(config: dict, found: _Findings) -> None:
     if config.get("rope_theta") is None and parameters is None:
         found.error(6, "config.json has neither `rope_theta` nor `rope_parameters.rope_theta`: TEI refuses to start "
                        "(\"Neither `rope_theta` nor `rope_parameters.rope_theta` are defined\"); write the base "
-                       "model's rope_theta.", "backends/candle/src/models/flash_mistral.rs:269-275")
+                       "model's rope_theta.", theta_source)
     if theta is not None and parameters_theta is not None and theta != parameters_theta:
         found.error(6, f"config.json has `rope_theta` {theta} and `rope_parameters.rope_theta` {parameters_theta}: TEI "
-                       "uses the top-level one; write one value (in rope_parameters).",
-                    "backends/candle/src/models/flash_mistral.rs:269-275")
+                       "uses the top-level one; write one value (in rope_parameters).", theta_source)
     scaling = config.get("rope_scaling")
-    if scaling is not None:
+    if scaling is None:
+        return
+    if family == "llama":
         found.error(6, f"config.json `rope_scaling` is {_show(scaling)}: TEI refuses it (\"Rope scaling is not "
                        "supported for FlashLlama yet\"); TEI cannot serve this checkpoint's RoPE scaling.")
+    elif family == "mistral":
+        found.error(6, f"config.json `rope_scaling` is {_show(scaling)}: TEI's Mistral applies it only as Llama 3 or "
+                       "NTK scaling (any other `type` with a `factor` runs as NTK; without `factor` config.json "
+                       "fails to parse), whatever rope_parameters says; TEI cannot be trusted with this checkpoint's "
+                       "RoPE scaling: drop rope_scaling (transformers reads rope_parameters) or keep it off TEI.")
+    else:
+        found.error(6, f"config.json `rope_scaling` is {_show(scaling)}: TEI's {label} silently ignores it and runs "
+                       "unscaled RoPE; TEI cannot serve this checkpoint's RoPE scaling (drop rope_scaling only if "
+                       "the checkpoint does not scale RoPE).")
 
 
 def _head_size(config: dict) -> int | None:
@@ -359,10 +539,30 @@ def _head_size(config: dict) -> int | None:
     return None
 
 
-def _check_head_dim(config: dict, found: _Findings) -> None:
+def _qwen3_head_size(config: dict) -> int | None:
+    """The head size TEI's Qwen3 uses: `head_dim` when set, else hidden_size / num_attention_heads (Rust integer
+    division)."""
+    head_dim = config.get("head_dim")
+    if head_dim is not None:
+        return head_dim if _is_uint(head_dim) and head_dim > 0 else None
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if _is_uint(hidden) and _is_uint(heads) and heads > 0 and hidden >= heads:
+        return hidden // heads
+    return None
+
+
+def _check_head_dim(config: dict, family: str, found: _Findings) -> None:
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
     if not (_is_uint(hidden) and _is_uint(heads)):
         return  # rule 4 reports them
+    if family == "qwen3":
+        head_dim = config.get("head_dim")
+        if head_dim is not None and not (_is_uint(head_dim) and head_dim > 0):
+            found.error(7, f"config.json `head_dim` is {_show(head_dim)}: TEI's Qwen3Config parses it as a positive "
+                           "integer (or null) and fails to load this model; write the base's head_dim.")
+        elif heads == 0:
+            found.error(7, "config.json `num_attention_heads` is 0: TEI's Qwen3 cannot load this model.")
+        return  # TEI's Qwen3 honours head_dim; rule 10 checks the shapes it gives
     if heads == 0 or hidden % heads:
         found.error(7, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}: TEI derives the head "
                        "size as hidden_size / num_attention_heads and cannot load this model.")
@@ -370,103 +570,221 @@ def _check_head_dim(config: dict, found: _Findings) -> None:
     head_dim = config.get("head_dim")
     if head_dim is not None and head_dim != hidden // heads:
         found.error(7, f"config.json `head_dim` is {_show(head_dim)} but TEI always uses hidden_size / "
-                       f"num_attention_heads = {hidden // heads}; TEI cannot serve a Llama with a different head "
-                       "size.")
+                       f"num_attention_heads = {hidden // heads}; TEI cannot serve a {FAMILY_LABELS[family]} with a "
+                       "different head size.")
 
 
-def _check_biases(config: dict, found: _Findings) -> None:
+def _check_biases(config: dict, family: str, found: _Findings) -> None:
+    """Rule 8 on config.json (the bias tensors themselves are checked with the weights)."""
     attention_bias = config.get("attention_bias")
-    if attention_bias is not None and attention_bias is not False:
-        found.error(8, f"config.json `attention_bias` is {_show(attention_bias)}: TEI loads no attention biases (or "
-                       "cannot parse a non-boolean); TEI cannot serve this model.")
-    if "mlp_bias" in config and config["mlp_bias"] is not False:
-        value = config["mlp_bias"]
-        found.error(8, f"config.json `mlp_bias` is {_show(value)}: "
-                    + ("TEI loads no MLP biases; TEI cannot serve this model." if value is True else
-                       "TEI parses it as a boolean and fails; write false or drop it."))
+    if family == "llama":
+        if attention_bias is not None and attention_bias is not False:
+            found.error(8, f"config.json `attention_bias` is {_show(attention_bias)}: TEI loads no attention biases "
+                           "(or cannot parse a non-boolean); TEI cannot serve this model.")
+        if "mlp_bias" in config and config["mlp_bias"] is not False:
+            value = config["mlp_bias"]
+            found.error(8, f"config.json `mlp_bias` is {_show(value)}: "
+                        + ("TEI loads no MLP biases; TEI cannot serve this model." if value is True else
+                           "TEI parses it as a boolean and fails; write false or drop it."))
+    elif family == "qwen3" and attention_bias is True:  # rule 24 checks that it is a boolean
+        found.error(8, "config.json `attention_bias` is true: the Qwen3 model then has q/k/v and o_proj biases, and "
+                       "TEI's Qwen3 loads the q/k/v biases but never o_proj's (its flash path also asks for a q_proj "
+                       "bias of hidden_size): TEI would run this model without its o_proj biases; TEI cannot serve it.",
+                    "backends/candle/src/models/qwen3.rs:73-115, backends/candle/src/models/flash_qwen3.rs:47-51, 86")
+    # Mistral and Qwen2: transformers' and TEI's models ignore `attention_bias` (and `mlp_bias`): Mistral has no
+    # biases, Qwen2 q/k/v biases only; the bias tensors are checked with the weights.
 
 
-def _check_sliding_window(config: dict, found: _Findings) -> None:
+def _check_sliding_window(config: dict, family: str, found: _Findings) -> None:
+    """Rule 9 (Llama, Mistral: a window TEI applies); Qwen2 and Qwen3 never read `sliding_window` (rule 23)."""
     window = config.get("sliding_window")
-    if window is not None:
+    if window is None or family in ("qwen2", "qwen3"):
+        return
+    if family == "llama":
         found.error(9, f"config.json `sliding_window` is {_show(window)}: TEI passes it to flash attention as an "
                        "attention window (Llama has none); drop it or write null.")
+    elif not _is_uint(window):
+        found.error(9, f"config.json `sliding_window` is {_show(window)}: TEI's MistralConfig parses it as an integer "
+                       "or null and fails; write null.")
+    else:
+        found.error(9, f"config.json `sliding_window` is {window}: TEI's Mistral passes it to flash attention as a "
+                       f"left-only window (each token sees at most {window} tokens to its left and every token to "
+                       "its right, since the checkpoint is bidirectional), which is not this encoder's attention; "
+                       "write `sliding_window: null` (a window that never binds within the checkpoint's inputs can "
+                       "be dropped; one that binds cannot be served by TEI).")
 
 
-# weights, rule 10
+def _check_sliding_flag(config: dict, family: str, found: _Findings) -> None:
+    """Rule 23: Qwen2's and Qwen3's required `use_sliding_window`, which TEI refuses when true."""
+    if family not in ("qwen2", "qwen3"):
+        return
+    label = FAMILY_LABELS[family]
+    value = config.get("use_sliding_window", _MISSING)
+    if value is True:
+        found.error(23, f"config.json `use_sliding_window` is true: TEI refuses to load it (\"Sliding window is not "
+                        f"supported for {label}\"); write `use_sliding_window: false` when the window never binds "
+                        "within the checkpoint's inputs (otherwise TEI cannot serve this checkpoint).")
+    elif value is _MISSING or value is None:
+        state = "no `use_sliding_window`" if value is _MISSING else "`use_sliding_window: null`"
+        found.error(23, f"config.json has {state}: TEI's {label}Config requires a boolean there and fails to parse "
+                        "config.json (\"Model is not supported\"); write `use_sliding_window: false`.")
+    elif value is not False:
+        found.error(23, f"config.json `use_sliding_window` is {_show(value)}, not a boolean: TEI's {label}Config fails "
+                        "to parse config.json; write `use_sliding_window: false`.")
+    window = config.get("sliding_window")
+    if window is not None and not _is_uint(window):
+        found.error(23, f"config.json `sliding_window` is {_show(window)}: TEI's {label}Config parses it as an integer "
+                        "or null (and never applies it) and fails; write null or the base's integer.")
 
 
-def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]] | None:
-    """The tensors TEI's Llama path loads, with the shapes it asks for; None when config.json cannot say."""
-    head = _head_size(config)
-    if head is None or not all(_is_uint(config.get(key)) for key in REQUIRED_UINTS):
+def _check_qwen3_fields(config: dict, family: str, found: _Findings) -> None:
+    """Rule 24: Qwen3Config's required `attention_bias` (a boolean) and `eos_token_id` (one integer), and its
+    optional `num_labels`."""
+    if family != "qwen3":
+        return
+    bias = config.get("attention_bias", _MISSING)
+    if not isinstance(bias, bool):
+        state = "is missing" if bias is _MISSING else f"is {_show(bias)}"
+        found.error(24, f"config.json `attention_bias` {state}: TEI's Qwen3Config requires a boolean and fails to "
+                        "parse config.json (\"Model is not supported\"); write the base's value (false for the Qwen3 "
+                        "bases).", "backends/candle/src/models/qwen3.rs:14-15")
+    eos = config.get("eos_token_id", _MISSING)
+    if not _is_uint(eos):
+        if isinstance(eos, list):
+            state, fix = f"is a list ({_show(eos)})", "one of them: the id the tokenizer appends as EOS"
+        else:
+            state = "is missing" if eos is _MISSING else f"is {_show(eos)}"
+            fix = "the tokenizer's EOS id"
+        found.error(24, f"config.json `eos_token_id` {state}: TEI's Qwen3Config requires one non-negative integer (it "
+                        "pads batches with it) and fails to parse config.json (\"Model is not supported\"); write "
+                        f"{fix}.", "backends/candle/src/models/qwen3.rs:30, 482, 547")
+    labels = config.get("num_labels")
+    if labels is not None and not _is_uint(labels):
+        found.error(24, f"config.json `num_labels` is {_show(labels)}: TEI's Qwen3Config parses it as an integer or "
+                        "null and fails; drop it.", "backends/candle/src/models/qwen3.rs:35-36")
+
+
+# weights, rule 10 (and rule 8's bias tensors, rule 24's projection)
+
+
+def _expected_shapes(config: dict, family: str = "llama") -> dict[str, tuple[int, ...]] | None:
+    """The tensors TEI's model of `family` loads (unprefixed names), with the shapes it asks for; None when
+    config.json cannot say."""
+    if not all(_is_uint(config.get(key)) for key in REQUIRED_UINTS):
         return None
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    if family == "qwen3":
+        head = _qwen3_head_size(config)
+        if head is None:
+            return None
+        queries = config["num_attention_heads"] * head
+    else:
+        head = _head_size(config)
+        if head is None:
+            return None
+        queries = hidden
     kv = config["num_key_value_heads"] * head
     shapes = {"embed_tokens.weight": (vocab, hidden), "norm.weight": (hidden,)}
     for i in range(config["num_hidden_layers"]):
         prefix = f"layers.{i}."
         shapes.update({
-            prefix + "self_attn.q_proj.weight": (hidden, hidden),
+            prefix + "self_attn.q_proj.weight": (queries, hidden),
             prefix + "self_attn.k_proj.weight": (kv, hidden),
             prefix + "self_attn.v_proj.weight": (kv, hidden),
-            prefix + "self_attn.o_proj.weight": (hidden, hidden),
+            prefix + "self_attn.o_proj.weight": (hidden, queries),
             prefix + "mlp.gate_proj.weight": (inter, hidden),
             prefix + "mlp.up_proj.weight": (inter, hidden),
             prefix + "mlp.down_proj.weight": (hidden, inter),
             prefix + "input_layernorm.weight": (hidden,),
             prefix + "post_attention_layernorm.weight": (hidden,),
         })
+        if family == "qwen3":
+            shapes.update({prefix + "self_attn.q_norm.weight": (head,), prefix + "self_attn.k_norm.weight": (head,)})
+        if family == "qwen2" or (family == "qwen3" and config.get("attention_bias") is True):
+            shapes.update({prefix + "self_attn.q_proj.bias": (queries,), prefix + "self_attn.k_proj.bias": (kv,),
+                           prefix + "self_attn.v_proj.bias": (kv,)})
     return shapes
 
 
-def _check_weights(folder: Path, config: dict | None, found: _Findings) -> None:
+def _check_weights(folder: Path, config: dict | None, found: _Findings, family: str = "llama") -> None:
+    label = FAMILY_LABELS[family]
     try:
         headers = read_headers(resolve_base_files(folder))
     except (MissingInputError, InputError) as exc:
-        found.error(10, f"The weights cannot be checked: {exc} TEI's Llama path needs {SAFE_WEIGHTS_NAME} or the "
+        found.error(10, f"The weights cannot be checked: {exc} TEI's {label} path needs {SAFE_WEIGHTS_NAME} or the "
                         f"shards of {SAFE_WEIGHTS_INDEX_NAME}.")
         return
     tensors = {name: spec for header in headers.values() for name, spec in header.items()}
-    prefixed = sorted(name for name in tensors if name.startswith("model."))
+    # Llama and Mistral load unprefixed names only; Qwen2 and Qwen3 load everything under `model.` when
+    # `model.embed_tokens.weight` exists.
+    prefixable = family in ("qwen2", "qwen3")
+    prefix = "model." if prefixable and "model.embed_tokens.weight" in tensors else ""
+    prefixed = [] if prefixable else sorted(name for name in tensors if name.startswith("model."))
     if prefixed:
-        found.error(10, f"{len(prefixed)} tensors carry a `model.` prefix (e.g. {_examples(prefixed)}); TEI's Llama "
+        found.error(10, f"{len(prefixed)} tensors carry a `model.` prefix (e.g. {_examples(prefixed)}); TEI's {label} "
                         f"path loads unprefixed names (embed_tokens.weight, layers.0...): {_NATIVE_FIX} (the weights "
-                        "are saved as a LlamaModel).")
+                        f"are saved as a {label}Model).")
     not_float = sorted(f"{name} ({code})" for name, (code, _) in tensors.items() if code not in FLOAT_CODES)
     if not_float:
         found.error(10, f"TEI loads float weights only; these are not: {_examples(not_float)}. Save the weights as "
                         "float32, bfloat16 or float16.")
-    biases = sorted(name for name in tensors if name.endswith(".bias") and not name.startswith("model."))
-    if biases:
-        found.error(8, f"The weights hold {len(biases)} bias tensors (e.g. {_examples(biases)}) that TEI never loads: "
-                       "TEI would run this model without them.")
-    expected = _expected_shapes(config) if config is not None else None
+    expected = _expected_shapes(config, family) if config is not None else None
+    loaded: set[str] = set()
+    stray: set[str] = set()
+    if expected is not None:
+        if prefix:  # unprefixed copies of the names TEI now looks for under `model.`
+            stray = {name for name in tensors if name in expected or (
+                name.endswith("norm.gamma") and name[: -len("gamma")] + "weight" in expected)}
+        if stray:
+            found.error(10, f"The weights hold model.embed_tokens.weight, so TEI's {label} loads every tensor under "
+                            f"`model.`, but {len(stray)} tensors are unprefixed (e.g. {_examples(sorted(stray))}), "
+                            "which TEI never finds; write all names with the prefix or all without it.")
+        expected = {prefix + name: shape for name, shape in expected.items()}
+        # TEI's RMSNorm also takes `gamma` for `weight`.
+        gamma = {name: name[: -len("weight")] + "gamma" for name in expected if name.endswith("norm.weight")}
+        missing, wrong = [], []
+        for name, shape in expected.items():
+            held = name if name in tensors else gamma.get(name) if gamma.get(name) in tensors else None
+            if held is None:
+                if prefixable or "model." + name not in tensors:  # a prefixed Llama/Mistral name is reported above
+                    missing.append(name)
+            elif tensors[held][1] != shape:
+                wrong.append(f"{held} {list(tensors[held][1])} (TEI expects {list(shape)})")
+        if missing:
+            where = ("all unprefixed, or all under `model.`" if prefixable else "unprefixed")
+            found.error(10, f"The weights lack {len(missing)} tensors TEI's {label} path loads, e.g. "
+                            f"{_examples(missing)}; write the complete {label}Model weights ({where}).")
+        if wrong:
+            head = ("head_dim" if family == "qwen3" and config.get("head_dim") is not None
+                    else "hidden_size / num_attention_heads")
+            found.error(10, f"{len(wrong)} tensors do not have the shape TEI asks for (from config.json: head size "
+                            f"{head}): {_examples(wrong)}.")
+        loaded = set(expected) | set(gamma.values())
+    projection = (family == "qwen3" and config is not None and _is_uint(config.get("num_labels"))
+                  and "linear.weight" in tensors)
+    if projection:
+        found.error(24, f"config.json sets num_labels {config['num_labels']} and the weights hold `linear.weight`: "
+                        "TEI's Qwen3 applies it as a projection after the final norm, which the checkpoint does not; "
+                        "drop num_labels from config.json (or the tensor).",
+                    "backends/candle/src/models/qwen3.rs:441-454, backends/candle/src/models/flash_qwen3.rs:344-357")
+
+    def reported(name: str) -> bool:  # by a prefix error above
+        return (not prefixable and name.startswith("model.")) or name in stray
+
+    if expected is not None or not prefixable:
+        biases = sorted(name for name in tensors if name.endswith(".bias") and name not in loaded
+                        and not reported(name))
+        if biases:
+            found.error(8, f"The weights hold {len(biases)} bias tensors (e.g. {_examples(biases)}) that TEI's {label} "
+                           "never loads: TEI would run this model without them.")
     if expected is None:
         return  # rules 4 and 7 report why the shapes are unknown
-    # TEI's RMSNorm also takes `gamma` for `weight`.
-    gamma = {name: name[: -len("weight")] + "gamma" for name in expected if name.endswith("layernorm.weight")
-             or name == "norm.weight"}
-    missing, wrong = [], []
-    for name, shape in expected.items():
-        held = name if name in tensors else gamma.get(name) if gamma.get(name) in tensors else None
-        if held is None:
-            if "model." + name not in tensors:
-                missing.append(name)
-        elif tensors[held][1] != shape:
-            wrong.append(f"{held} {list(tensors[held][1])} (TEI expects {list(shape)})")
-    if missing:
-        found.error(10, f"The weights lack {len(missing)} tensors TEI's Llama path loads, e.g. {_examples(missing)}; "
-                        "write the complete, unprefixed LlamaModel weights.")
-    if wrong:
-        found.error(10, f"{len(wrong)} tensors do not have the shape TEI asks for (from config.json: head size "
-                        f"hidden_size / num_attention_heads): {_examples(wrong)}.")
-    known = set(expected) | set(gamma.values())
-    extra = sorted(name for name in tensors if name not in known and not name.startswith("model.")
-                   and not name.endswith(".bias") and name != "lm_head.weight" and not name.endswith("inv_freq"))
+    extra = sorted(name for name in tensors if name not in loaded and not reported(name)
+                   and not name.endswith(".bias") and name not in ("lm_head.weight", "model.lm_head.weight")
+                   and not name.endswith("inv_freq") and not (projection and name == "linear.weight"))
     if extra:
-        found.warn(10, f"TEI ignores {len(extra)} tensors (e.g. {_examples(extra)}): it serves the Llama layers only, "
-                       "so whatever they compute is not in TEI's embeddings.")
+        found.warn(10, f"TEI ignores {len(extra)} tensors (e.g. {_examples(extra)}): it serves the {label} layers "
+                       "only, so whatever they compute is not in TEI's embeddings.")
 
 
 # 1_Pooling/config.json, rules 11-14
@@ -709,18 +1027,29 @@ def _check_prompt_tokens(folder: Path, raw, prompts: Mapping[str, str], found: _
                             "special token tokenizer_config.json declares.")
 
 
+def _check_qwen2_post_processor(config: dict, family: str, found: _Findings) -> None:
+    """Rule 21, Qwen2 only: TEI's router appends `<|endoftext|>` to every input of a Qwen2 remote-code config."""
+    auto_map = config.get("auto_map")
+    if family == "qwen2" and isinstance(auto_map, dict) and auto_map.get("AutoModel") == QWEN2_REMOTE_AUTO_MODEL:
+        found.error(21, f"config.json `auto_map.AutoModel` is {_show(QWEN2_REMOTE_AUTO_MODEL)}: TEI's router then "
+                        "appends `<|endoftext|>` (id 151643) to every input, which the checkpoint's tokenisation does "
+                        "not; write the checkpoint's own auto_map.", "router/src/lib.rs:154-182")
+
+
 def check_tei_folder(
     folder: str | os.PathLike,
     *,
     pooling_mode: str | None = None,
     prompts: dict[str, str] | None = None,
 ) -> TeiReport:
-    """Check `folder` against TEI's parsing rules (docs/ENGINES.md, rules 1-21) and return what TEI would do.
+    """Check `folder` against TEI's parsing rules (docs/ENGINES.md, rules 1-21, 23-24) for the family of its
+    config.json's `model_type` (`tei_family`) and return what TEI would do.
 
     `pooling_mode` is the checkpoint's pooling (one of `POOLING_MODES`; default: config.json's `pooling_mode`), which
     rule 13 compares with the pooling TEI derives; `prompts` (default: `config_sentence_transformers.json`'s
     `prompts`) are the prompts rule 21 tokenises with each probe text. Reads JSON files, safetensors headers and the
-    tokenizer; never a tensor.
+    tokenizer; never a tensor. A model_type the checker has no rules for is a rule 1 error, and the other rules are
+    then those of the config's `base_model_type` (a remote-code config) or Llama.
 
     Raises `MissingInputError` when `folder` does not exist, `NotAFolderError` when it is a file, and `InputError`
     for a `pooling_mode` or `prompts` that cannot be used.
@@ -736,23 +1065,28 @@ def check_tei_folder(
                                 or not all(isinstance(v, str) for v in prompts.values())):
         raise InputError(f"prompts must map prompt names to strings; got {prompts!r}.")
 
-    found = _Findings()
     config, problem = _read_json(root / "config.json")
     if config is _MISSING or problem is not None or not isinstance(config, dict):
+        found = _Findings()
         why = "is missing" if config is _MISSING else f"is not a JSON object ({problem or _show(config)})"
         found.error(1, f"config.json {why}: TEI cannot start without it; {_NATIVE_FIX}.", "router/src/lib.rs:113-117")
         config = None
+        family = "llama"
     else:
+        family = _checked_family(config)
+        found = _Findings(family)
         _check_model_type(config, found)
-        _check_router_fields(config, found)
-        _check_bidirectional(config, found)
-        _check_required_fields(config, found)
-        _check_token_ids(config, found)
-        _check_rope(config, found)
-        _check_head_dim(config, found)
-        _check_biases(config, found)
-        _check_sliding_window(config, found)
-    _check_weights(root, config, found)
+        _check_router_fields(config, family, found)
+        _check_bidirectional(config, family, found)
+        _check_required_fields(config, family, found)
+        _check_token_ids(config, family, found)
+        _check_rope(config, family, found)
+        _check_head_dim(config, family, found)
+        _check_biases(config, family, found)
+        _check_sliding_window(config, family, found)
+        _check_sliding_flag(config, family, found)
+        _check_qwen3_fields(config, family, found)
+    _check_weights(root, config, found, family)
 
     derived, pool = _check_pooling(root, found)
     ours = pooling_mode
@@ -767,6 +1101,8 @@ def check_tei_folder(
     _check_st_config(root, config, found)
     file_prompts = _prompts_from_file(root, found)
     _check_modules(root, config, found)
+    if config is not None:
+        _check_qwen2_post_processor(config, family, found)
     raw = _load_raw_tokenizer(root, found)
     if raw is not None:
         _check_prompt_tokens(root, raw, file_prompts if prompts is None else prompts, found)
@@ -775,11 +1111,10 @@ def check_tei_folder(
 
     findings = sorted(found.items, key=lambda finding: finding.rule)  # stable: the order of checks within a rule
     report = TeiReport(
-        folder=str(root), findings=findings, pooling=derived,
-        bidirectional=config is not None and config.get("use_bidirectional_attention") is True,
-        tokenizers_version=tokenizers.__version__,
+        folder=str(root), findings=findings, pooling=derived, bidirectional=_bidirectional(config, family),
+        tokenizers_version=tokenizers.__version__, family=family,
     )
-    logger.info("TEI check of %s: %d errors, %d warnings (pooling %s, bidirectional %s).", root,
+    logger.info("TEI check of %s (%s rules): %d errors, %d warnings (pooling %s, bidirectional %s).", root, family,
                 len(report.errors), len(report.warnings), report.pooling, report.bidirectional)
     for finding in findings:
         logger.debug("TEI rule %d (%s): %s", finding.rule, finding.level, finding.message)
@@ -787,10 +1122,15 @@ def check_tei_folder(
 
 
 __all__ = [
+    "FAMILY_LABELS",
     "PROBE_TEXTS",
+    "RUNTIME_NOTES",
+    "TEI_CHECKED_FAMILIES",
     "TEI_SOURCE_COMMIT",
     "TEI_TOKENIZERS_VERSION",
     "TeiFinding",
     "TeiReport",
     "check_tei_folder",
+    "tei_family",
+    "tei_rules_implemented",
 ]

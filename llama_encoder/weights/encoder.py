@@ -6,9 +6,9 @@ from __future__ import annotations
 from itertools import chain
 
 import torch
-from transformers import LlamaConfig
+from transformers import PretrainedConfig
 
-from ..configuration_llama_encoder import LATENT_ATTENTION_KEYS, LlamaEncoderConfig
+from ..configuration_llama_encoder import BASE_FAMILIES, LATENT_ATTENTION_KEYS, LlamaEncoderConfig
 from ..errors import InputError
 from ..modeling_llama_encoder import LlamaEncoderModel
 
@@ -18,22 +18,26 @@ _BASE_ONLY_KEYS = ("model_type", "architectures", "auto_map", "transformers_vers
 
 
 def encoder_config(
-    base_config: LlamaConfig,
+    base_config: PretrainedConfig,
     *,
     pooling_mode: str,
     latent_sizes: dict | None = None,
     dtype: torch.dtype,
     normalize: bool | None = None,
 ) -> LlamaEncoderConfig:
-    """The `LlamaEncoderConfig` of `base_config`'s architecture with `pooling_mode`, the latent-head `latent_sizes`
+    """The `LlamaEncoderConfig` of `base_config`'s architecture (its family, a key of `BASE_FAMILIES`, becomes
+    `base_model_type`; the family's own entries are kept) with `pooling_mode`, the latent-head `latent_sizes`
     (entries of `LATENT_ATTENTION_KEYS`), `normalize_embeddings` when `normalize` is given, and `dtype` recorded as
     the dtype of the weights."""
+    family = getattr(base_config, "base_model_type", None) or base_config.model_type
+    if family not in BASE_FAMILIES:
+        raise InputError(f"A {family!r} base has no encoder; the base families are {', '.join(BASE_FAMILIES)}.")
     unknown = sorted(set(latent_sizes or {}) - set(LATENT_ATTENTION_KEYS))
     if unknown:
         raise InputError(f"Unknown latent-attention settings {', '.join(unknown)}; use "
                          f"{', '.join(LATENT_ATTENTION_KEYS)}.")
     values = {k: v for k, v in base_config.to_dict().items() if k not in _BASE_ONLY_KEYS}
-    values.update(latent_sizes or {}, pooling_mode=pooling_mode)
+    values.update(latent_sizes or {}, pooling_mode=pooling_mode, base_model_type=family)
     if normalize is not None:
         values["normalize_embeddings"] = normalize
     config = LlamaEncoderConfig(**values)

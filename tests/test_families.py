@@ -1,0 +1,146 @@
+"""Mistral, Qwen2 and Qwen3 bases through the package: convert writes a native checkpoint that keeps the base's
+model_type (stock AutoModel loads it as that family's bidirectional model, verified in a fresh process), the three
+training objectives train on it and their adapters merge like peft, and sliding windows are kept where they bind
+and dropped where they cannot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModel, AutoTokenizer
+
+from llama_encoder.conversion_scripts.convert import convert
+from llama_encoder.encoding.encode import Encoder
+from llama_encoder.training.arguments import TrainingArguments
+from llama_encoder.training.loop import train
+from llama_encoder.training.model import load_training_model
+from tests.numeric import assert_equal_up_to_summation_order, encoder_terms
+from tests.tiny import TINY_WINDOWS, save_tiny_base
+
+FAMILIES = ["mistral", "qwen2", "qwen3"]
+STOCK_CLASSES = {"mistral": "MistralModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
+TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Plants make sugar from light.", "The cat ran.",
+         "A dog sat on the mat in the park.", "Light.", "Sugar from plants is sweet.", "Where is the cat?"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_base(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"{request.param}-base")
+    return request.param, save_tiny_base(folder, family=request.param)
+
+
+def _engines(out) -> dict:
+    return json.loads((out / "verification.json").read_text())["engines"]
+
+
+def _stock_mean(folder, texts) -> torch.Tensor:
+    """Mean-pooled, L2-normalised last_hidden_state of stock AutoModel (no remote code), right-padded."""
+    model = AutoModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        states = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1), type(model).__name__
+
+
+def test_convert_writes_a_native_checkpoint_of_the_family(family_base, tmp_path):
+    family, base = family_base
+    out = tmp_path / "encoder"
+    # a query prompt ending in a newline: stock Sentence Transformers modules pool exactly the encoder's tokens
+    convert(base=str(base), out=out, vllm=False, max_seq_length=128, query_prompt="Instruct: Find the cat\nQuery:\n")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == family and config["is_causal"] is False
+    assert config["use_bidirectional_attention"] is True and "base_model_type" not in config
+    engines = _engines(out)
+    for loader in ("transformers", "transformers_remote", "sentence_transformers", "sentence_transformers_remote"):
+        assert engines[loader]["status"] == "verified", (loader, engines[loader])
+    assert engines["transformers_old"]["status"] == "unsupported"
+    assert engines["tei"]["status"] == "by format"
+
+    # stock transformers, no remote code: the family's own model, bidirectional, pooled here by hand
+    stock, class_name = _stock_mean(out, TEXTS[:4])
+    assert class_name == STOCK_CLASSES[family]
+    ours = torch.from_numpy(Encoder.from_pretrained(out, device="cpu", dtype="float32").encode(TEXTS[:4]))
+    encoder = Encoder.from_pretrained(out, device="cpu", dtype="float32")
+    assert encoder.model.config.base_model_type == family
+    assert_equal_up_to_summation_order(ours, stock, terms=encoder_terms(encoder.model, 16), what=family)
+
+
+def _args(base, tmp_path, **overrides) -> TrainingArguments:
+    values = dict(objective="mntp", out=str(tmp_path / "adapter"), data=[], base=str(base), max_steps=3,
+                  batch_size=4, show_progress=False, lr=5e-3, lora_dropout=0.0)
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def test_the_three_objectives_train_and_their_adapters_merge_like_peft(family_base, tmp_path):
+    family, base = family_base
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    sts = tmp_path / "sts.csv"
+    rows = [f"{(i * 7) % 6},{TEXTS[i % 8]},{TEXTS[(i * 3 + 1) % 8]}" for i in range(16)]
+    sts.write_text("score,sentence1,sentence2\n" + "\n".join(rows) + "\n")
+
+    mntp, simcse, supervised = tmp_path / "mntp", tmp_path / "simcse", tmp_path / "supervised"
+    for summary in (
+        train(_args(base, tmp_path, out=str(mntp), data=[str(texts)])),
+        train(_args(base, tmp_path, objective="simcse", out=str(simcse), adapters=[str(mntp)], data=[str(texts)])),
+        train(_args(base, tmp_path, objective="supervised", out=str(supervised), adapters=[str(mntp)],
+                    data=[str(sts)], pooling="latent_attention")),
+    ):
+        assert summary["steps"] == 3 and torch.isfinite(torch.tensor(summary["final_loss"]))
+
+    result = convert(out=tmp_path / "encoder", base=str(base), adapters=[mntp, supervised], format="remote-code")
+    assert json.loads((result.out_dir / "config.json").read_text())["base_model_type"] == family
+    # independently: MNTP merged by our loader, the supervised adapter merged by peft, the trained head loaded
+    from safetensors.torch import load_file
+
+    reference = load_training_model(base=str(base), adapters=[mntp], pooling="latent_attention")
+    model = PeftModel.from_pretrained(reference.peft_model.unload(), supervised).merge_and_unload().eval()
+    model.load_state_dict(load_file(supervised / "pooling_head.safetensors"), strict=False)
+    expected = Encoder(model, reference.tokenizer).encode(TEXTS[:3])
+    converted = Encoder.from_pretrained(result.out_dir, device="cpu", dtype="float32").encode(TEXTS[:3])
+    assert_equal_up_to_summation_order(converted, expected, terms=encoder_terms(model, 32) + 2 * (16 + 4))
+
+
+@pytest.mark.parametrize("family", list(TINY_WINDOWS))
+def test_a_window_that_binds_is_kept_and_the_unverified_engines_are_refused(family, tmp_path):
+    base = save_tiny_base(tmp_path / "base", family=family, **TINY_WINDOWS[family])
+    out = tmp_path / "encoder"
+    convert(base=str(base), out=out, vllm=False, max_seq_length=128)
+    config = json.loads((out / "config.json").read_text())
+    assert config["sliding_window"] == TINY_WINDOWS[family]["sliding_window"]
+    engines = _engines(out)
+    assert engines["transformers"]["status"] == "verified"  # stock's bidirectional window equals ours
+    for engine in ("vllm", "tei"):
+        assert engines[engine]["status"] == "unsupported" and "sliding window of 3 tokens" in engines[engine]["note"]
+    card = (out / "README.md").read_text()
+    assert "sliding window of 3 tokens" in card
+
+
+@pytest.mark.parametrize("family", list(TINY_WINDOWS))
+def test_a_window_that_never_binds_is_written_as_full_attention(family, tmp_path):
+    window = {**TINY_WINDOWS[family], "sliding_window": 200}
+    base = save_tiny_base(tmp_path / "base", family=family, **window)
+    out = tmp_path / "encoder"
+    convert(base=str(base), out=out, vllm=False, max_seq_length=128)
+    config = json.loads((out / "config.json").read_text())
+    assert config["sliding_window"] is None
+    assert not config.get("use_sliding_window") and set(config.get("layer_types") or ["full_attention"]) == {
+        "full_attention"}
+    assert _engines(out)["tei"]["status"] == "by format"
+
+
+def test_a_base_of_another_family_is_refused_naming_the_families(tmp_path):
+    from llama_encoder.errors import InputError
+
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "hidden_size": 64}))
+    with pytest.raises(InputError, match=r"'gemma3_text' model.*'llama', 'mistral', 'qwen2', 'qwen3'"):
+        convert(base=str(folder), out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
