@@ -88,7 +88,7 @@ FAKE_VLLM = textwrap.dedent(
 
 
     class LLM:
-        def __init__(self, model, runner, dtype, enforce_eager, seed):
+        def __init__(self, model, runner, dtype, enforce_eager, seed, pooler_config=None):
             grandchild = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
                                           start_new_session=False)
             with open(os.environ["FAKE_VLLM_PIDS"], "a") as handle:
@@ -98,7 +98,7 @@ FAKE_VLLM = textwrap.dedent(
                 time.sleep(600)
             if MODE == "fail":
                 raise ValueError("LlamaBidirectionalModel requires a 'pooling' field")
-            pooler = _Obj(seq_pooling_type="MEAN", use_activation=True)
+            pooler = pooler_config or _Obj(seq_pooling_type="MEAN", use_activation=True)
             config = _Obj(architecture="LlamaBidirectionalModel", hf_config=_Obj(is_causal=False),
                           pooler_config=pooler, max_model_len=64, dtype="torch.float32",
                           get_hidden_size=lambda: 4)
@@ -128,6 +128,9 @@ def fake_vllm(tmp_path, monkeypatch) -> Path:
     """PYTHONPATH with the fake `vllm`; returns the file where each fake LLM writes its pid and its grandchild's."""
     (tmp_path / "fake" / "vllm").mkdir(parents=True)
     (tmp_path / "fake" / "vllm" / "__init__.py").write_text(FAKE_VLLM)
+    (tmp_path / "fake" / "vllm" / "config.py").write_text(
+        "class PoolerConfig:\n    def __init__(self, seq_pooling_type=None, use_activation=None):\n"
+        "        self.seq_pooling_type, self.use_activation = seq_pooling_type, use_activation\n")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
@@ -173,6 +176,26 @@ def test_fake_vllm_serves_requests_and_its_process_group_dies_on_close(fake_vllm
     assert first.dtype == np.float32
     assert _wait_dead(pids) == [], "the child or its grandchild (vLLM's engine process) outlived close()"
     assert not embedder._dir
+
+
+def test_pooler_settings_name_the_pooling_for_every_architecture_but_llama_bidirectional():
+    from llama_encoder.engines.vllm import pooler_settings
+
+    assert pooler_settings({"architectures": ["LlamaBidirectionalModel"], "pooling_mode": "mean"}) is None
+    assert pooler_settings({"architectures": ["Qwen2Model"], "pooling_mode": "mean"}) == {
+        "pooling": "MEAN", "normalize": True}
+    assert pooler_settings({"architectures": ["MistralModel"], "pooling_mode": "last_token",
+                            "normalize_embeddings": False}) == {"pooling": "LAST", "normalize": False}
+    assert pooler_settings({"architectures": ["Qwen3Model"], "pooling_mode": "weighted_mean"}) is None
+    assert pooler_settings({}) is None  # not a checkpoint of ours: vLLM decides
+
+
+def test_fake_vllm_is_given_the_checkpoints_pooling_for_a_family_architecture(fake_vllm, tmp_path):
+    (tmp_path / "model" / "config.json").write_text(json.dumps(
+        {"architectures": ["Qwen3Model"], "pooling_mode": "last_token", "normalize_embeddings": False}))
+    with VllmEmbedder(tmp_path / "model", python=sys.executable, threads=1, timeout=60) as embedder:
+        info = embedder.start()
+    assert info["pooling_type"] == "LAST" and info["normalize"] is False
 
 
 def test_child_environment(monkeypatch):

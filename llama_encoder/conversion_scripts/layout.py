@@ -29,7 +29,6 @@ import transformers
 from ..configuration_llama_encoder import BASE_FAMILIES, encoder_layer_types
 from ..errors import InputError
 from ..modeling_llama_encoder import tokenize_for_encoder
-from .tei import RUNTIME_NOTES as TEI_RUNTIME_NOTES
 from .tei import TEI_CHECKED_FAMILIES
 
 FORMATS = ("native", "remote-code")
@@ -152,10 +151,6 @@ class CheckpointLayout:
     @property
     def native(self) -> bool:
         return self.format == "native"
-
-
-def _first_sentence(text: str) -> str:
-    return text.split("; ")[0].split(": ")[0].rstrip(".")
 
 
 def binding_window(config, max_seq_length: int | None) -> int | None:
@@ -282,6 +277,13 @@ ENGINE_LABELS = dict(ENGINES)
 # The families each engine is claimed for (docs/ENGINES.md: what was read in its source, and what was run).
 VLLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 TEI_FAMILIES = TEI_CHECKED_FAMILIES
+# Where TEI serves each family (tei.RUNTIME_NOTES has the source lines), for the claims' notes.
+TEI_RUNTIME = {
+    "llama": "TEI serves Llama on CUDA in float16 only",
+    "mistral": "TEI serves Mistral on CUDA in float16 with flash attention only",
+    "qwen2": "TEI serves Qwen2 on CUDA in float16 with flash attention only",
+    "qwen3": "TEI serves Qwen3 on CPU in float32 too",
+}
 
 
 def engine_claims(layout: CheckpointLayout) -> dict[str, dict]:
@@ -311,17 +313,16 @@ def engine_claims(layout: CheckpointLayout) -> dict[str, dict]:
         transformers_old={"status": "unsupported",
                           "note": "ignores is_causal: false and runs causally, silently: use trust_remote_code=True"},
         vllm={"status": "claimed", "note": instruction_pooled},
-        tei={"status": "by format", "note": f"files checked against TEI's parsing rules, not run ("
-                                            f"{_first_sentence(TEI_RUNTIME_NOTES[layout.family])}); "
-                                            f"{instruction_pooled}"},
+        tei={"status": "by format", "note": f"files checked against TEI's parsing rules, not run "
+                                            f"({TEI_RUNTIME[layout.family]}); {instruction_pooled}"},
     )
     if layout.family not in VLLM_FAMILIES:
         claims["vllm"] = {"status": "unsupported", "note": f"not verified for {name} bases yet"}
     if layout.family not in TEI_FAMILIES:
         claims["tei"] = {"status": "unsupported", "note": f"TEI's rules for {name} are not checked yet"}
     if layout.window is not None:
-        why = (f"a sliding window of {layout.window} tokens binds within the encoder's inputs, and the engine's "
-               "bidirectional window is not verified")
+        why = (f"a sliding window of {layout.window} tokens binds within the encoder's inputs, and the engine "
+               "applies another window (vLLM: one token narrower; TEI: left-only or refused; docs/ENGINES.md)")
         claims["vllm"] = {"status": "unsupported", "note": why}
         claims["tei"] = {"status": "unsupported", "note": why}
     if layout.sentence_transformers == "native":

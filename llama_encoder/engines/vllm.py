@@ -235,7 +235,7 @@ def pooler_settings(config: dict) -> dict | None:
     bool}` for vLLM's `PoolerConfig` (its other pooling architectures take the pooling from the Sentence Transformers
     files when there are stock ones, and silently pool the last token otherwise)."""
     architectures = config.get("architectures") or []
-    mode = config.get("pooling_mode", "mean")
+    mode = config.get("pooling_mode")  # absent: not a checkpoint of ours, vLLM decides
     if "LlamaBidirectionalModel" in architectures or mode not in VLLM_POOLING:
         return None
     return {"pooling": VLLM_POOLING[mode], "normalize": bool(config.get("normalize_embeddings", True))}
