@@ -355,9 +355,12 @@ def _models(folder: Path, causal: bool):
     model = AutoModel.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     stock = None
-    if causal:  # the same weights as a stock LlamaModel forced causal: the negative control
+    if causal:  # the same weights as the family's stock model forced causal: the negative control
+        from llama_encoder.conversion_scripts.tei import FAMILY_LABELS
+
         stock = AutoModel.from_pretrained(folder, dtype=torch.float32, is_causal=True).eval()
-        assert type(stock).__name__ == "LlamaModel" and stock.config.is_causal is True
+        family = json.loads((folder / "config.json").read_text())["model_type"]
+        assert type(stock).__name__ == f"{FAMILY_LABELS[family]}Model" and stock.config.is_causal is True
     return model, tokenizer, stock
 
 
@@ -550,11 +553,7 @@ def test_convert_verifies_each_family_with_vllm_bidirectionally(family, vllm_pyt
     """A tiny random base of the family, converted native (mean pooling): vLLM (the architecture the config names,
     encoder-only attention, the pooling passed as PoolerConfig) embeds like our bidirectional model, and the
     bidirectional model is far from the same weights run causally, so agreeing with it is not an accident."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
     from llama_encoder.conversion_scripts.convert import convert
-    from llama_encoder.encoding.encode import Encoder
     from tests.tiny import save_tiny_base
 
     base = save_tiny_base(tmp_path / "base", family=family, **VLLM_TINY)
@@ -568,12 +567,5 @@ def test_convert_verifies_each_family_with_vllm_bidirectionally(family, vllm_pyt
     card = (out / "README.md").read_text()
     assert "pooler_config=PoolerConfig(seq_pooling_type=\"MEAN\", use_activation=True)" in card
 
-    ours = Encoder.from_pretrained(out, device="cpu", dtype="float32").encode(DOCUMENTS)
-    stock = AutoModel.from_pretrained(out, dtype=torch.float32, is_causal=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    batch = tokenizer(DOCUMENTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        states = stock(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    causal = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1).numpy()
+    ours, causal = reference(out, DOCUMENTS), reference(out, DOCUMENTS, causal=True)
     assert max_cosine_distance(ours, causal) > 100 * check["max_cosine_distance"] + 1e-3

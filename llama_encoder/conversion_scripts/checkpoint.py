@@ -32,7 +32,6 @@ from safetensors.torch import save_model
 
 from ..atomic import atomic_file
 from ..configuration_llama_encoder import LlamaEncoderConfig
-from ..engines.vllm import VLLM_POOLING
 from ..errors import InputError, MissingInputError
 from ..modeling_llama_encoder import LlamaEncoderModel
 from ..readers import sha256_file
@@ -439,7 +438,8 @@ def _usage_section(model_id: str, prompts: dict[str, str], max_seq_length: int,
     ]
     if layout is not None and layout.native:
         lines += _stock_transformers_snippet(model_id, pooling_mode, max_seq_length)
-        pooler = None if layout.family == "llama" else {"pooling": VLLM_POOLING[pooling_mode], "normalize": normalize}
+        pooler = None if layout.family == "llama" else {"pooling": layout.native_pooling.vllm_pooler,
+                                                        "normalize": normalize}
         lines += _vllm_snippet(model_id, pooling_mode, pooler)
     lines += [
         "### Transformers with the checkpoint's code (any version from 4.57)" if layout is not None and layout.native

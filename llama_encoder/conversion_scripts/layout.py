@@ -29,7 +29,7 @@ import transformers
 from ..configuration_llama_encoder import BASE_FAMILIES, encoder_layer_types
 from ..errors import InputError
 from ..modeling_llama_encoder import tokenize_for_encoder
-from .tei import TEI_CHECKED_FAMILIES
+from .tei import FAMILY_LABELS, TEI_CHECKED_FAMILIES
 
 FORMATS = ("native", "remote-code")
 DEFAULT_FORMAT = "native"
@@ -46,7 +46,6 @@ NATIVE_ARCHITECTURES = {
     "qwen2": "Qwen2Model",
     "qwen3": "Qwen3Model",
 }
-FAMILY_NAMES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 @dataclass(frozen=True)
@@ -221,7 +220,6 @@ def plan_layout(*, format: str, pooling_mode: str, tokenizer, prompts: dict[str,
 
 __all__ = [
     "AUTO_MAP",
-    "FAMILY_NAMES",
     "NATIVE_ARCHITECTURE",
     "NATIVE_ARCHITECTURES",
     "binding_window",
@@ -306,7 +304,7 @@ def engine_claims(layout: CheckpointLayout) -> dict[str, dict]:
     mean = layout.pooling_mode == "mean"
     instruction_pooled = "documents; queries pool the instruction tokens too (no prompt exclusion)" if mean else (
         "documents and queries")
-    name = FAMILY_NAMES[layout.family]
+    name = FAMILY_LABELS[layout.family]
     claims.update(
         transformers={"status": "claimed",
                       "note": f"stock bidirectional {name}Model; pool last_hidden_state yourself"},

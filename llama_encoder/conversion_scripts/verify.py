@@ -422,16 +422,6 @@ def layout_of(out_dir: Path) -> CheckpointLayout:
     )
 
 
-def _saved_max_seq_length(out_dir: Path) -> int | None:
-    """The checkpoint's input limit: sentence_bert_config.json's max_seq_length, else the tokenizer's."""
-    for name, key in (("sentence_bert_config.json", "max_seq_length"), ("tokenizer_config.json", "model_max_length")):
-        path = out_dir / name
-        if path.is_file():
-            value = json.loads(path.read_text(encoding="utf-8")).get(key)
-            if isinstance(value, int) and value < 10**9:
-                return value
-    return None
-
 
 def _vllm_check(out_dir: Path, layout: CheckpointLayout, sentences: list[str], query_prompt: str,
                 expected: dict[str, np.ndarray], tolerance: float, python: str) -> dict:
