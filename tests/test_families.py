@@ -1,7 +1,7 @@
-"""Mistral, Qwen2 and Qwen3 bases through the package: convert writes a native checkpoint that keeps the base's
-model_type (stock AutoModel loads it as that family's bidirectional model, verified in a fresh process), the three
-training objectives train on it and their adapters merge like peft, and sliding windows are kept where they bind
-and dropped where they cannot."""
+"""Mistral, Qwen2, Qwen3 and Gemma3 bases through the package: convert writes a native checkpoint that keeps the
+base's model_type (stock AutoModel loads it as that family's bidirectional model, verified in a fresh process), the
+three training objectives train on it and their adapters merge like peft, and sliding windows are kept where they
+bind and dropped where they cannot (Gemma3's local layers are always kept: they have their own rotary base)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ from llama_encoder.training.model import load_training_model
 from tests.numeric import assert_equal_up_to_summation_order, encoder_terms
 from tests.tiny import TINY_WINDOWS, save_tiny_base
 
-FAMILIES = ["mistral", "qwen2", "qwen3"]
-STOCK_CLASSES = {"mistral": "MistralModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model"}
+FAMILIES = ["mistral", "qwen2", "qwen3", "gemma3_text"]
+STOCK_CLASSES = {"mistral": "MistralModel", "qwen2": "Qwen2Model", "qwen3": "Qwen3Model",
+                 "gemma3_text": "Gemma3TextModel"}
 TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Plants make sugar from light.", "The cat ran.",
          "A dog sat on the mat in the park.", "Light.", "Sugar from plants is sweet.", "Where is the cat?"]
 
@@ -53,12 +54,19 @@ def test_convert_writes_a_native_checkpoint_of_the_family(family_base, tmp_path)
     # a query prompt ending in a newline: stock Sentence Transformers modules pool exactly the encoder's tokens
     convert(base=str(base), out=out, vllm=False, max_seq_length=128, query_prompt="Instruct: Find the cat\nQuery:\n")
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == family and config["is_causal"] is False
-    assert config["use_bidirectional_attention"] is True and "base_model_type" not in config
+    assert config["model_type"] == family and config["use_bidirectional_attention"] is True
+    assert "base_model_type" not in config
+    if family == "gemma3_text":  # no is_causal (stock 5.x would widen the local window); rotary bases written flat
+        assert "is_causal" not in config and "rope_parameters" not in config
+        assert (config["rope_theta"], config["rope_local_base_freq"]) == (1e6, 1e4)
+        assert config["_sliding_window_pattern"] == config["sliding_window_pattern"] == 2
+    else:
+        assert config["is_causal"] is False
     engines = _engines(out)
     for loader in ("transformers", "transformers_remote", "sentence_transformers", "sentence_transformers_remote"):
         assert engines[loader]["status"] == "verified", (loader, engines[loader])
-    assert engines["transformers_old"]["status"] == "unsupported"
+    # stock 4.57 to 5.1 ignore is_causal; Gemma3's use_bidirectional_attention they read (tests/hub_files)
+    assert engines["transformers_old"]["status"] == ("by format" if family == "gemma3_text" else "unsupported")
     assert engines["tei"]["status"] == "by format"
 
     # stock transformers, no remote code: the family's own model, bidirectional, pooled here by hand
@@ -107,7 +115,7 @@ def test_the_three_objectives_train_and_their_adapters_merge_like_peft(family_ba
     assert_equal_up_to_summation_order(converted, expected, terms=encoder_terms(model, 32) + 2 * (16 + 4))
 
 
-@pytest.mark.parametrize("family", list(TINY_WINDOWS))
+@pytest.mark.parametrize("family", [family for family in TINY_WINDOWS if family != "gemma3_text"])
 def test_a_window_that_binds_is_kept_and_the_unverified_engines_are_refused(family, tmp_path):
     base = save_tiny_base(tmp_path / "base", family=family, **TINY_WINDOWS[family])
     out = tmp_path / "encoder"
@@ -122,7 +130,35 @@ def test_a_window_that_binds_is_kept_and_the_unverified_engines_are_refused(fami
     assert "sliding window of 3 tokens" in card
 
 
-@pytest.mark.parametrize("family", list(TINY_WINDOWS))
+def test_a_gemma3_window_that_binds_is_kept_for_vllm_and_refused_for_tei(tmp_path):
+    base = save_tiny_base(tmp_path / "base", family="gemma3_text", **TINY_WINDOWS["gemma3_text"])
+    out = tmp_path / "encoder"
+    convert(base=str(base), out=out, vllm=False, max_seq_length=128)
+    config = json.loads((out / "config.json").read_text())
+    assert config["sliding_window"] == 6 and config["layer_types"] == ["sliding_attention", "full_attention"]
+    engines = _engines(out)
+    assert engines["transformers"]["status"] == "verified"  # stock Gemma3TextModel's window |d| < 6 // 2 + 1
+    assert engines["vllm"]["status"] == "not checked"  # claimed: vLLM's Gemma3 window is transformers' (test_vllm)
+    assert engines["tei"]["status"] == "unsupported" and "3 positions either side" in engines["tei"]["note"]
+
+
+def test_a_gemma3_window_that_never_binds_is_kept_as_written_and_the_gemma_notice_is_carried(tmp_path):
+    base = save_tiny_base(tmp_path / "base", family="gemma3_text")  # Gemma3's default window, 4096
+    (base / "README.md").write_text("---\nlicense: gemma\n---\n# tiny gemma\n")
+    out = tmp_path / "encoder"
+    convert(base=str(base), out=out, vllm=False, max_seq_length=128)
+    config = json.loads((out / "config.json").read_text())
+    assert config["sliding_window"] == 4096 and "sliding_attention" in config["layer_types"]
+    assert _engines(out)["tei"]["status"] == "by format"
+    # the Gemma Terms of Use (3.1): a NOTICE file, and the card says the model is a modified Gemma
+    notice = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
+    assert (out / "NOTICE").read_text().strip() == notice
+    card = (out / "README.md").read_text()
+    assert 'license: "gemma"' in card and notice in card and "modified Gemma model" in card
+    assert "NOTICE" in json.loads((out / "verification.json").read_text())["files"]
+
+
+@pytest.mark.parametrize("family", [family for family in TINY_WINDOWS if family != "gemma3_text"])
 def test_a_window_that_never_binds_is_written_as_full_attention(family, tmp_path):
     window = {**TINY_WINDOWS[family], "sliding_window": 200}
     base = save_tiny_base(tmp_path / "base", family=family, **window)
@@ -138,9 +174,9 @@ def test_a_window_that_never_binds_is_written_as_full_attention(family, tmp_path
 def test_a_base_of_another_family_is_refused_naming_the_families(tmp_path):
     from llama_encoder.errors import InputError
 
-    folder = tmp_path / "gemma"
+    folder = tmp_path / "gemma2"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "gemma3_text", "hidden_size": 64}))
-    with pytest.raises(InputError, match=r"'gemma3_text' model.*'llama', 'mistral', 'qwen2', 'qwen3'"):
+    (folder / "config.json").write_text(json.dumps({"model_type": "gemma2", "hidden_size": 64}))
+    with pytest.raises(InputError, match=r"'gemma2' model.*'llama', 'mistral', 'qwen2', 'qwen3', 'gemma3_text'"):
         convert(base=str(folder), out=tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -165,10 +165,10 @@ def _output_is_a_file(tmp, base, adapter):
 CASES: dict[str, tuple[Callable, type[Exception], str]] = {
     "bert-base": (_bert_base, ValueError,
                   r"is a 'bert' model \(config.json model_type\); only the decoder families 'llama', 'mistral', "
-                  r"'qwen2', 'qwen3' .*Choose a base of one of those families"),
+                  r"'qwen2', 'qwen3', 'gemma3_text' .*Choose a base of one of those families"),
     "gpt2-gguf": (_gpt2_gguf, ValueError,
                   r"holds a 'gpt2' model \(general.architecture\); only GGUF files of the families llama, "
-                  r"mistral, qwen2, qwen3 .*Use a GGUF of one of those"),
+                  r"mistral, qwen2, qwen3, gemma3 .*Use a GGUF of one of those"),
     "adapter-more-layers": (_adapter_with_more_layers, ValueError,
                             r"does not fit this base model \(hidden_size=64, num_hidden_layers=2\): modules missing "
                             r"from the base \(1; the adapter reaches layer 2\): layers\.2\.self_attn\.q_proj\.weight\. "

@@ -164,7 +164,7 @@ def _drop(key):
 # (rule, level, file, edit): each edit breaks exactly that rule of a passing native folder.
 JSON_BREAKS = {
     "model_type llama_encoder": (1, "error", "config.json", _set("model_type", "llama_encoder")),
-    "model_type gemma3_text": (1, "error", "config.json", _set("model_type", "gemma3_text")),
+    "model_type gemma3 (multimodal)": (1, "error", "config.json", _set("model_type", "gemma3")),
     "model_type bidirectional_pplx_qwen3": (1, "error", "config.json", _set("model_type", "bidirectional_pplx_qwen3")),
     "classifier architecture": (2, "error", "config.json", _set("architectures", ["LlamaForSequenceClassification"])),
     "empty architectures": (2, "error", "config.json", _set("architectures", [])),
@@ -470,9 +470,9 @@ def test_the_writers_unpatched_config_fails_only_what_the_writer_must_fix(tmp_pa
 def test_tei_family_names_the_rules_a_config_gets():
     assert TEI_CHECKED_FAMILIES == tuple(BASE_FAMILIES)  # every decoder family we convert has its TEI rules
     for model_type, family in {"llama": "llama", "llama_bidirec": "llama", "mistral": "mistral", "qwen2": "qwen2",
-                               "qwen3": "qwen3"}.items():
+                               "qwen3": "qwen3", "gemma3_text": "gemma3_text"}.items():
         assert tei_family({"model_type": model_type}) == family and tei_rules_implemented({"model_type": model_type})
-    for config in ({"model_type": "llama_encoder", "base_model_type": "qwen2"}, {"model_type": "gemma3_text"},
+    for config in ({"model_type": "llama_encoder", "base_model_type": "qwen2"}, {"model_type": "gemma3"},
                    {"model_type": "bidirectional_pplx_qwen3"}, {"model_type": None}, {}, {"model_type": ["qwen3"]}):
         assert tei_family(config) is None and not tei_rules_implemented(config)
 
@@ -685,3 +685,235 @@ def test_qwen3_attention_biases_are_not_servable(tmp_path, tokenizer_folder):
     report = check_tei_folder(folder)
     assert kinds(report) == {(8, "error")}
     assert any("o_proj" in f.message for f in report.errors)
+
+
+# Gemma3 (`gemma3_text`): a hand-built config.json in the flat form every engine reads alike (transformers 4.57 and 5.x,
+# vLLM, TEI): flat rope_theta / rope_local_base_freq / rope_scaling, no rope_parameters, `_sliding_window_pattern`
+# beside layer_types, the un-halved sliding_window, use_bidirectional_attention and no is_causal. Zero weights with
+# the names and shapes TEI's Gemma3 loads.
+GEMMA3_SIZES = dict(hidden_size=8, intermediate_size=16, num_hidden_layers=4, num_attention_heads=2,
+                    num_key_value_heads=1, head_dim=4)
+GEMMA3_LAYER_TYPES = ["sliding_attention", "full_attention"] * 2  # every second layer global
+
+
+def gemma3_config(vocab: int, pooling_mode: str = "mean", **changes) -> dict:
+    """The native Gemma3 config.json at GEMMA3_SIZES; its window (128, so |i - j| <= 64) never binds within the
+    64 tokens sentence_bert_config.json allows."""
+    config = {
+        "architectures": ["Gemma3TextModel"], "model_type": "gemma3_text", "attention_bias": False,
+        "attention_dropout": 0.0, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "dtype": "float32",
+        "hidden_activation": "gelu_pytorch_tanh", "initializer_range": 0.02, "layer_types": GEMMA3_LAYER_TYPES,
+        "max_position_embeddings": 64, "query_pre_attn_scalar": 4, "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+        "sliding_window": 128, "_sliding_window_pattern": 2, "sliding_window_pattern": 2,
+        "tie_word_embeddings": True, "use_bidirectional_attention": True, "use_cache": False, "vocab_size": vocab,
+        "pooling_mode": pooling_mode, "normalize_embeddings": True, **GEMMA3_SIZES,
+    }
+    config.update(changes)
+    return config
+
+
+def gemma3_weights(config: dict, *, prefix: str = "") -> dict[str, torch.Tensor]:
+    hidden, inter, head = config["hidden_size"], config["intermediate_size"], GEMMA3_SIZES["head_dim"]
+    queries, kv = config["num_attention_heads"] * head, config["num_key_value_heads"] * head
+    shapes = {"embed_tokens.weight": (config["vocab_size"], hidden), "norm.weight": (hidden,)}
+    for i in range(config["num_hidden_layers"]):
+        layer = f"layers.{i}."
+        shapes.update({
+            layer + "self_attn.q_proj.weight": (queries, hidden), layer + "self_attn.k_proj.weight": (kv, hidden),
+            layer + "self_attn.v_proj.weight": (kv, hidden), layer + "self_attn.o_proj.weight": (hidden, queries),
+            layer + "self_attn.q_norm.weight": (head,), layer + "self_attn.k_norm.weight": (head,),
+            layer + "mlp.gate_proj.weight": (inter, hidden), layer + "mlp.up_proj.weight": (inter, hidden),
+            layer + "mlp.down_proj.weight": (hidden, inter),
+            **{layer + f"{norm}.weight": (hidden,) for norm in (
+                "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm")},
+        })
+        if config.get("attention_bias") is True:
+            shapes.update({layer + "self_attn.q_proj.bias": (queries,), layer + "self_attn.k_proj.bias": (kv,),
+                           layer + "self_attn.v_proj.bias": (kv,), layer + "self_attn.o_proj.bias": (hidden,)})
+    return {prefix + name: torch.zeros(shape) for name, shape in shapes.items()}
+
+
+def write_gemma3_folder(folder: Path, tokenizer_folder: Path, pooling_mode: str = "mean", **changes) -> Path:
+    config = gemma3_config(tokenizer_vocab(tokenizer_folder), pooling_mode, **changes)
+    return write_native_folder(folder, tokenizer_folder, pooling_mode, config=config, weights=gemma3_weights(config))
+
+
+@pytest.mark.parametrize("pooling_mode, tei_pooling", [("mean", "mean"), ("last_token", "last-token")])
+def test_the_native_gemma3_folder_passes_with_no_findings(tmp_path, tokenizer_folder, pooling_mode, tei_pooling):
+    report = check_tei_folder(write_gemma3_folder(tmp_path / "gemma3", tokenizer_folder, pooling_mode))
+    assert report.findings == [], [f.message for f in report.findings]
+    assert report.loadable and report.family == "gemma3_text"
+    assert report.pooling == tei_pooling and report.bidirectional is True
+
+
+def test_gemma3s_runtime_is_float32_on_cpu_and_cuda(tmp_path, tokenizer_folder):
+    runtime = check_tei_folder(write_gemma3_folder(tmp_path / "gemma3", tokenizer_folder)).to_dict()["runtime"]
+    assert runtime["cpu"] is True and runtime["note"] == RUNTIME_NOTES["gemma3_text"]
+    assert "float32 only" in runtime["note"] and "CPU" in runtime["note"] and "CUDA" in runtime["note"]
+    assert "lib.rs:322-332" in runtime["source"] and "454-465" in runtime["source"]
+
+
+# The config.json transformers 5 writes for Gemma3: rope bases per layer type, no flat keys.
+NESTED_ROPE = {"full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+
+
+def _nested_rope(config):
+    for key in ("rope_theta", "rope_local_base_freq", "rope_scaling"):
+        config.pop(key)
+    config["rope_parameters"] = NESTED_ROPE
+
+
+# (rule, level, edit of config.json): each edit breaks exactly that rule of the passing Gemma3 folder.
+GEMMA3_BREAKS = {
+    "no use_bidirectional_attention": (3, "error", _drop("use_bidirectional_attention")),
+    "use_bidirectional_attention false": (3, "error", _set("use_bidirectional_attention", False)),
+    "use_bidirectional_attention not a boolean": (3, "error", _set("use_bidirectional_attention", "true")),
+    "classifier architecture": (2, "error", _set("architectures", ["Gemma3ForSequenceClassification"])),
+    "no hidden_activation": (4, "error", _drop("hidden_activation")),
+    "unknown hidden_activation": (4, "error", _set("hidden_activation", "gelu_fast")),
+    "exact gelu": (4, "warning", _set("hidden_activation", "gelu")),
+    "no query_pre_attn_scalar": (4, "error", _drop("query_pre_attn_scalar")),
+    "float query_pre_attn_scalar": (4, "error", _set("query_pre_attn_scalar", 4.0)),
+    "no rms_norm_eps": (4, "error", _drop("rms_norm_eps")),
+    "no vocab_size": (4, "error", _drop("vocab_size")),
+    "pad_token_id null": (5, "error", _set("pad_token_id", None)),
+    "no pad_token_id": (5, "error", _drop("pad_token_id")),
+    "pad_token_id list": (5, "error", _set("pad_token_id", [0, 2])),
+    "no rope_local_base_freq": (6, "error", _drop("rope_local_base_freq")),
+    "rope_local_base_freq a string": (6, "error", _set("rope_local_base_freq", "10000")),
+    "no rope_theta": (6, "error", _drop("rope_theta")),
+    "rope_parameters per layer type (transformers 5)": (6, "error", _nested_rope),
+    "rope_parameters per layer type beside the flat keys": (6, "error", _set("rope_parameters", NESTED_ROPE)),
+    "rope_scaling linear 8 (Gemma3 4B and larger)": (6, "error", _set("rope_scaling", {
+        "rope_type": "linear", "factor": 8.0})),
+    "rope_parameters rope_type linear": (6, "error", _set("rope_parameters", {
+        "rope_theta": 1000000.0, "rope_type": "linear", "factor": 8.0})),
+    "head_dim not an integer": (7, "error", _set("head_dim", "4")),
+    "no attention_bias": (8, "error", _drop("attention_bias")),
+    "attention_bias null": (8, "error", _set("attention_bias", None)),
+    "no _sliding_window_pattern": (9, "error", _drop("_sliding_window_pattern")),
+    "_sliding_window_pattern 0": (9, "error", _set("_sliding_window_pattern", 0)),
+    "_sliding_window_pattern a float": (9, "error", _set("_sliding_window_pattern", 2.0)),
+    "_sliding_window_pattern not that of layer_types": (9, "error", _set("_sliding_window_pattern", 6)),
+    "layer_types not every pattern-th layer global": (9, "error", _set("layer_types", [
+        "sliding_attention", "sliding_attention", "sliding_attention", "full_attention"])),
+    "sliding_window null": (9, "error", _set("sliding_window", None)),
+    "sliding_window a float": (9, "error", _set("sliding_window", 128.0)),
+    "a binding sliding_window": (9, "warning", _set("sliding_window", 6)),
+    "gemma3 not normalised": (19, "warning", _set("normalize_embeddings", False)),
+}
+
+
+@pytest.mark.parametrize("case", GEMMA3_BREAKS)
+def test_breaking_one_gemma3_rule_gives_exactly_its_finding(tmp_path, tokenizer_folder, case):
+    rule, level, edit = GEMMA3_BREAKS[case]
+    folder = write_gemma3_folder(tmp_path / "gemma3", tokenizer_folder)
+    edit_json(folder / "config.json", edit)
+    report = check_tei_folder(folder)
+    assert kinds(report) == {(rule, level)}, [f.message for f in report.findings]
+    assert report.loadable is (level == "warning") and report.family == "gemma3_text"
+    for finding in report.findings:
+        assert finding.message and finding.source
+        if finding.level == "error" and finding.rule in FAMILY_SOURCED_RULES:  # gelu's warning cites linear.rs
+            assert "gemma3" in finding.source, (finding.rule, finding.source)
+
+
+# Edits of config.json that TEI's Gemma3 does not read (or reads the same way): the folder still passes.
+GEMMA3_IGNORED = {
+    "eos_token_id list (as Gemma3 bases have)": _set("eos_token_id", [1, 106]),
+    "no layer_types (transformers derives them from sliding_window_pattern)": _drop("layer_types"),
+    "no sliding_window_pattern (transformers reads layer_types)": _drop("sliding_window_pattern"),
+    "hidden_act junk (Gemma3Config reads hidden_activation)": _set("hidden_act", "not-an-activation"),
+    "no head_dim (hidden_size / heads is 4)": _drop("head_dim"),
+    "rope_parameters flat instead of rope_theta": lambda c: (c.pop("rope_theta"), c.update(
+        rope_parameters={"rope_theta": 1000000.0, "rope_type": "default"})),
+    "no initializer_range": _drop("initializer_range"),
+    "attention_bias true with its biases": _set("attention_bias", True),  # weights rewritten in the test
+}
+
+
+@pytest.mark.parametrize("case", GEMMA3_IGNORED)
+def test_keys_gemma3_does_not_read_do_not_matter(tmp_path, tokenizer_folder, case):
+    folder = write_gemma3_folder(tmp_path / "gemma3", tokenizer_folder)
+    edit_json(folder / "config.json", GEMMA3_IGNORED[case])
+    _save_weights(folder, gemma3_weights(json.loads((folder / "config.json").read_text())))
+    report = check_tei_folder(folder)
+    assert report.findings == [], [f.message for f in report.findings]
+
+
+def test_gemma3s_nested_rope_parameters_name_the_flat_form(tmp_path, tokenizer_folder):
+    folder = write_gemma3_folder(tmp_path / "gemma3", tokenizer_folder)
+    edit_json(folder / "config.json", _nested_rope)
+    messages = " ".join(f.message for f in check_tei_folder(folder).errors)
+    assert "per layer type" in messages and "rope_local_base_freq" in messages and "no rope_parameters" in messages
+
+
+def test_gemma3s_binding_window_is_transformers_but_dropped_in_equal_length_batches(tmp_path, tokenizer_folder):
+    folder = write_gemma3_folder(tmp_path / "gemma3", tokenizer_folder, sliding_window=6)
+    (finding,) = check_tei_folder(folder).warnings
+    assert finding.rule == 9 and "|i - j| <= 3" in finding.message and "same length" in finding.message
+    # a window that covers every input TEI accepts (max_seq_length 64: |i - j| <= 63) does not bind
+    edit_json(folder / "config.json", _set("sliding_window", 126))
+    assert check_tei_folder(folder).findings == []
+    edit_json(folder / "config.json", _set("sliding_window", 124))
+    assert kinds(check_tei_folder(folder)) == {(9, "warning")}
+
+
+def test_gemma3s_pattern_is_checked_against_layer_types(tmp_path, tokenizer_folder):
+    folder = write_gemma3_folder(tmp_path / "gemma3", tokenizer_folder)
+    edit_json(folder / "config.json", _set("_sliding_window_pattern", 6))  # transformers 5.24's default
+    (finding,) = check_tei_folder(folder).errors
+    assert finding.rule == 9 and "layers 1, 3" in finding.message and "ignores layer_types" in finding.message
+
+
+# (change of the weights dict, findings): the tensors TEI's Gemma3 loads, and no others.
+GEMMA3_WEIGHT_BREAKS = {
+    "without pre_feedforward_layernorm": (lambda w: w.pop("layers.2.pre_feedforward_layernorm.weight"),
+                                          {(10, "error")}),
+    "without post_feedforward_layernorm": (lambda w: w.pop("layers.0.post_feedforward_layernorm.weight"),
+                                           {(10, "error")}),
+    "without k_norm": (lambda w: w.pop("layers.3.self_attn.k_norm.weight"), {(10, "error")}),
+    "a q_norm of hidden_size": (lambda w: w.update({"layers.0.self_attn.q_norm.weight": torch.zeros(8)}),
+                                {(10, "error")}),
+    "a q_proj bias without attention_bias": (lambda w: w.update({
+        "layers.0.self_attn.q_proj.bias": torch.zeros(8)}), {(8, "error")}),
+    "an extra tensor": (lambda w: w.update({"latent_attention.latents": torch.zeros(4, 8)}), {(10, "warning")}),
+    "gamma for weight in a norm": (lambda w: w.update({
+        "norm.gamma": w.pop("norm.weight")}), set()),  # TEI's Gemma3RMSNorm takes either
+    "an lm_head": (lambda w: w.update({"lm_head.weight": torch.zeros(4, 8)}), set()),
+}
+
+
+@pytest.mark.parametrize("case", GEMMA3_WEIGHT_BREAKS)
+def test_gemma3_loads_its_own_tensors(tmp_path, tokenizer_folder, case):
+    change, expected = GEMMA3_WEIGHT_BREAKS[case]
+    folder = write_gemma3_folder(tmp_path / "gemma3", tokenizer_folder)
+    weights = gemma3_weights(json.loads((folder / "config.json").read_text()))
+    change(weights)
+    _save_weights(folder, weights)
+    report = check_tei_folder(folder)
+    assert kinds(report) == expected, [f.message for f in report.findings]
+    assert all("gemma3" in f.source for f in report.findings)
+
+
+def test_gemma3_weights_may_not_carry_the_model_prefix(tmp_path, tokenizer_folder):
+    folder = write_gemma3_folder(tmp_path / "gemma3", tokenizer_folder)
+    _save_weights(folder, gemma3_weights(json.loads((folder / "config.json").read_text()), prefix="model."))
+    report = check_tei_folder(folder)
+    assert kinds(report) == {(10, "error")} and "`model.` prefix" in report.errors[0].message
+    assert "Gemma3TextModel" in report.errors[0].message
+
+
+def test_gemma3_attention_biases_include_o_proj(tmp_path, tokenizer_folder):
+    """With attention_bias, transformers' Gemma3 has q/k/v/o biases and TEI's loads all four."""
+    folder = write_gemma3_folder(tmp_path / "gemma3", tokenizer_folder, attention_bias=True)
+    assert check_tei_folder(folder).findings == []
+    weights = gemma3_weights(json.loads((folder / "config.json").read_text()))
+    weights.pop("layers.1.self_attn.o_proj.bias")
+    _save_weights(folder, weights)
+    report = check_tei_folder(folder)
+    assert kinds(report) == {(10, "error")} and "layers.1.self_attn.o_proj.bias" in report.errors[0].message

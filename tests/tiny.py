@@ -112,11 +112,14 @@ TINY_FAMILIES = {
     "mistral": {"sliding_window": None},
     "qwen2": {"use_sliding_window": False},
     "qwen3": {"head_dim": 16},
+    # Gemma3 defaults to head_dim 256; every second layer global here (its own default is every sixth).
+    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window_pattern": 2},
 }
 # A window shorter than the tests' inputs, on every layer (Mistral) or from layer 1 on (Qwen2's max_window_layers).
 TINY_WINDOWS = {
     "mistral": {"sliding_window": 3},
     "qwen2": {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1},
+    "gemma3_text": {"sliding_window": 6},  # bidirectional: |d| <= 3 on the local layers
 }
 
 

@@ -49,6 +49,7 @@ from .layout import (
     native_config_dict,
     plan_layout,
 )
+from .tei import FAMILY_LABELS
 
 logger = logging.getLogger(__name__)
 
@@ -339,7 +340,8 @@ def _pooling_section(config: LlamaEncoderConfig, max_seq_length: int) -> list[st
     return lines
 
 
-def _stock_transformers_snippet(model_id: str, pooling_mode: str, max_seq_length: int) -> list[str]:
+def _stock_transformers_snippet(model_id: str, pooling_mode: str, max_seq_length: int,
+                                family: str = "llama") -> list[str]:
     pool = (
         ["    mask = batch[\"attention_mask\"].unsqueeze(-1).to(states.dtype)",
          "    pooled = (states * mask).sum(1) / mask.sum(1)"]
@@ -347,11 +349,20 @@ def _stock_transformers_snippet(model_id: str, pooling_mode: str, max_seq_length
         ["    last = batch[\"attention_mask\"].sum(1) - 1  # right padding",
          "    pooled = states[torch.arange(len(texts)), last]"]
     )
+    label = FAMILY_LABELS[family]
+    if family == "gemma3_text":
+        title, why = "### Transformers (>= 4.57, no remote code)", (
+            "The config is a stock Gemma3 text config with `use_bidirectional_attention: true`, which transformers "
+            "reads from 4.56 on: it builds a bidirectional `Gemma3TextModel`, local window included.")
+    else:
+        title, why = "### Transformers (>= 5.2, no remote code)", (
+            f"The config is a stock {label} config with `is_causal: false`: transformers >= 5.2 builds a "
+            f"bidirectional `{label}Model`. Older versions ignore that key and run causally; use "
+            "`trust_remote_code=True` there (below).")
     return [
-        "### Transformers (>= 5.2, no remote code)",
+        title,
         "",
-        "The config is a stock Llama config with `is_causal: false`: transformers >= 5.2 builds a bidirectional "
-        "`LlamaModel`. Older versions ignore that key and run causally; use `trust_remote_code=True` there (below).",
+        why,
         "",
         "```python",
         "import torch",
@@ -437,7 +448,7 @@ def _usage_section(model_id: str, prompts: dict[str, str], max_seq_length: int,
         "",
     ]
     if layout is not None and layout.native:
-        lines += _stock_transformers_snippet(model_id, pooling_mode, max_seq_length)
+        lines += _stock_transformers_snippet(model_id, pooling_mode, max_seq_length, layout.family)
         pooler = None if layout.family == "llama" else {"pooling": layout.native_pooling.vllm_pooler,
                                                         "normalize": normalize}
         lines += _vllm_snippet(model_id, pooling_mode, pooler)
@@ -537,6 +548,13 @@ def _REMOTE_LAYOUT(config: LlamaEncoderConfig) -> CheckpointLayout:
     return CheckpointLayout(format="remote-code", pooling_mode=config.pooling_mode, sentence_transformers="custom")
 
 
+_GEMMA_CARD_NOTICE = (
+    "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms. This is a "
+    "modified Gemma model (attention made bidirectional, the adapters above merged into its weights); the terms, "
+    "including their use restrictions, apply to it, and the `NOTICE` file says so."
+)
+
+
 def write_model_card(
     out_dir: str | os.PathLike,
     *,
@@ -608,6 +626,7 @@ def write_model_card(
         f"A bidirectional text-embedding model made from `{base_name}` with llama-encoder: causal attention "
         "turned off (LLM2Vec), adapters merged, pooling built in.",
         "",
+        *([_GEMMA_CARD_NOTICE, ""] if license == "gemma" else []),
         "## What was merged",
         "",
         *merged,

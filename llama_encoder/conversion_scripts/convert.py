@@ -39,6 +39,8 @@ from .verify import DEFAULT_SENTENCES, WrittenWeights, compute_reference_embeddi
 
 logger = logging.getLogger(__name__)
 
+# The notice the Gemma Terms of Use (section 3.1) ask every distribution of a Gemma model or derivative to carry.
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 _LICENSE_FILES = re.compile(r"^(LICENSE|LICENCE|NOTICE|USE_POLICY)", re.IGNORECASE)
 
 
@@ -270,6 +272,8 @@ def convert(
         for name, path in source.source_files.items():
             if _LICENSE_FILES.match(name):
                 shutil.copyfile(path, tmp / name)
+        if source.license == "gemma" and not (tmp / "NOTICE").exists():  # the Gemma Terms of Use ask for it
+            (tmp / "NOTICE").write_text(GEMMA_NOTICE + "\n", encoding="utf-8")
 
         written = WrittenWeights(tmp, reference="that second merge in float32, before rounding")
         model = _reference_model(source, loaded, head, config, torch_dtype, written)

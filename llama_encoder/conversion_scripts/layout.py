@@ -2,9 +2,10 @@
 
 Two formats (`--format`):
 
-* `native` (default): `config.json` keeps the base family's `model_type` (`llama`, `mistral`, `qwen2`, `qwen3`) with
-  `is_causal: false` (stock transformers >= 5.2 builds that family's model bidirectionally, vLLM's layers run
-  encoder-only attention), `use_bidirectional_attention: true` (what TEI reads), the `architectures` entry vLLM's
+* `native` (default): `config.json` keeps the base family's `model_type` (`llama`, `mistral`, `qwen2`, `qwen3`,
+  `gemma3_text`) with `is_causal: false` (stock transformers >= 5.2 builds that family's model bidirectionally, vLLM's
+  layers run encoder-only attention), `use_bidirectional_attention: true` (what TEI reads, and for Gemma3 the one
+  switch: its configs carry no `is_causal`, see `native_config_dict`), the `architectures` entry vLLM's
   registry maps to a pooling model of the family (`NATIVE_ARCHITECTURES`) and `pooling` (what vLLM's
   `LlamaBidirectionalModel` reads), and keeps `auto_map`, so `trust_remote_code=True` still gives
   `LlamaEncoderModel` (pool mask, `pooler_output`) on transformers 4.57 and later. The Sentence Transformers files are
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 
 import transformers
 
-from ..configuration_llama_encoder import BASE_FAMILIES, encoder_layer_types
+from ..configuration_llama_encoder import BASE_FAMILIES, attention_window, gemma3_rope
 from ..errors import InputError
 from ..modeling_llama_encoder import tokenize_for_encoder
 from .tei import FAMILY_LABELS, TEI_CHECKED_FAMILIES
@@ -45,6 +46,7 @@ NATIVE_ARCHITECTURES = {
     "mistral": "MistralModel",
     "qwen2": "Qwen2Model",
     "qwen3": "Qwen3Model",
+    "gemma3_text": "Gemma3TextModel",
 }
 
 
@@ -153,11 +155,11 @@ class CheckpointLayout:
 
 
 def binding_window(config, max_seq_length: int | None) -> int | None:
-    """The sliding window of `config`'s sliding layers when inputs of `max_seq_length` tokens (no limit: None) can
-    be longer than it reaches (a query sees `window` positions either side), else None: a window that never binds
-    leaves the model exactly full-attention for every input it takes."""
-    window = getattr(config, "sliding_window", None)
-    if window is None or "sliding_attention" not in encoder_layer_types(config):
+    """How far a query on `config`'s sliding layers sees (`attention_window`: that many positions either side) when
+    inputs of `max_seq_length` tokens (no limit: None) can be longer than that reach, else None: a window that never
+    binds leaves the model exactly full-attention for every input it takes."""
+    window = attention_window(config)
+    if window is None:
         return None
     return window if max_seq_length is None or max_seq_length - 1 > window else None
 
@@ -167,7 +169,10 @@ def drop_idle_window(config, max_seq_length: int | None) -> bool:
     `sliding_window` null, `use_sliding_window` false, every layer full attention. The model then computes exactly
     what it did for every input it takes, and every engine reads one unambiguous config (TEI, for one, applies a
     Mistral `sliding_window` as a left-only window and refuses Qwen's `use_sliding_window`). Returns whether it
-    changed `config`."""
+    changed `config`. Gemma3's window is kept as it is: its local layers have their own rotary base, so they stay
+    local layers, and every engine that runs Gemma3 applies its window alike."""
+    if getattr(config, "base_model_type", None) == "gemma3_text":
+        return False
     if getattr(config, "sliding_window", None) is None and not getattr(config, "use_sliding_window", False):
         return False
     if binding_window(config, max_seq_length) is not None:
@@ -258,7 +263,33 @@ def native_config_dict(config) -> dict:
     )
     if family == "qwen3" and isinstance(values.get("eos_token_id"), list):  # TEI's Qwen3Config reads one id
         values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
+    if family == "gemma3_text":
+        values = _gemma3_native_values(values, config)
     return dict(sorted(values.items()))
+
+
+def _gemma3_native_values(values: dict, config) -> dict:
+    """A Gemma3 native config in the form every reader of Gemma3 configs parses alike (transformers 4.57 and 5.x,
+    vLLM, TEI): `use_bidirectional_attention: true` and no `is_causal` (transformers 5.x would then apply a
+    one-wider window than vLLM on the local layers), the rotary bases flat (`rope_theta`, `rope_local_base_freq`,
+    `rope_scaling`: 4.57 and TEI do not read a per-layer-type `rope_parameters`), the layout both as `layer_types`
+    and as the `sliding_window_pattern` / `_sliding_window_pattern` integer (TEI reads only the latter), and the
+    un-halved `sliding_window` (transformers halves it on load). Llama-only keys the family does not have go."""
+    theta, local_theta, scaling = gemma3_rope(config)
+    for key in ("is_causal", "rope_parameters", "hidden_act", "mlp_bias", "pretraining_tp"):
+        values.pop(key, None)
+    pattern = values.pop("sliding_window_pattern", None) or values.pop("_sliding_window_pattern", None)
+    types = values.get("layer_types") or []
+    if not pattern:  # the layout as an integer: every n-th layer global
+        full = [index for index, kind in enumerate(types) if kind == "full_attention"]
+        pattern = full[0] + 1 if full else len(types) + 1
+    values.update(
+        rope_theta=theta, rope_local_base_freq=local_theta, rope_scaling=scaling,
+        sliding_window_pattern=pattern, _sliding_window_pattern=pattern,
+        query_pre_attn_scalar=int(values["query_pre_attn_scalar"]),
+        attention_bias=bool(values.get("attention_bias", False)),
+    )
+    return values
 
 
 # The loaders a checkpoint can claim, in the order the "Where it runs" tables list them.
@@ -273,7 +304,7 @@ ENGINES = (
 )
 ENGINE_LABELS = dict(ENGINES)
 # The families each engine is claimed for (docs/ENGINES.md: what was read in its source, and what was run).
-VLLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+VLLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 TEI_FAMILIES = TEI_CHECKED_FAMILIES
 # Where TEI serves each family (tei.RUNTIME_NOTES has the source lines), for the claims' notes.
 TEI_RUNTIME = {
@@ -281,6 +312,7 @@ TEI_RUNTIME = {
     "mistral": "TEI serves Mistral on CUDA in float16 with flash attention only",
     "qwen2": "TEI serves Qwen2 on CUDA in float16 with flash attention only",
     "qwen3": "TEI serves Qwen3 on CPU in float32 too",
+    "gemma3_text": "TEI serves Gemma3 on CPU and CUDA in float32 only",
 }
 
 
@@ -314,11 +346,19 @@ def engine_claims(layout: CheckpointLayout) -> dict[str, dict]:
         tei={"status": "by format", "note": f"files checked against TEI's parsing rules, not run "
                                             f"({TEI_RUNTIME[layout.family]}); {instruction_pooled}"},
     )
+    if layout.family == "gemma3_text":  # its switch is use_bidirectional_attention, which 4.56 and later read
+        claims["transformers"]["note"] = "stock bidirectional Gemma3TextModel (transformers >= 4.57 too)"
+        claims["transformers_old"] = {"status": "by format", "note": "stock Gemma3TextModel reads "
+                                      "use_bidirectional_attention from 4.56 on (CI runs it on 4.57.6); not run here"}
     if layout.family not in VLLM_FAMILIES:
         claims["vllm"] = {"status": "unsupported", "note": f"not verified for {name} bases yet"}
     if layout.family not in TEI_FAMILIES:
         claims["tei"] = {"status": "unsupported", "note": f"TEI's rules for {name} are not checked yet"}
-    if layout.window is not None:
+    if layout.window is not None and layout.family == "gemma3_text":  # vLLM's Gemma3 window is transformers'
+        claims["tei"] = {"status": "unsupported", "note": (
+            f"the local layers' window ({layout.window} positions either side) binds within the encoder's inputs, "
+            "and TEI drops it for a batch of equal-length inputs (docs/ENGINES.md)")}
+    elif layout.window is not None:
         why = (f"a sliding window of {layout.window} tokens binds within the encoder's inputs, and the engine "
                "applies another window (vLLM: one token narrower; TEI: left-only or refused; docs/ENGINES.md)")
         claims["vllm"] = {"status": "unsupported", "note": why}

@@ -1,18 +1,20 @@
 """Check the files text-embeddings-inference (TEI) reads against TEI's parsing rules, without running TEI.
 
-TEI serves Llama, Mistral and Qwen2 only on CUDA in float16 with flash attention, and Qwen3 on CPU too, so most of
-what a checkpoint needs cannot be run on the machines that convert and verify checkpoints. Instead, this module
-checks every file TEI reads from a checkpoint folder (`config.json`, the safetensors headers,
-`1_Pooling/config.json`, `sentence_bert_config.json`, `config_sentence_transformers.json`, `modules.json`,
-`tokenizer.json`) against the rules written up in docs/ENGINES.md ("TEI file-format checker", rules 1-24), each of
-which names the TEI source (commit `TEI_SOURCE_COMMIT`) it protects against. Weights are checked from their headers
-only; no tensor is read.
+TEI serves Llama, Mistral and Qwen2 only on CUDA in float16 with flash attention, Qwen3 on CPU too, and Gemma3 on CPU
+and CUDA in float32 only, so most of what a checkpoint needs cannot be run on the machines that convert and verify
+checkpoints. Instead, this module checks every file TEI reads from a checkpoint folder (`config.json`, the
+safetensors headers, `1_Pooling/config.json`, `sentence_bert_config.json`, `config_sentence_transformers.json`,
+`modules.json`, `tokenizer.json`) against the rules written up in docs/ENGINES.md ("TEI file-format checker", rules
+1-24), each of which names the TEI source (commit `TEI_SOURCE_COMMIT`) it protects against. Weights are checked from
+their headers only; no tensor is read.
 
 The rules follow the family TEI dispatches on, config.json's `model_type`: `llama` (alias `llama_bidirec`),
-`mistral`, `qwen2` and `qwen3` (`TEI_CHECKED_FAMILIES`; `tei_family(config)` says which one a config is checked as,
-`tei_rules_implemented(config)` whether it is one of them). Rules shared by the families (3-10, 22) check what each
-family's TEI struct and loader read; rules 23 (Qwen2/Qwen3 `use_sliding_window`) and 24 (Qwen3's own required
-fields) exist for one family only.
+`mistral`, `qwen2`, `qwen3` and `gemma3_text` (`TEI_CHECKED_FAMILIES`; `tei_family(config)` says which one a config
+is checked as, `tei_rules_implemented(config)` whether it is one of them). Rules shared by the families (3-10, 22) check
+what each family's TEI struct and loader read (Gemma3's own required fields go to the rule of their topic:
+`hidden_activation` and `query_pre_attn_scalar` rule 4, `pad_token_id` rule 5, `rope_local_base_freq` rule 6,
+`attention_bias` rule 8, `sliding_window` and `_sliding_window_pattern` rule 9); rules 23 (Qwen2/Qwen3
+`use_sliding_window`) and 24 (Qwen3's own required fields) exist for one family only.
 
     report = check_tei_folder(out_dir)              # pooling from config.json's `pooling_mode`
     report.loadable                                 # no errors: TEI would load it and run it as this checkpoint
@@ -54,14 +56,18 @@ TEI_TOKENIZERS_VERSION = "0.21.1"
 ERROR = "error"
 WARNING = "warning"
 
-TEI_CHECKED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+TEI_CHECKED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 """The decoder families (`config.base_model_type`, native `model_type`) whose TEI rules `check_tei_folder`
 implements."""
 # The model_types TEI dispatches on (backends/candle/src/lib.rs:124-154) that are checked, with the family's rules
 # they get.
-TEI_MODEL_TYPES = {"llama": "llama", "llama_bidirec": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+TEI_MODEL_TYPES = {"llama": "llama", "llama_bidirec": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+                   "gemma3_text": "gemma3_text"}
 # TEI's name for each family (its config structs are `<name>Config`).
-FAMILY_LABELS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+FAMILY_LABELS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma3"}
+# The stock transformers class a family's native checkpoint names (its weights are saved as one), where it is not
+# `<label>Model` (transformers' Gemma3Model is the multimodal model).
+FAMILY_MODEL_CLASSES = {"gemma3_text": "Gemma3TextModel"}
 
 # TEI's pooling for our pooling modes; the other modes are not TEI-native (docs/ENGINES.md, "Pooling modes").
 TEI_POOLING = {"mean": "mean", "last_token": "last-token"}
@@ -73,15 +79,18 @@ REQUIRED_NUMBERS = ("initializer_range", "rms_norm_eps")
 # Per family, the float fields its TEI config struct requires (Qwen2Config and Qwen3Config have no
 # initializer_range).
 FAMILY_REQUIRED_NUMBERS = {"llama": REQUIRED_NUMBERS, "mistral": REQUIRED_NUMBERS, "qwen2": ("rms_norm_eps",),
-                           "qwen3": ("rms_norm_eps",)}
+                           "qwen3": ("rms_norm_eps",), "gemma3_text": ("rms_norm_eps",)}
+# The key a family's TEI struct reads the MLP activation from, where it is not `hidden_act`.
+ACTIVATION_KEYS = {"gemma3_text": "hidden_activation"}
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # Per family, the token ids TEI parses as an integer or null: LlamaConfig's three, the router's pad_token_id for the
-# others (Qwen3's required integer eos_token_id is rule 24).
+# others (Qwen3's required integer eos_token_id is rule 24; Gemma3Config requires an integer pad_token_id).
 FAMILY_TOKEN_ID_KEYS = {"llama": TOKEN_ID_KEYS, "mistral": ("pad_token_id",), "qwen2": ("pad_token_id",),
-                        "qwen3": ("pad_token_id",)}
+                        "qwen3": ("pad_token_id",), "gemma3_text": ("pad_token_id",)}
 # The key each family's TEI model reads to attend bidirectionally (docs/ENGINES.md, "Bidirectionality per family").
 BIDIRECTIONAL_KEYS = {"llama": "use_bidirectional_attention", "mistral": "use_bidirectional_attention",
-                      "qwen2": "is_causal", "qwen3": "use_bidirectional_attention"}
+                      "qwen2": "is_causal", "qwen3": "use_bidirectional_attention",
+                      "gemma3_text": "use_bidirectional_attention"}
 POOLING_CONFIG = "1_Pooling/config.json"
 # The names TEI tries, in order, for the Sentence Transformers config (core/src/download.rs:7-15).
 ST_CONFIG_NAMES = ("sentence_bert_config.json", "sentence_roberta_config.json", "sentence_distilbert_config.json",
@@ -187,6 +196,16 @@ FAMILY_SOURCES = {
     (22, "qwen3"): "backends/candle/src/lib.rs:363-366, 524-535",
     (23, "qwen2"): "backends/candle/src/models/qwen2.rs:22-23, backends/candle/src/models/flash_qwen2.rs:26-29",
     (23, "qwen3"): "backends/candle/src/models/qwen3.rs:28-29, 57-60, backends/candle/src/models/flash_qwen3.rs:31-34",
+    (3, "gemma3_text"): "backends/candle/src/models/gemma3.rs:32, 231, 244, 251-287",
+    (4, "gemma3_text"): "backends/candle/src/models/gemma3.rs:12-34, 218, backends/candle/src/layers/linear.rs:7-17",
+    (5, "gemma3_text"): "backends/candle/src/models/gemma3.rs:15, 738-745, router/src/lib.rs:478-479",
+    (6, "gemma3_text"): "backends/candle/src/layers/rotary.rs:4-9, backends/candle/src/models/gemma3.rs:26-28, 670-690",
+    (7, "gemma3_text"): "backends/candle/src/models/gemma3.rs:16, 164-216, 666-668",
+    (8, "gemma3_text"): "backends/candle/src/models/gemma3.rs:14, 185-211, 468-484",
+    (9, "gemma3_text"): "backends/candle/src/models/gemma3.rs:29-31, 226-246, 251-287, 654-662, 812-822",
+    (10, "gemma3_text"): "backends/candle/src/lib.rs:170-215, backends/candle/src/models/gemma3.rs:158-216, 468-484, "
+                         "522-548, 602-604, 652-664",
+    (22, "gemma3_text"): "backends/candle/src/lib.rs:322-332, 454-465, router/src/lib.rs:274-281",
 }
 # Where each family's TEI model bails without a RoPE base.
 _ROPE_THETA_SOURCES = {
@@ -194,6 +213,7 @@ _ROPE_THETA_SOURCES = {
     "mistral": "backends/candle/src/models/flash_mistral.rs:269-275",
     "qwen2": "backends/candle/src/models/flash_qwen2.rs:290-297",
     "qwen3": "backends/candle/src/models/qwen3.rs:460-467, backends/candle/src/models/flash_qwen3.rs:359-366",
+    "gemma3_text": "backends/candle/src/models/gemma3.rs:670-677",
 }
 RUNTIME_NOTE = (
     "TEI serves Llama only on CUDA in float16 with flash attention (on CPU/Metal: \"Llama is only supported on Cuda "
@@ -217,7 +237,15 @@ RUNTIME_NOTES = {
         "TEI serves Qwen3 on CPU and Metal (Qwen3Model, float32 or float16) and on CUDA (FlashQwen3Model in float16 "
         "with flash attention, otherwise Qwen3Model): TEI's embeddings can be compared with the checkpoint's on a "
         "CPU in float32 (`--dtype float32`, the CPU image's default)."),
+    "gemma3_text": (
+        "TEI serves Gemma3 (Gemma3Model, no flash attention) on CPU, Metal and CUDA in float32 only (any other "
+        "`--dtype`: \"Gemma3 is only supported in fp32 precision\"; without `--dtype` TEI picks float32 for "
+        "gemma3_text): TEI's embeddings can be compared with the checkpoint's on a CPU in float32."),
 }
+# The families TEI serves on CPU (their embeddings can be compared with TEI's on the machines that convert).
+CPU_FAMILIES = ("qwen3", "gemma3_text")
+# The families whose TEI model honours config.json's `head_dim` (the others use hidden_size / num_attention_heads).
+HEAD_DIM_FAMILIES = ("qwen3", "gemma3_text")
 _NATIVE_FIX = "convert with `--format native`"
 
 
@@ -225,7 +253,7 @@ def tei_family(config: Mapping) -> str | None:
     """The family (a key of `TEI_CHECKED_FAMILIES`) whose TEI rules `check_tei_folder` applies to the `config.json`
     dict `config`, from its `model_type` (`llama_bidirec` is TEI's alias of `llama`); None for any other model type
     (including our remote-code `llama_encoder` and TEI families the checker does not implement, such as
-    `gemma3_text`)."""
+    `bert`)."""
     model_type = config.get("model_type") if isinstance(config, Mapping) else None
     return TEI_MODEL_TYPES.get(model_type) if isinstance(model_type, str) else None
 
@@ -291,7 +319,7 @@ class TeiReport:
             "findings": [asdict(finding) for finding in self.findings],
             "tokenizer_checked_with": {"tokenizers": self.tokenizers_version, "tei_tokenizers": TEI_TOKENIZERS_VERSION},
             "runtime": {"rule": 22, "note": RUNTIME_NOTES[self.family],
-                        "source": _source(22, self.family), "cpu": self.family == "qwen3"},
+                        "source": _source(22, self.family), "cpu": self.family in CPU_FAMILIES},
         }
 
 
@@ -351,6 +379,11 @@ def _examples(names: list[str], count: int = 3) -> str:
     return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
 
+def _model_class(family: str) -> str:
+    """The stock transformers class whose weights a native checkpoint of `family` holds."""
+    return FAMILY_MODEL_CLASSES.get(family, f"{FAMILY_LABELS[family]}Model")
+
+
 def _checked_family(config: dict) -> str:
     """The family whose rules the rest of config.json and the weights are checked by: the model_type's
     (`tei_family`), else a remote-code config's `base_model_type`, else Llama."""
@@ -390,12 +423,13 @@ def _check_model_type(config: dict, found: _Findings) -> None:
                     "backends/candle/src/lib.rs:147-148, 367-377, backends/candle/src/models/pplx1.rs:13-45")
     else:
         found.error(1, f"config.json has model_type {_show(model_type)}; this checker implements TEI's rules only for "
-                       "model_type \"llama\", \"mistral\", \"qwen2\" and \"qwen3\" (a bidirectional model of the "
-                       f"base's family): {_NATIVE_FIX} from a base of one of those families.")
+                       "model_type \"llama\", \"mistral\", \"qwen2\", \"qwen3\" and \"gemma3_text\" (a "
+                       f"bidirectional model of the base's family): {_NATIVE_FIX} from a base of one of those "
+                       "families.")
 
 
 def _check_router_fields(config: dict, family: str, found: _Findings) -> None:
-    example = _show([f"{FAMILY_LABELS[family]}Model"])  # any non-classifier name does (layout writes the engines')
+    example = _show([_model_class(family)])  # any non-classifier name does (layout writes the engines')
     architectures = config.get("architectures")
     if not isinstance(architectures, list) or not architectures or not all(isinstance(a, str) for a in architectures):
         found.error(2, f"config.json `architectures` is {_show(architectures)}; TEI requires a non-empty list of "
@@ -438,6 +472,12 @@ def _check_bidirectional(config: dict, family: str, found: _Findings) -> None:
     value = config.get("use_bidirectional_attention")
     if value is True:
         return
+    if family == "gemma3_text" and value is not False:
+        state = "is missing" if value is None else f"is {_show(value)}, not a boolean"
+        found.error(3, f"config.json `use_bidirectional_attention` {state}: TEI's Gemma3Config requires a boolean and "
+                       "fails to parse config.json (\"Model is not supported\"); set "
+                       "`use_bidirectional_attention: true`.")
+        return
     ignores = "it ignores `is_causal` for now" if family == "qwen3" else "it ignores `is_causal`"
     if value is None or value is False:
         state = "is missing" if value is None else "is false"
@@ -452,15 +492,20 @@ def _check_required_fields(config: dict, family: str, found: _Findings) -> None:
     numbers = FAMILY_REQUIRED_NUMBERS[family]
     bad = [f"`{key}` ({_shown(config, key)})" for key in REQUIRED_UINTS if not _is_uint(config.get(key))]
     bad += [f"`{key}` ({_shown(config, key)})" for key in numbers if not _is_number(config.get(key))]
+    if family == "gemma3_text" and not _is_uint(config.get("query_pre_attn_scalar")):
+        # an integer in the JSON (256.0 fails to parse); TEI scales the queries by its inverse square root
+        bad.append(f"`query_pre_attn_scalar` ({_shown(config, 'query_pre_attn_scalar')})")
     if bad:
         found.error(4, f"config.json lacks required fields of the right type: {', '.join(bad)}; TEI's "
                        f"{FAMILY_LABELS[family]}Config needs non-negative integers for the sizes and numbers for "
                        f"{'/'.join(numbers)}.")
-    act = config.get("hidden_act")
+    act_key = ACTIVATION_KEYS.get(family, "hidden_act")
+    act = config.get(act_key)
     if act not in HIDDEN_ACTS:
-        found.error(4, f"config.json `hidden_act` is {_show(act)}; TEI accepts only {', '.join(HIDDEN_ACTS)}.")
+        reads = "" if act_key == "hidden_act" else f" (TEI's {FAMILY_LABELS[family]}Config reads `{act_key}`)"
+        found.error(4, f"config.json `{act_key}` is {_show(act)}; TEI accepts only {', '.join(HIDDEN_ACTS)}{reads}.")
     elif act == "gelu":
-        found.warn(4, "config.json `hidden_act` is \"gelu\": TEI computes it with the tanh approximation, so "
+        found.warn(4, f"config.json `{act_key}` is \"gelu\": TEI computes it with the tanh approximation, so "
                       "embeddings differ slightly from transformers' exact GeLU.",
                    "backends/candle/src/layers/linear.rs:7-17")
     if family != "llama":
@@ -477,6 +522,11 @@ def _check_required_fields(config: dict, family: str, found: _Findings) -> None:
 def _check_token_ids(config: dict, family: str, found: _Findings) -> None:
     for key in FAMILY_TOKEN_ID_KEYS[family]:
         value = config.get(key)
+        if family == "gemma3_text" and value is None:
+            found.error(5, f"config.json `{key}` is {'null' if key in config else 'missing'}: TEI's Gemma3Config "
+                           "requires an integer (it pads batches with it) and fails to parse config.json (\"Model is "
+                           "not supported\"); write the tokenizer's pad token id.")
+            continue
         if value is None or _is_uint(value):
             continue
         if isinstance(value, list):
@@ -496,7 +546,24 @@ def _check_rope(config: dict, family: str, found: _Findings) -> None:
         theta = None
     parameters = config.get("rope_parameters")
     parameters_theta = None
-    if parameters is not None:
+    if family == "gemma3_text":
+        local = config.get("rope_local_base_freq")
+        if not _is_number(local):
+            found.error(6, f"config.json `rope_local_base_freq` is {_shown(config, 'rope_local_base_freq')}: TEI's "
+                           "Gemma3Config requires a number there (the local layers' RoPE base) and fails to parse "
+                           "config.json; write the sliding layers' rope_theta there (transformers 5's "
+                           "`rope_parameters.sliding_attention.rope_theta`).",
+                        "backends/candle/src/models/gemma3.rs:26, 683-690")
+    if family == "gemma3_text" and isinstance(parameters, dict) and (
+            "full_attention" in parameters or "sliding_attention" in parameters):
+        found.error(6, "config.json `rope_parameters` is per layer type (full_attention / sliding_attention, as "
+                       "transformers 5 writes it): TEI's Gemma3Config parses it as one {rope_theta, rope_type} "
+                       "object and fails to parse config.json (and transformers 4.57 ignores it and runs its default "
+                       "RoPE bases); write the flat form instead: `rope_theta` (full_attention's), "
+                       "`rope_local_base_freq` (sliding_attention's), `rope_scaling` (full_attention's scaling, or "
+                       "null), and no rope_parameters.")
+        parameters = _MISSING  # reported; the checks below would only repeat it
+    elif parameters is not None:
         if not isinstance(parameters, dict) or not _is_number(parameters.get("rope_theta")) or not isinstance(
                 parameters.get("rope_type"), str):
             found.error(6, f"config.json `rope_parameters` is {_show(parameters)}; TEI needs an object with a numeric "
@@ -508,13 +575,16 @@ def _check_rope(config: dict, family: str, found: _Findings) -> None:
                                "reads only `rope_theta` from rope_parameters and would silently run unscaled RoPE. "
                                "TEI cannot serve this checkpoint's RoPE scaling; keep it off TEI (or use a base with "
                                "default RoPE).")
-    if config.get("rope_theta") is None and parameters is None:
+    if parameters is _MISSING:
+        parameters = None
+    elif config.get("rope_theta") is None and parameters is None:
         found.error(6, "config.json has neither `rope_theta` nor `rope_parameters.rope_theta`: TEI refuses to start "
                        "(\"Neither `rope_theta` nor `rope_parameters.rope_theta` are defined\"); write the base "
                        "model's rope_theta.", theta_source)
     if theta is not None and parameters_theta is not None and theta != parameters_theta:
+        where = "drop rope_parameters" if family == "gemma3_text" else "in rope_parameters"
         found.error(6, f"config.json has `rope_theta` {theta} and `rope_parameters.rope_theta` {parameters_theta}: TEI "
-                       "uses the top-level one; write one value (in rope_parameters).", theta_source)
+                       f"uses the top-level one; write one value ({where}).", theta_source)
     scaling = config.get("rope_scaling")
     if scaling is None:
         return
@@ -540,8 +610,8 @@ def _head_size(config: dict) -> int | None:
 
 
 def _qwen3_head_size(config: dict) -> int | None:
-    """The head size TEI's Qwen3 uses: `head_dim` when set, else hidden_size / num_attention_heads (Rust integer
-    division)."""
+    """The head size TEI's Qwen3 (and Gemma3) uses: `head_dim` when set, else hidden_size / num_attention_heads (Rust
+    integer division)."""
     head_dim = config.get("head_dim")
     if head_dim is not None:
         return head_dim if _is_uint(head_dim) and head_dim > 0 else None
@@ -555,14 +625,15 @@ def _check_head_dim(config: dict, family: str, found: _Findings) -> None:
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
     if not (_is_uint(hidden) and _is_uint(heads)):
         return  # rule 4 reports them
-    if family == "qwen3":
+    if family in HEAD_DIM_FAMILIES:
+        label = FAMILY_LABELS[family]
         head_dim = config.get("head_dim")
         if head_dim is not None and not (_is_uint(head_dim) and head_dim > 0):
-            found.error(7, f"config.json `head_dim` is {_show(head_dim)}: TEI's Qwen3Config parses it as a positive "
+            found.error(7, f"config.json `head_dim` is {_show(head_dim)}: TEI's {label}Config parses it as a positive "
                            "integer (or null) and fails to load this model; write the base's head_dim.")
         elif heads == 0:
-            found.error(7, "config.json `num_attention_heads` is 0: TEI's Qwen3 cannot load this model.")
-        return  # TEI's Qwen3 honours head_dim; rule 10 checks the shapes it gives
+            found.error(7, f"config.json `num_attention_heads` is 0: TEI's {label} cannot load this model.")
+        return  # TEI's Qwen3 and Gemma3 honour head_dim; rule 10 checks the shapes it gives
     if heads == 0 or hidden % heads:
         found.error(7, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}: TEI derives the head "
                        "size as hidden_size / num_attention_heads and cannot load this model.")
@@ -591,12 +662,23 @@ def _check_biases(config: dict, family: str, found: _Findings) -> None:
                        "TEI's Qwen3 loads the q/k/v biases but never o_proj's (its flash path also asks for a q_proj "
                        "bias of hidden_size): TEI would run this model without its o_proj biases; TEI cannot serve it.",
                     "backends/candle/src/models/qwen3.rs:73-115, backends/candle/src/models/flash_qwen3.rs:47-51, 86")
+    elif family == "gemma3_text" and not isinstance(attention_bias, bool):
+        state = "is missing" if "attention_bias" not in config else f"is {_show(attention_bias)}"
+        found.error(8, f"config.json `attention_bias` {state}: TEI's Gemma3Config requires a boolean and fails to "
+                       "parse config.json (\"Model is not supported\"); write the base's value (false for the Gemma3 "
+                       "bases).")
+    # Gemma3 with attention_bias true: transformers' and TEI's models both have q/k/v/o biases (checked with the
+    # weights).
     # Mistral and Qwen2: transformers' and TEI's models ignore `attention_bias` (and `mlp_bias`): Mistral has no
     # biases, Qwen2 q/k/v biases only; the bias tensors are checked with the weights.
 
 
-def _check_sliding_window(config: dict, family: str, found: _Findings) -> None:
-    """Rule 9 (Llama, Mistral: a window TEI applies); Qwen2 and Qwen3 never read `sliding_window` (rule 23)."""
+def _check_sliding_window(config: dict, family: str, found: _Findings, max_length: int | None = None) -> None:
+    """Rule 9 (Llama, Mistral: a window TEI applies; Gemma3: its local layers); Qwen2 and Qwen3 never read
+    `sliding_window` (rule 23). `max_length` is the longest input TEI accepts (for Gemma3's binding window)."""
+    if family == "gemma3_text":
+        _check_gemma3_window(config, found, max_length)
+        return
     window = config.get("sliding_window")
     if window is None or family in ("qwen2", "qwen3"):
         return
@@ -612,6 +694,76 @@ def _check_sliding_window(config: dict, family: str, found: _Findings) -> None:
                        "its right, since the checkpoint is bidirectional), which is not this encoder's attention; "
                        "write `sliding_window: null` (a window that never binds within the checkpoint's inputs can "
                        "be dropped; one that binds cannot be served by TEI).")
+
+
+def _gemma3_hf_layer_types(config: dict) -> list[str] | None:
+    """The layer types transformers (4.57 and 5.x) runs: `layer_types`, else every `sliding_window_pattern`-th layer
+    (default 6) global; None when config.json cannot say."""
+    layers = config.get("num_hidden_layers")
+    types = config.get("layer_types")
+    if types is not None:
+        return list(types) if isinstance(types, list) else None
+    pattern = config.get("sliding_window_pattern", 6)  # transformers reads the key without the underscore
+    if not (_is_uint(layers) and _is_uint(pattern) and pattern > 0):
+        return None
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+
+
+def _check_gemma3_window(config: dict, found: _Findings, max_length: int | None) -> None:
+    """Rule 9 for Gemma3: TEI's local layers are every layer but each `_sliding_window_pattern`-th (it ignores
+    `layer_types`), with the mask |i - j| <= sliding_window / 2 and the local RoPE base; a layer is local only if
+    `sliding_window` is an integer."""
+    layers = config.get("num_hidden_layers")
+    pattern = config.get("_sliding_window_pattern", _MISSING)
+    tei_types = None
+    if not (_is_uint(pattern) and pattern > 0):
+        state = "is missing" if pattern is _MISSING else f"is {_show(pattern)}"
+        why = ("TEI takes each layer's kind from it modulo and panics on 0" if pattern == 0 and _is_uint(pattern)
+               else "TEI's Gemma3Config requires a positive integer there (the key with the leading underscore) "
+                    "and fails to parse config.json")
+        found.error(9, f"config.json `_sliding_window_pattern` {state}: {why}; write the base's pattern (every "
+                       "pattern-th layer global, e.g. 6), as in `layer_types`.")
+    elif _is_uint(layers):
+        tei_types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    hf_types = _gemma3_hf_layer_types(config)
+    if tei_types is not None and hf_types is not None and tei_types != hf_types:
+        differ = [str(i) for i, (a, b) in enumerate(zip(tei_types, hf_types, strict=False)) if a != b]
+        if len(tei_types) != len(hf_types):
+            differ = ["layer_types has the wrong length"]
+        found.error(9, f"config.json `_sliding_window_pattern` {pattern} makes TEI run other layer kinds than "
+                       f"`layer_types` (transformers') at layers {_examples(differ, 5)}: TEI ignores layer_types and "
+                       "makes every pattern-th layer global; write the pattern of layer_types there (a layout that "
+                       "is not every pattern-th layer global cannot be served by TEI).")
+    window = config.get("sliding_window")
+    local = tei_types is None or "sliding_attention" in tei_types
+    if window is None:
+        if local:
+            found.error(9, f"config.json `sliding_window` is {'null' if 'sliding_window' in config else 'missing'}: "
+                           "TEI's Gemma3 then runs its local layers without a window and with the global RoPE base "
+                           "(a layer is local only if it has a window); write the base's sliding_window (the "
+                           "un-halved value, e.g. 512).")
+    elif not _is_uint(window):
+        found.error(9, f"config.json `sliding_window` is {_show(window)}: TEI's Gemma3Config parses it as an integer "
+                       "or null and fails; write the base's (un-halved) sliding_window.")
+    elif local and max_length is not None and max_length > window // 2 + 1:
+        found.warn(9, f"config.json `sliding_window` {window} binds within the inputs TEI accepts (up to {max_length} "
+                      f"tokens): TEI's local layers see |i - j| <= {window // 2}, as transformers' do with this "
+                      "un-halved value, but TEI drops the window (and attends everywhere) in a batch of several "
+                      f"inputs of the same length, so inputs longer than {window // 2 + 1} tokens can embed "
+                      "differently there; compare TEI's embeddings with the checkpoint's.",
+                   "backends/candle/src/models/gemma3.rs:251-287, 374-389, 716-784")
+
+
+def _max_input_length(folder: Path, config: dict) -> int | None:
+    """The longest input TEI accepts: the Sentence Transformers config's max_seq_length, else
+    max_position_embeddings (router/src/lib.rs:195-219); None when neither is an integer."""
+    name = next((name for name in ST_CONFIG_NAMES if (folder / name).is_file()), None)
+    if name is not None:
+        st_config, problem = _read_json(folder / name)
+        if problem is None and isinstance(st_config, dict) and _is_uint(st_config.get("max_seq_length")):
+            return st_config["max_seq_length"]
+    limit = config.get("max_position_embeddings")
+    return limit if _is_uint(limit) else None
 
 
 def _check_sliding_flag(config: dict, family: str, found: _Findings) -> None:
@@ -673,7 +825,7 @@ def _expected_shapes(config: dict, family: str = "llama") -> dict[str, tuple[int
     if not all(_is_uint(config.get(key)) for key in REQUIRED_UINTS):
         return None
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    if family == "qwen3":
+    if family in HEAD_DIM_FAMILIES:
         head = _qwen3_head_size(config)
         if head is None:
             return None
@@ -698,11 +850,17 @@ def _expected_shapes(config: dict, family: str = "llama") -> dict[str, tuple[int
             prefix + "input_layernorm.weight": (hidden,),
             prefix + "post_attention_layernorm.weight": (hidden,),
         })
-        if family == "qwen3":
+        if family in ("qwen3", "gemma3_text"):
             shapes.update({prefix + "self_attn.q_norm.weight": (head,), prefix + "self_attn.k_norm.weight": (head,)})
-        if family == "qwen2" or (family == "qwen3" and config.get("attention_bias") is True):
+        if family == "gemma3_text":
+            shapes.update({prefix + "pre_feedforward_layernorm.weight": (hidden,),
+                           prefix + "post_feedforward_layernorm.weight": (hidden,)})
+        biased = config.get("attention_bias") is True
+        if family == "qwen2" or (family in ("qwen3", "gemma3_text") and biased):
             shapes.update({prefix + "self_attn.q_proj.bias": (queries,), prefix + "self_attn.k_proj.bias": (kv,),
                            prefix + "self_attn.v_proj.bias": (kv,)})
+        if family == "gemma3_text" and biased:  # TEI's Gemma3 loads o_proj's bias too
+            shapes[prefix + "self_attn.o_proj.bias"] = (hidden,)
     return shapes
 
 
@@ -723,7 +881,7 @@ def _check_weights(folder: Path, config: dict | None, found: _Findings, family: 
     if prefixed:
         found.error(10, f"{len(prefixed)} tensors carry a `model.` prefix (e.g. {_examples(prefixed)}); TEI's {label} "
                         f"path loads unprefixed names (embed_tokens.weight, layers.0...): {_NATIVE_FIX} (the weights "
-                        f"are saved as a {label}Model).")
+                        f"are saved as a {_model_class(family)}).")
     not_float = sorted(f"{name} ({code})" for name, (code, _) in tensors.items() if code not in FLOAT_CODES)
     if not_float:
         found.error(10, f"TEI loads float weights only; these are not: {_examples(not_float)}. Save the weights as "
@@ -753,9 +911,9 @@ def _check_weights(folder: Path, config: dict | None, found: _Findings, family: 
         if missing:
             where = ("all unprefixed, or all under `model.`" if prefixable else "unprefixed")
             found.error(10, f"The weights lack {len(missing)} tensors TEI's {label} path loads, e.g. "
-                            f"{_examples(missing)}; write the complete {label}Model weights ({where}).")
+                            f"{_examples(missing)}; write the complete {_model_class(family)} weights ({where}).")
         if wrong:
-            head = ("head_dim" if family == "qwen3" and config.get("head_dim") is not None
+            head = ("head_dim" if family in HEAD_DIM_FAMILIES and config.get("head_dim") is not None
                     else "hidden_size / num_attention_heads")
             found.error(10, f"{len(wrong)} tensors do not have the shape TEI asks for (from config.json: head size "
                             f"{head}): {_examples(wrong)}.")
@@ -1083,7 +1241,7 @@ def check_tei_folder(
         _check_rope(config, family, found)
         _check_head_dim(config, family, found)
         _check_biases(config, family, found)
-        _check_sliding_window(config, family, found)
+        _check_sliding_window(config, family, found, _max_input_length(root, config))
         _check_sliding_flag(config, family, found)
         _check_qwen3_fields(config, family, found)
     _check_weights(root, config, found, family)

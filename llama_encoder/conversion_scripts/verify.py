@@ -131,6 +131,9 @@ for index, checkpoint in enumerate(job["checkpoints"]):
         stock_info = {
             "class": f"{type(stock).__module__}.{type(stock).__name__}",
             "is_causal": getattr(stock.config, "is_causal", None),
+            # Gemma3's switch is use_bidirectional_attention (its config has no is_causal to read)
+            "bidirectional": getattr(stock.config, "is_causal", None) is False or (
+                stock.config.model_type == "gemma3_text" and stock.config.use_bidirectional_attention is True),
             "transformers_version": transformers.__version__,
         }
         for name in native["automodel_prompts"]:
@@ -569,11 +572,12 @@ def verify_checkpoint(
         )
     if layout.native:
         stock = info.get("automodel_native", {})
-        if not stock.get("class", "").startswith("transformers.") or stock.get("is_causal") is not False:
+        if not stock.get("class", "").startswith("transformers.") or stock.get("bidirectional") is not True:
             raise VerificationError(
                 f"Stock transformers did not load the native checkpoint as a bidirectional model (class "
                 f"{stock.get('class')}, is_causal {stock.get('is_causal')}); native checkpoints need transformers "
-                ">= 5.2, and config.json must keep the base family's model_type with is_causal false."
+                ">= 5.2, and config.json must keep the base family's model_type with is_causal false "
+                "(Gemma3: use_bidirectional_attention true)."
             )
     if info["num_truncated"]:
         raise VerificationError(

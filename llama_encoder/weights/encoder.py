@@ -48,11 +48,12 @@ def encoder_config(
 def encoder_from_state_dict(config: LlamaEncoderConfig, state: dict[str, torch.Tensor]) -> LlamaEncoderModel:
     """A `LlamaEncoderModel` of `config` (in eval mode) whose weights are the tensors of `state` themselves: built on
     the meta device and given `state` (no copy and no random initialisation, so memory stays one model), with the
-    rotary embedding, which is computed rather than stored, built afresh. `state` must hold every weight."""
+    rotary embeddings (and Gemma3's embedding scale), which are computed rather than stored,
+    built afresh. `state` must hold every weight."""
     with torch.device("meta"):
         model = LlamaEncoderModel(config)
     model.load_state_dict(state, strict=True, assign=True)
-    model.rotary_emb = type(model.rotary_emb)(config=config)
+    model.build_computed_buffers()
     left = [name for name, tensor in chain(model.named_parameters(), model.named_buffers()) if tensor.is_meta]
     if left:
         raise RuntimeError(f"The encoder was built without {', '.join(left[:5])}; nothing in the state dict sets it.")

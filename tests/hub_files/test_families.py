@@ -1,7 +1,8 @@
-"""Every decoder family the encoder is built from (Llama, Mistral, Qwen2, Qwen3), on every transformers version CI
-runs: the encoder holds exactly the stock model's weights, equals an independent float64 bidirectional forward pass
-(padding on either side, batch size 1, eager / sdpa / flex, a sliding window shorter than the input), and stock
-`<Family>Model` with `is_causal: false` equals it where transformers honours that (>= 5.2) and is causal before."""
+"""Every decoder family the encoder is built from (Llama, Mistral, Qwen2, Qwen3, Gemma3), on every transformers
+version CI runs: the encoder holds exactly the stock model's weights, equals an independent float64 bidirectional
+forward pass (padding on either side, batch size 1, eager / sdpa / flex, a sliding window shorter than the input),
+and stock `<Family>Model` with `is_causal: false` equals it where transformers honours that (>= 5.2) and is causal
+before; stock `Gemma3TextModel` with `use_bidirectional_attention` equals it on every version."""
 
 from __future__ import annotations
 
@@ -12,9 +13,16 @@ import torch
 import transformers
 from packaging.version import Version
 
-from llama_encoder.configuration_llama_encoder import encoder_layer_types
+from llama_encoder.configuration_llama_encoder import attention_window, encoder_layer_types
 from tests.numeric import assert_equal_up_to_summation_order, llama_forward_terms
-from tests.tiny import TINY_FAMILIES, TINY_LLAMA, TINY_WINDOWS, random_padded_batch, tiny_family_encoder
+from tests.tiny import (
+    TINY_FAMILIES,
+    TINY_LLAMA,
+    TINY_WINDOWS,
+    random_padded_batch,
+    tiny_family_config,
+    tiny_family_encoder,
+)
 
 FAMILIES = list(TINY_FAMILIES)
 HONOURS_IS_CAUSAL = Version(transformers.__version__) >= Version("5.2")
@@ -27,35 +35,61 @@ def _fresh_compile_cache():
     yield
 
 
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * weight
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0) -> torch.Tensor:
+    return x / torch.sqrt((x * x).mean(dim=-1, keepdim=True) + eps) * (offset + weight)
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding of x (batch, seq, heads, dim) at integer positions (batch, seq), the half-split layout."""
+def _rotate(x: torch.Tensor, positions: torch.Tensor, theta: float, factor: float = 1.0) -> torch.Tensor:
+    """Rotary embedding of x (batch, seq, heads, dim) at integer positions (batch, seq), the half-split layout
+    (`factor`: linear position scaling)."""
     dim = x.shape[-1]
-    inverse = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    inverse = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim) / factor
     angles = positions.double()[..., None] * inverse  # (batch, seq, dim/2)
     cos, sin = torch.cos(angles)[:, :, None], torch.sin(angles)[:, :, None]
     first, second = x[..., : dim // 2], x[..., dim // 2 :]
     return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
 
 
+def _gemma3_settings(config) -> dict:
+    """Gemma3's numbers as its config states them, in either spelling (4.57: rope_theta / rope_local_base_freq /
+    rope_scaling; 5.x: rope_parameters per layer type): rotary bases and linear factor, query scale, window."""
+    rope = config.rope_parameters if isinstance(getattr(config, "rope_parameters", None), dict) else {}
+    full = rope.get("full_attention") or {"rope_theta": config.rope_theta, **(config.rope_scaling or {})}
+    local = rope.get("sliding_attention") or {"rope_theta": config.rope_local_base_freq}
+    return {"full": float(full["rope_theta"]), "local": float(local["rope_theta"]),
+            "factor": float(full.get("factor", 1.0)) if full.get("rope_type", "default") == "linear" else 1.0,
+            "scale": config.query_pre_attn_scalar ** -0.5, "exclusive_window": config.sliding_window // 2 + 1}
+
+
 def reference_forward(state: dict, config, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The bidirectional forward pass in float64, from the weights and the config alone: every real token attends
-    to every real token (within `sliding_window` positions on sliding layers), positions count real tokens."""
+    to every real token (within `sliding_window` positions on sliding layers), positions count real tokens.
+    Gemma3: embeddings times sqrt(hidden), (1 + w) RMSNorms, a norm after attention and around the GELU MLP, the
+    local rotary base on sliding layers, queries scaled by `query_pre_attn_scalar`, window |d| < W // 2 + 1."""
     w = {name: tensor.double() for name, tensor in state.items()}
+    gemma = config.base_model_type == "gemma3_text"
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    eps, theta = config.rms_norm_eps, float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"])
+    eps = config.rms_norm_eps
+    if gemma:
+        settings = _gemma3_settings(config)
+    else:
+        theta = float(getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"])
+        settings = {"full": theta, "local": theta, "factor": 1.0, "scale": 1 / math.sqrt(head_dim),
+                    "exclusive_window": (getattr(config, "sliding_window", None) or 0) + 1}
+    offset = 1.0 if gemma else 0.0
+
+    def norm(x, name):
+        return _rms(x, w[name], eps, offset=offset)
+
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     batch, seq = ids.shape
     keep = mask.bool()[:, None, None, :].expand(batch, 1, seq, seq)
     near = (positions[:, :, None] - positions[:, None, :]).abs()[:, None]
-    x = w["embed_tokens.weight"][ids]
+    x = w["embed_tokens.weight"][ids] * (math.sqrt(config.hidden_size) if gemma else 1.0)
     for index, kind in enumerate(encoder_layer_types(config)):
         p = f"layers.{index}."
-        h = _rms(x, w[p + "input_layernorm.weight"], eps)
+        h = norm(x, p + "input_layernorm.weight")
 
         def project(name, width, h=h, p=p):
             out = h @ w[p + f"self_attn.{name}.weight"].T
@@ -64,23 +98,36 @@ def reference_forward(state: dict, config, ids: torch.Tensor, mask: torch.Tensor
 
         q, k, v = project("q_proj", heads), project("k_proj", kv_heads), project("v_proj", kv_heads)
         if p + "self_attn.q_norm.weight" in w:
-            q, k = _rms(q, w[p + "self_attn.q_norm.weight"], eps), _rms(k, w[p + "self_attn.k_norm.weight"], eps)
-        q, k = _rotate(q, positions, theta), _rotate(k, positions, theta)
+            q, k = norm(q, p + "self_attn.q_norm.weight"), norm(k, p + "self_attn.k_norm.weight")
+        sliding = kind == "sliding_attention"
+        theta, factor = (settings["local"], 1.0) if sliding else (settings["full"], settings["factor"])
+        q, k = _rotate(q, positions, theta, factor), _rotate(k, positions, theta, factor)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         k, v = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
-        allowed = keep & (near <= config.sliding_window) if kind == "sliding_attention" else keep
+        scores = q @ k.transpose(-1, -2) * settings["scale"]
+        allowed = keep & (near < settings["exclusive_window"]) if sliding else keep
         attended = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1) @ v
-        x = x + attended.transpose(1, 2).reshape(batch, seq, heads * head_dim) @ w[p + "self_attn.o_proj.weight"].T
-        h = _rms(x, w[p + "post_attention_layernorm.weight"], eps)
+        out = attended.transpose(1, 2).reshape(batch, seq, heads * head_dim) @ w[p + "self_attn.o_proj.weight"].T
+        if gemma:  # norm after attention, then before and after the GELU (tanh) MLP
+            x = x + norm(out, p + "post_attention_layernorm.weight")
+            h = norm(x, p + "pre_feedforward_layernorm.weight")
+            gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+            out = (torch.nn.functional.gelu(gate, approximate="tanh") * up) @ w[p + "mlp.down_proj.weight"].T
+            x = x + norm(out, p + "post_feedforward_layernorm.weight")
+            continue
+        x = x + out
+        h = norm(x, p + "post_attention_layernorm.weight")
         gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
         x = x + (torch.nn.functional.silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
-    return _rms(x, w["norm.weight"], eps)
+    return norm(x, "norm.weight")
 
 
 def _terms(config, seq_len: int) -> int:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return llama_forward_terms(config, seq_len) + config.num_hidden_layers * 2 * head_dim  # + Qwen3's q/k norms
+    extra = 2 * head_dim  # Qwen3's and Gemma3's q/k norms
+    if config.base_model_type == "gemma3_text":
+        extra += 2 * config.hidden_size + 2  # its post-attention and post-MLP norms, the embedding scale
+    return llama_forward_terms(config, seq_len) + config.num_hidden_layers * extra
 
 
 def _check_against_reference(encoder, ids, mask, what):
@@ -140,7 +187,7 @@ def test_the_last_token_changes_the_first_token_state(family):
 @pytest.mark.parametrize("family", list(TINY_WINDOWS))
 def test_a_sliding_window_shorter_than_the_input_keeps_the_family_window(family, padding_side, backend):
     _, encoder = tiny_family_encoder(family, attn_implementation=backend, **TINY_WINDOWS[family])
-    window = encoder.config.sliding_window
+    window = attention_window(encoder.config)
     assert window < max(LENGTHS) - 1 and "sliding_attention" in encoder.layer_types
     ids, mask = random_padded_batch(LENGTHS, padding_side, seed=5)
     _check_against_reference(encoder, ids, mask, f"{family} window {window} {padding_side} {backend}")
@@ -168,14 +215,23 @@ def test_a_sliding_window_refuses_flash_attention_when_it_binds():
 @pytest.mark.parametrize("family", FAMILIES + [f"{name}-window" for name in TINY_WINDOWS])
 def test_stock_model_with_is_causal_false_is_bidirectional_exactly_where_transformers_honours_it(family):
     name, _, windowed = family.partition("-")
-    base, encoder = tiny_family_encoder(name, attn_implementation="sdpa", **(TINY_WINDOWS[name] if windowed else {}))
-    base.config.is_causal = False
+    window = TINY_WINDOWS[name] if windowed else {}
+    base, encoder = tiny_family_encoder(name, attn_implementation="sdpa", **window)
+    if name == "gemma3_text":  # its switch is use_bidirectional_attention (read at build), honoured from 4.56 on
+        from transformers import AutoModel
+
+        base = AutoModel.from_config(tiny_family_config(name, use_bidirectional_attention=True,
+                                                        attn_implementation="sdpa", **window)).eval()
+        base.load_state_dict(encoder.state_dict(), strict=True)
+    else:
+        base.config.is_causal = False
     ids, mask = random_padded_batch(LENGTHS, "right", seed=6)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     with torch.no_grad():
         ours = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        stock = base(input_ids=ids, attention_mask=mask).last_hidden_state
+        stock = base(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
     real = mask.bool()
-    if HONOURS_IS_CAUSAL:
+    if HONOURS_IS_CAUSAL or name == "gemma3_text":
         assert_equal_up_to_summation_order(stock[real], ours[real], terms=_terms(encoder.config, ids.shape[1]),
                                            dtype=torch.float32, what=f"stock {family}")
     else:  # transformers < 5.2 ignores is_causal: the first token never sees the rest
@@ -186,7 +242,14 @@ def test_stock_model_with_is_causal_false_is_bidirectional_exactly_where_transfo
         assert (stock[0, 0] - ours[0, 0]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+def test_gemma3_runs_the_stock_layers_in_inference():
+    _, encoder = tiny_family_encoder("gemma3_text", attn_implementation="sdpa")
+    encoder.eval()
+    with torch.no_grad():
+        assert not encoder._can_take_fast_path(False, {})  # its four norms per layer are not in the fast path
+
+
+@pytest.mark.parametrize("family", [family for family in FAMILIES if family != "gemma3_text"])
 def test_inference_fast_path_equals_the_stock_layers(family):
     _, encoder = tiny_family_encoder(family, attn_implementation="sdpa")
     ids, mask = random_padded_batch(LENGTHS, "right", seed=8)
@@ -200,7 +263,7 @@ def test_inference_fast_path_equals_the_stock_layers(family):
 
 
 @pytest.mark.parametrize("pooling_mode", ["mean", "latent_attention"])
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_trust_remote_code_loads_the_family_checkpoint_in_a_fresh_process(family, pooling_mode, tmp_path):
     """The checkpoint's own code (the remote-code fallback: any transformers from 4.57) builds the family's
     bidirectional encoder, from a native config (the family's model_type) or, for latent attention, the remote-code
@@ -225,3 +288,76 @@ def test_trust_remote_code_loads_the_family_checkpoint_in_a_fresh_process(family
     embeddings, loaded_class = _load_in_fresh_process(folder, ids, mask, tmp_path)
     assert loaded_class.endswith(".LlamaEncoderModel")
     assert torch.equal(torch.from_numpy(embeddings), expected)
+
+
+@pytest.mark.parametrize("window", ["default", "binding"])
+def test_stock_transformers_loads_a_native_gemma3_checkpoint_bidirectionally(window, tmp_path):
+    """A native Gemma3 config.json (flat rotary bases, un-halved window, use_bidirectional_attention and no
+    is_causal) read by stock `AutoModel` without remote code, on 4.57 as on 5.x: the same model as ours, local
+    window included, and not the causal one."""
+    import json
+
+    from transformers import AutoModel
+
+    from llama_encoder.conversion_scripts.layout import native_config_dict
+
+    _, encoder = tiny_family_encoder("gemma3_text", attn_implementation="sdpa",
+                                     **(TINY_WINDOWS["gemma3_text"] if window == "binding" else {}))
+    folder = tmp_path / "checkpoint"
+    encoder.save_pretrained(folder)
+    config = {**native_config_dict(encoder.config), "dtype": "float32"}
+    config.pop("auto_map")  # stock classes only
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    stock = AutoModel.from_pretrained(folder, attn_implementation="sdpa").eval()
+    assert type(stock).__name__ == "Gemma3TextModel" and stock.config.use_bidirectional_attention is True
+    assert stock.config.sliding_window == config["sliding_window"] // 2 + 1  # halved on load, as transformers does
+    ids, mask = random_padded_batch(LENGTHS, "right", seed=10)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        theirs = stock(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    real = mask.bool()
+    assert_equal_up_to_summation_order(theirs[real], ours[real], terms=_terms(encoder.config, ids.shape[1]),
+                                       dtype=torch.float32, what=f"stock gemma3 {window}")
+    causal = AutoModel.from_pretrained(folder, use_bidirectional_attention=False).eval()
+    with torch.no_grad():
+        first = causal(input_ids=ids, attention_mask=mask).last_hidden_state[0, 0]
+    assert (first - ours[0, 0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pooling_mode", ["mean", "weighted_mean", "last_token", "bos", "latent_attention"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pooling_excludes_the_instruction_tokens_for_every_family(family, pooling_mode):
+    """An instruction is attended to (it changes the text tokens' states) but not pooled: `pooler_output` is the
+    pooling of the text tokens' own states, computed here by hand from `last_hidden_state` (float64)."""
+    _, encoder = tiny_family_encoder(family, pooling_mode=pooling_mode, attn_implementation="sdpa")
+    encoder.config.normalize_embeddings = False
+    ids, mask = random_padded_batch([9, 6], "right", seed=11)
+    pool_mask = mask.clone()
+    pool_mask[:, :3] = 0  # the first three tokens of each row are the instruction
+    with torch.no_grad():
+        out = encoder(input_ids=ids, attention_mask=mask, pool_mask=pool_mask)
+        without = encoder(input_ids=ids[:, 3:], attention_mask=mask[:, 3:]).last_hidden_state
+    states = out.last_hidden_state.double()
+    if pooling_mode == "latent_attention":
+        with torch.no_grad():
+            states = encoder.latent_attention(out.last_hidden_state).double()
+    expected = []
+    for row in range(ids.shape[0]):
+        picked = states[row, pool_mask[row].bool()]  # the text tokens, in order
+        if pooling_mode in ("mean", "latent_attention"):
+            expected.append(picked.mean(dim=0))
+        elif pooling_mode == "weighted_mean":
+            weights = torch.arange(1, len(picked) + 1, dtype=torch.float64)
+            expected.append((weights[:, None] * picked).sum(dim=0) / weights.sum())
+        elif pooling_mode == "last_token":
+            expected.append(picked[-1])
+        else:
+            expected.append(picked[0])
+    expected = torch.stack(expected)
+    hidden = encoder.config.hidden_size
+    assert_equal_up_to_summation_order(out.pooler_output, expected, terms=2 * ids.shape[1] + hidden,
+                                       dtype=torch.float32, what=f"{family} {pooling_mode}")
+    # attended to: the text tokens' states differ from the same text encoded without the instruction
+    real = mask[:, 3:].bool()
+    assert (out.last_hidden_state[:, 3:][real] - without[real]).abs().max() > 1e-3
