@@ -494,3 +494,14 @@ def test_default_is_reused_from_the_cache(smollm2, monkeypatch):
     path = embedded_default_gguf()
     assert path.parent.parent == default_cache_dir()
     assert hashlib.sha256(path.read_bytes()).hexdigest() == bm._DEFAULT_GGUF_SHA256
+
+
+def test_gemma3_gguf_is_refused_on_transformers_4(tmp_path, monkeypatch):
+    """transformers 4.57 rebuilds Gemma3's SentencePiece tokenizer from GGUF with other token ids than 5.x (checked
+    on the real Gemma3 270M GGUF): refused there, by name, before anything is loaded."""
+    import transformers
+
+    path = write_gguf(tmp_path / "gemma3.gguf", "gemma3", tokenizer=True)
+    monkeypatch.setattr(transformers, "__version__", "4.57.6")
+    with pytest.raises(ValueError, match=r"Gemma3 model.*transformers 4\.57\.6 rebuilds wrongly.*transformers >= 5"):
+        resolve_base(gguf=path)

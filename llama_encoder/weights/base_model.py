@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -265,6 +266,12 @@ def _resolve_gguf(path: Path, *, name: str, origin: str) -> BaseModel:
             f"The GGUF file {path} holds a mixture-of-experts model ({experts} experts); only dense models can be "
             "converted."
         )
+    if architecture == "gemma3" and int(transformers.__version__.split(".")[0]) < 5:
+        raise InputError(
+            f"The GGUF file {path} holds a Gemma3 model, whose SentencePiece tokenizer transformers "
+            f"{transformers.__version__} rebuilds wrongly from GGUF (other token ids than 5.x and the original); "
+            "convert it with transformers >= 5, or pass the original model folder."
+        )
     if "tokenizer.ggml.model" not in metadata:
         raise InputError(
             f"The GGUF file {path} has no embedded tokenizer (no tokenizer.ggml.* metadata); re-export it with "
@@ -314,8 +321,6 @@ def _read_gguf_metadata(path: Path) -> dict[str, object]:
 
 def _gguf_dequantize_kwargs(gguf_file: str) -> dict[str, object]:
     """Ask for a plain float model: transformers versions with packed GGUF kernels otherwise keep weights packed."""
-    import transformers
-
     if hasattr(transformers, "GgufConfig"):
         return {"quantization_config": transformers.GgufConfig(gguf_file=gguf_file, dequantize=True)}
     return {}
