@@ -180,3 +180,18 @@ def test_a_base_of_another_family_is_refused_naming_the_families(tmp_path):
     with pytest.raises(InputError, match=r"'gemma2' model.*'llama', 'mistral', 'qwen2', 'qwen3', 'gemma3_text'"):
         convert(base=str(folder), out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_gemma3_layout_integer_follows_the_layer_types_the_encoder_runs():
+    """TEI reads Gemma3's layout only from `_sliding_window_pattern`; a config can carry a stale default (6) beside
+    its own layer_types, so the writer derives the integer from the layer types."""
+    from llama_encoder.conversion_scripts.layout import native_config_dict
+    from tests.tiny import tiny_family_encoder
+
+    _, encoder = tiny_family_encoder("gemma3_text", num_hidden_layers=6,
+                                     layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2)
+    encoder.config._sliding_window_pattern = 6
+    encoder.config.sliding_window_pattern = 6
+    config = native_config_dict(encoder.config)
+    assert config["_sliding_window_pattern"] == config["sliding_window_pattern"] == 3
+    assert config["layer_types"] == ["sliding_attention", "sliding_attention", "full_attention"] * 2

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import transformers
 
-from ..configuration_llama_encoder import BASE_FAMILIES, attention_window, gemma3_rope
+from ..configuration_llama_encoder import BASE_FAMILIES, attention_window, encoder_layer_types, gemma3_rope
 from ..errors import InputError
 from ..modeling_llama_encoder import tokenize_for_encoder
 from .tei import FAMILY_LABELS, TEI_CHECKED_FAMILIES
@@ -278,13 +278,14 @@ def _gemma3_native_values(values: dict, config) -> dict:
     theta, local_theta, scaling = gemma3_rope(config)
     for key in ("is_causal", "rope_parameters", "hidden_act", "mlp_bias", "pretraining_tp"):
         values.pop(key, None)
-    pattern = values.pop("sliding_window_pattern", None) or values.pop("_sliding_window_pattern", None)
-    types = values.get("layer_types") or []
-    if not pattern:  # the layout as an integer: every n-th layer global
-        full = [index for index, kind in enumerate(types) if kind == "full_attention"]
-        pattern = full[0] + 1 if full else len(types) + 1
+    # The integer comes from the layer types the encoder runs (a config's own pattern key can be a stale default
+    # beside custom layer_types): every n-th layer global, n = the first global layer's number; TEI's rule 9
+    # refuses a layout that is not periodic.
+    types = encoder_layer_types(config)
+    full = [index for index, kind in enumerate(types) if kind == "full_attention"]
+    pattern = full[0] + 1 if full else len(types) + 1
     values.update(
-        rope_theta=theta, rope_local_base_freq=local_theta, rope_scaling=scaling,
+        rope_theta=theta, rope_local_base_freq=local_theta, rope_scaling=scaling, layer_types=types,
         sliding_window_pattern=pattern, _sliding_window_pattern=pattern,
         query_pre_attn_scalar=int(values["query_pre_attn_scalar"]),
         attention_bias=bool(values.get("attention_bias", False)),
