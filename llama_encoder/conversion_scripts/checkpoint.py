@@ -548,10 +548,12 @@ def _REMOTE_LAYOUT(config: LlamaEncoderConfig) -> CheckpointLayout:
     return CheckpointLayout(format="remote-code", pooling_mode=config.pooling_mode, sentence_transformers="custom")
 
 
+# The notice the Gemma Terms of Use (section 3.1) ask every distribution of a Gemma model or derivative to carry:
+# the NOTICE file's text (convert writes it) and the start of the card's paragraph.
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 _GEMMA_CARD_NOTICE = (
-    "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms. This is a "
-    "modified Gemma model (attention made bidirectional, the adapters above merged into its weights); the terms, "
-    "including their use restrictions, apply to it, and the `NOTICE` file says so."
+    f"{GEMMA_NOTICE}. This is a modified Gemma model (attention made bidirectional, the adapters above merged into "
+    "its weights); the terms, including their use restrictions, apply to it, and the `NOTICE` file says so."
 )
 
 

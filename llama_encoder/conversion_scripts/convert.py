@@ -32,15 +32,19 @@ from ..weights.encoder import encoder_config, encoder_from_state_dict
 from ..weights.lora import LoraAdapter, read_adapter, validate_adapter_against
 from ..weights.merge import merged_state_dict, stream_merge
 from ..weights.streaming import output_dtype
-from .checkpoint import default_prompts, resolve_max_seq_length, write_checkpoint, write_model_card
+from .checkpoint import (
+    GEMMA_NOTICE,
+    default_prompts,
+    resolve_max_seq_length,
+    write_checkpoint,
+    write_model_card,
+)
 from .layout import DEFAULT_FORMAT, binding_window, drop_idle_window, plan_layout
 from .manifest import write_verification_manifest
 from .verify import DEFAULT_SENTENCES, WrittenWeights, compute_reference_embeddings, verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
-# The notice the Gemma Terms of Use (section 3.1) ask every distribution of a Gemma model or derivative to carry.
-GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
 _LICENSE_FILES = re.compile(r"^(LICENSE|LICENCE|NOTICE|USE_POLICY)", re.IGNORECASE)
 
 
