@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .encoding.embed import embed_corpus
     from .encoding.encode import Encoder
     from .training.arguments import TrainingArguments
-    from .training.loop import train
+    from .training.run import train
 
 __version__ = "0.1.0"
 
@@ -52,7 +52,7 @@ _LAZY = {
     "push": (".conversion_scripts.push", "push_folder"),
     "Encoder": (".encoding.encode", "Encoder"),
     "embed_corpus": (".encoding.embed", "embed_corpus"),
-    "train": (".training.loop", "train"),
+    "train": (".training.run", "train"),
     "TrainingArguments": (".training.arguments", "TrainingArguments"),
 }
 

@@ -12,6 +12,7 @@ from .configuration_llama_encoder import POOLING_MODES
 from .dtypes import DTYPE_CHOICES
 from .errors import LlamaEncoderError
 from .training.cli import add_train_parser
+from .training.mine import add_mine_parser
 
 logger = logging.getLogger("llama_encoder")
 
@@ -328,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed(subparsers)
     _add_evaluate(subparsers)
     add_train_parser(subparsers)
+    add_mine_parser(subparsers)
     return parser
 
 

@@ -1,61 +1,111 @@
-"""One training step's loss and gradients, as one process or as one of several under torchrun (used by
-tests/test_training_ddp.py). Usage: python tests/ddp_worker.py OBJECTIVE BASE_FOLDER OUT_FILE"""
+"""One real optimizer step of the trainers (`prepare_run`, then `trainer.train()` for one step), as one process or
+as one of several under torchrun (used by tests/test_training_ddp.py). For each case it saves the step's logged loss
+and gradient norm, every trained tensor's gradient as the optimizer sees it (after the processes' all-reduce), and
+the rows the encoder was given (to check that both runs saw the same global batch).
 
+Usage: python tests/ddp_worker.py BASE DATA_DIR OUT_DIR CASE [CASE ...]   (write the data first: `write_data`)
+Cases: mntp, simcse, infonce, cosent."""
+
+import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from transformers import TrainerCallback
 
-from llama_encoder.training.data import ScoredPair, Triple
-from llama_encoder.training.distributed import Distributed
-from llama_encoder.training.model import load_training_model
-from llama_encoder.training.objectives import MNTP, SimCSE, Supervised
+from llama_encoder.training.arguments import TrainingArguments
+from llama_encoder.training.mntp import IGNORE_INDEX
+from llama_encoder.training.run import prepare_run
 
+GLOBAL_BATCH = 8
+INSTRUCTION = "Find the sentence that answers it"
 TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Plants make sugar from light.", "The cat ran.",
          "A dog sat on the mat in the park.", "Light.", "Sugar from plants is sweet.", "Where is the cat?"]
+QUERIES = ["Where is the cat?", "What do plants make?", "Who ran in the park?", "What is sweet?",
+           "Where did the dog sit?", "What gives light?", "What sat on the mat?", "Which animal ran?"]
+POSITIVES = ["The cat sat on the mat.", "Plants make sugar from light.", "A dog ran in the park.",
+             "Sugar from plants is sweet.", "A dog sat on the mat in the park.", "The sun gives light.",
+             "A cat sat on a mat.", "The cat ran."]
+NEGATIVES = ["A park.", "Light.", "The mat is red.", "Plants grow.", "The dog is old.", "Sugar.", "Where is the park?",
+             "A sweet cat."]
+# case: (objective, data file, the longest row allowed, texts per example, further options)
+CASES = {
+    "mntp": ("mntp", "texts.txt", 32, 1, {"mask_probability": 0.3}),
+    "simcse": ("simcse", "texts.txt", 32, 2, {"pooling": "latent_attention", "attention_dropout": 0.0}),
+    "infonce": ("supervised", "triples.jsonl", 48, 3, {"instruction": INSTRUCTION, "attention_dropout": 0.0}),
+    "cosent": ("supervised", "pairs.csv", 48, 2, {"instruction": INSTRUCTION, "attention_dropout": 0.0}),
+}
 
 
-def examples(objective: str) -> list:
-    if objective in ("mntp", "simcse"):
-        return TEXTS
-    if objective == "infonce":
-        return [Triple(TEXTS[i], TEXTS[(i + 1) % 8], (TEXTS[(i + 3) % 8],), "Find it" if i % 2 else None)
-                for i in range(8)]
-    return [ScoredPair(TEXTS[i], TEXTS[(i + 2) % 8], float(i % 5)) for i in range(8)]
+def write_data(folder: Path) -> None:
+    """The cases' data: one global batch each, every text distinct (the no-duplicates sampler drops repeats)."""
+    (folder / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+    (folder / "triples.jsonl").write_text("".join(json.dumps({"query": q, "positive": p, "negatives": [n]}) + "\n"
+                                                  for q, p, n in zip(QUERIES, POSITIVES, NEGATIVES, strict=True)))
+    (folder / "pairs.csv").write_text("score,sentence1,sentence2\n" + "".join(
+        f"{(i * 7) % 6}.{i},{QUERIES[i]},{POSITIVES[(3 * i + 1) % 8]}\n" for i in range(GLOBAL_BATCH)))
+
+
+class FirstStepGradients(TrainerCallback):
+    """The trained tensors' gradients just before the first optimizer step (all-reduced across processes)."""
+
+    def __init__(self, run) -> None:
+        self.run, self.gradients = run, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.gradients is None:
+            self.gradients = {name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                              for name, p in self.run.model.trainable_parameters()}
+
+
+def one_step(case: str, base: str, data: Path, out: Path) -> None:
+    objective, file, max_length, _, options = CASES[case]
+    args = TrainingArguments(objective=objective, out=str(out / f"{case}-adapter"), data=[str(data / file)],
+                             base=base, batch_size=GLOBAL_BATCH, max_steps=1, max_length=max_length,
+                             lora_dropout=0.0, dtype="float32", max_grad_norm=0.0, log_every=1, show_progress=False,
+                             **options)
+    run = prepare_run(args)
+    torch.manual_seed(5)
+    with torch.no_grad():  # LoRA B starts at zero, which would leave A without gradient: give it values
+        for name, param in run.model.trainable_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    rows: list[list[int]] = []
+
+    def record(module, positional, kwargs):  # the real tokens of every row the step embeds (MNTP: unmasked)
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        if kwargs.get("labels") is not None:
+            ids = torch.where(kwargs["labels"] != IGNORE_INDEX, kwargs["labels"], ids)
+        rows.extend(row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True))
+
+    target = run.trainer.model if objective == "mntp" else run.model.encoder
+    hook = target.register_forward_pre_hook(record, with_kwargs=True)
+    grabber = FirstStepGradients(run)
+    run.trainer.add_callback(grabber)
+    try:
+        run.trainer.train()
+    finally:
+        hook.remove()
+    history = [entry for entry in run.trainer.state.log_history if "loss" in entry]
+    every = [rows]
+    if torch.distributed.is_initialized():
+        every = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, rows)
+    if int(os.environ.get("RANK", "0")) == 0:
+        tensors = {"loss": torch.tensor([history[0]["loss"]]), "grad_norm": torch.tensor([history[0]["grad_norm"]]),
+                   **{name: g.contiguous() for name, g in grabber.gradients.items()}}
+        save_file(tensors, out / f"{case}.safetensors")
+        (out / f"{case}-rows.json").write_text(json.dumps(every))
 
 
 def main() -> None:
-    objective_name, base, out = sys.argv[1:4]
-    dist = Distributed.from_environment("cpu")
-    model = load_training_model(base=base, pooling="latent_attention" if objective_name == "simcse" else "mean",
-                                with_lm_head=objective_name == "mntp", lora_dropout=0.0, init_seed=0)
-    torch.manual_seed(5)
-    with torch.no_grad():  # LoRA B starts at zero, which would leave A without gradient: give it values
-        for name, param in model.trainable_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    tokenizer = model.tokenizer
-    if objective_name == "mntp":
-        objective = MNTP(tokenizer=tokenizer, lm_head=model.lm_head, mask_token_id=3, max_length=32, probability=0.3)
-    elif objective_name == "simcse":
-        objective = SimCSE(tokenizer=tokenizer, max_length=32)
-    else:
-        objective = Supervised(tokenizer=tokenizer, max_length=48, instruction_template="Instruct: {instruction}\n")
-    data = examples(objective_name)
-    share = len(data) // dist.world_size
-    ids = list(range(dist.rank * share, (dist.rank + 1) * share))
-    batch = objective.collate([data[i] for i in ids], ids, 0)
-    loss, _ = objective.loss(model.encoder, batch, dist)
-    loss.backward()
-    params = model.trainable_parameters()
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in params]
-    dist.sum_tensors(grads)
-    total = torch.tensor([float(loss.detach())])
-    if dist.enabled:
-        torch.distributed.all_reduce(total)
-    if dist.is_main:
-        save_file({"loss": total, **{name: g.contiguous() for (name, _), g in zip(params, grads, strict=True)}}, out)
-    dist.close()
+    base, data, out, *cases = sys.argv[1:]
+    for case in cases:
+        one_step(case, base, Path(data), Path(out))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 if __name__ == "__main__":

@@ -288,7 +288,7 @@ def test_cli_convert_and_push_dry_run(tiny_base, tmp_path, capsys):
 def test_cli_help_explains_every_option():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"convert", "push", "embed", "evaluate", "train"}
+    assert set(commands) == {"convert", "push", "embed", "evaluate", "train", "mine"}
     objectives = next(a for a in commands["train"]._actions if isinstance(a, argparse._SubParsersAction)).choices
     assert set(objectives) == {"mntp", "simcse", "supervised"}
     every = [((name,), command) for name, command in commands.items() if name != "train"]

@@ -97,7 +97,7 @@ def test_the_public_api_is_found_at_the_root_and_imported_on_first_use():
         "llama_encoder.conversion_scripts.push.push_folder",
         "llama_encoder.encoding.encode.Encoder",
         "llama_encoder.encoding.embed.embed_corpus",
-        "llama_encoder.training.loop.train",
+        "llama_encoder.training.run.train",
         "llama_encoder.training.arguments.TrainingArguments",
     ]
     assert {"convert", "push", "Encoder", "embed_corpus", "train", "TrainingArguments"} <= set(result["dir"])

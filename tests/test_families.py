@@ -15,8 +15,8 @@ from transformers import AutoModel, AutoTokenizer
 from llama_encoder.conversion_scripts.convert import convert
 from llama_encoder.encoding.encode import Encoder
 from llama_encoder.training.arguments import TrainingArguments
-from llama_encoder.training.loop import train
 from llama_encoder.training.model import load_training_model
+from llama_encoder.training.run import train
 from tests.numeric import assert_equal_up_to_summation_order, encoder_terms
 from tests.tiny import TINY_WINDOWS, save_tiny_base
 

@@ -1,10 +1,18 @@
-"""Training data readers: what they return, and the file:line errors for bad records."""
+"""Training data: the readers (what they return, and the file:line errors for bad records), recipe files listing a
+run's datasets, and the batches the trainer builds from several datasets."""
 
 import json
+import re
+from collections import Counter
+from pathlib import Path
 
 import pytest
+import torch
 
+from llama_encoder.configuration_llama_encoder import DEFAULT_INSTRUCTION_TEMPLATE, fill_instruction_template
+from llama_encoder.training.contrastive import read_training_sets
 from llama_encoder.training.data import ScoredPair, Triple, read_supervised, read_texts
+from llama_encoder.training.recipe import read_recipe, specs_from_files
 
 
 def test_texts_skip_blank_lines_and_keep_order(tmp_path):
@@ -84,3 +92,159 @@ def test_sts_pairs_and_threshold(tmp_path):
     path.write_text(rows[0] + "\nbroken line\n")
     with pytest.raises(ValueError, match=r"sts.tsv:2: expected 7 tab-separated fields"):
         read_supervised(path)
+
+
+# --- recipes: the datasets of a run -----------------------------------------------------------------------------
+
+
+def _jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def _recipe(path, datasets: list[dict], **top) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recipe = {"datasets": datasets, **top}
+    if path.suffix == ".json":
+        path.write_text(json.dumps(recipe, indent=2))
+        return path
+    lines = [f"{key}: {json.dumps(value)}" for key, value in top.items()] + ["datasets:"]
+    for entry in datasets:  # written by hand, as a person would (JSON strings are YAML strings)
+        lines += [("  - " if i == 0 else "    ") + f"{key}: {json.dumps(value)}" for i, (key, value) in
+                  enumerate(entry.items())]
+    path.write_text("# two datasets, each with its own instruction\n" + "\n".join(lines) + "\n")
+    return path
+
+
+TRIPLES = [{"query": f"q{i}", "positive": f"p{i}"} for i in range(4)]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_recipes_read_paths_from_their_folder_with_an_instruction_per_dataset(tmp_path, suffix):
+    _jsonl(tmp_path / "data" / "qa.jsonl", TRIPLES)
+    (tmp_path / "data" / "sts.csv").write_text("score,sentence1,sentence2\n4,a,b\n1,c,d\n")
+    recipe = _recipe(tmp_path / "recipes" / f"mix{suffix}", [
+        {"name": "qa", "path": "../data/qa.jsonl", "instruction": "Answer the question", "max_examples": 3},
+        {"path": "../data/sts.csv", "format": "sts", "loss": "cosent", "instruction": "Find a paraphrase"},
+    ])
+    specs = read_recipe(recipe)
+    assert [spec.name for spec in specs] == ["qa", "sts"]  # a name defaults to the file's stem
+    assert [Path(spec.path) for spec in specs] == [(tmp_path / "data" / "qa.jsonl").resolve(),
+                                                    (tmp_path / "data" / "sts.csv").resolve()]
+    assert [spec.instruction for spec in specs] == ["Answer the question", "Find a paraphrase"]
+    assert (specs[0].max_examples, specs[1].format, specs[1].loss) == (3, "sts", "cosent")
+    sets = read_training_sets("supervised", specs, instruction_template=DEFAULT_INSTRUCTION_TEMPLATE, seed=0)
+    assert [(s.name, s.kind, len(s)) for s in sets] == [("qa", "infonce", 3), ("sts", "cosent", 2)]
+    assert sets[0].prompts == {"anchor": "Instruct: Answer the question\nQuery: "}  # documents get none
+    assert sets[1].prompts == {"sentence1": "Instruct: Find a paraphrase\nQuery: ",
+                               "sentence2": "Instruct: Find a paraphrase\nQuery: "}
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_recipe_refuses_an_unknown_key_naming_it_and_the_recipe(tmp_path, suffix):
+    _jsonl(tmp_path / "qa.jsonl", TRIPLES)
+    recipe = _recipe(tmp_path / f"r{suffix}", [{"name": "qa", "path": "qa.jsonl", "instrution": "Typo"}])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(recipe))}: dataset 1: unknown key\(s\) instrution; "
+                                         "known keys: .*instruction"):
+        read_recipe(recipe)
+    recipe = _recipe(tmp_path / f"top{suffix}", [{"name": "qa", "path": "qa.jsonl"}], seed=3)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(recipe))}: unknown key\(s\) seed"):
+        read_recipe(recipe)
+
+
+def test_a_recipe_refuses_missing_files_and_duplicate_names(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"No recipe file at .*nope.yaml"):
+        read_recipe(tmp_path / "nope.yaml")
+    _jsonl(tmp_path / "qa.jsonl", TRIPLES)
+    recipe = _recipe(tmp_path / "r.json", [{"name": "qa", "path": "qa.jsonl"}, {"name": "web", "path": "web.jsonl"}])
+    with pytest.raises(FileNotFoundError, match=r"r.json: dataset 2 \(web\): no data file at .*web.jsonl"):
+        read_recipe(recipe)
+    recipe = _recipe(tmp_path / "r.json", [{"name": "qa", "path": "qa.jsonl"}, {"name": "qa", "path": "qa.jsonl"}])
+    with pytest.raises(ValueError, match=r"r.json: dataset name\(s\) qa appear more than once"):
+        read_recipe(recipe)
+    recipe.write_text('{"datasets": []}')
+    with pytest.raises(ValueError, match="a recipe needs a non-empty 'datasets' list"):
+        read_recipe(recipe)
+
+
+def test_records_with_their_own_instruction_become_datasets_of_their_own(tmp_path):
+    records = [{"query": "q1", "positive": "p1", "instruction": "Find a rhyme"},
+               {"query": "q2", "positive": "p2"},
+               {"query": "q3", "positive": "p3", "instruction": "Find a rhyme"}]
+    path = _jsonl(tmp_path / "words.jsonl", records)
+    specs = specs_from_files([str(path)], data_format="auto", instruction="Find a synonym", loss="auto",
+                             positive_threshold=None)
+    sets = read_training_sets("supervised", specs, instruction_template=DEFAULT_INSTRUCTION_TEMPLATE, seed=0)
+    assert [(s.name, s.instruction, s.columns["anchor"]) for s in sets] == [
+        ("words-0", "Find a rhyme", ["q1", "q3"]), ("words-1", "Find a synonym", ["q2"])]
+    assert [s.prompts["anchor"] for s in sets] == ["Instruct: Find a rhyme\nQuery: ",
+                                                   "Instruct: Find a synonym\nQuery: "]
+
+
+# --- the batches a run trains on --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    from tests.tiny import save_tiny_base
+
+    return save_tiny_base(tmp_path_factory.mktemp("data-base"))
+
+
+def test_each_batch_comes_from_one_dataset_without_duplicates_and_in_proportion(tiny_base, tmp_path):
+    """The trainer's own dataloader over four datasets (two recipe entries, and a file whose records carry two
+    instructions): each batch is one dataset's, repeats no text (in qa each negative is another record's positive),
+    pools the query without its dataset's prompt and the documents whole, and over an epoch each dataset gives
+    batches in proportion to its size."""
+    from llama_encoder.training.arguments import TrainingArguments
+    from llama_encoder.training.run import prepare_run
+
+    qa = [{"query": f"question {i}?", "positive": f"answer {i}", "negatives": [f"answer {(i + 1) % 12}"]}
+          for i in range(12)]
+    pets = [{"query": f"Which pet is {i}?", "positive": f"pet {i}", "negatives": [f"cat {i}"]} for i in range(6)]
+    words = [{"query": f"word {i}", "positive": f"rhyme {i}", "negatives": [f"no rhyme {i}"],
+              "instruction": "Find a rhyme"} for i in range(6)]
+    words += [{"query": f"term {i}", "positive": f"synonym {i}", "negatives": [f"antonym {i}"]} for i in range(3)]
+    for name, records in (("qa", qa), ("pets", pets), ("words", words)):
+        _jsonl(tmp_path / f"{name}.jsonl", records)
+    recipe = _recipe(tmp_path / "recipe.yaml", [
+        {"name": "qa", "path": "qa.jsonl", "instruction": "Answer the question"},
+        {"name": "pets", "path": "pets.jsonl", "instruction": "Find the pet"},
+        {"name": "words", "path": "words.jsonl", "instruction": "Find a synonym"},
+    ])
+    run = prepare_run(TrainingArguments(objective="supervised", recipe=str(recipe), out=str(tmp_path / "adapter"),
+                                        base=str(tiny_base), batch_size=3, dtype="float32", show_progress=False))
+    instructions = {s.name: s.instruction for s in run.sets}
+    assert instructions == {"qa": "Answer the question", "pets": "Find the pet", "words-0": "Find a rhyme",
+                            "words-1": "Find a synonym"}
+    sizes = {s.name: len(s) for s in run.sets}
+    texts = {s.name: {text for column in s.columns.values() for text in column} for s in run.sets}
+    tokenizer = run.model.tokenizer
+
+    counts = Counter()
+    for batch in run.trainer.get_train_dataloader():
+        name = batch["dataset_name"]
+        counts[name] += 1
+        prompt = fill_instruction_template(DEFAULT_INSTRUCTION_TEMPLATE, instructions[name])
+        seen = []
+        for column in ("anchor", "positive", "negative_1"):
+            ids, attention, pool = (batch[f"{column}_{key}"] for key in ("input_ids", "attention_mask", "pool_mask"))
+            assert ids.shape[0] == 3
+            if column != "anchor":  # documents carry no prompt: every real token is pooled
+                assert torch.equal(pool, attention), (name, column)
+            for row in range(ids.shape[0]):
+                real, pooled = attention[row].bool(), pool[row].bool()
+                assert not (pooled & ~real).any()
+                prefix = tokenizer.decode(ids[row][real & ~pooled])
+                text = tokenizer.decode(ids[row][pooled])
+                if column == "anchor":  # the prompt's tokens (BOS included) are attended to, not pooled
+                    assert prefix + text == tokenizer.bos_token + prompt + text.lstrip()
+                    assert prefix.rstrip() == (tokenizer.bos_token + prompt).rstrip()
+                else:
+                    assert prefix == "" and text == tokenizer.bos_token + text.removeprefix(tokenizer.bos_token)
+                seen.append(text.removeprefix(tokenizer.bos_token).strip())
+        assert set(seen) <= texts[name], name  # all of the batch from one dataset
+        assert len(set(seen)) == len(seen), (name, seen)  # no text twice
+    assert counts == {name: size // 3 for name, size in sizes.items()} == {"qa": 4, "pets": 2, "words-0": 2,
+                                                                           "words-1": 1}

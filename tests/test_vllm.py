@@ -585,7 +585,7 @@ def test_a_real_gemma3_base_trains_converts_and_runs_in_vllm_bidirectionally(vll
 
     from llama_encoder.conversion_scripts.convert import convert
     from llama_encoder.training.arguments import TrainingArguments
-    from llama_encoder.training.loop import train
+    from llama_encoder.training.run import train
     from tests.real_gemma3 import gemma3_270m_gguf
 
     gguf = gemma3_270m_gguf()

@@ -337,6 +337,14 @@ def _pooling_section(config: LlamaEncoderConfig, max_seq_length: int) -> list[st
             f"Latent attention: {config.latent_attention_num_latents} latents, "
             f"{config.latent_attention_num_heads} heads of width {config.latent_head_dim}."
         )
+    dims = getattr(config, "matryoshka_dimensions", None)
+    if dims:
+        shown = ", ".join(str(d) for d in dims[:-1]) or str(dims[0])
+        lines.append(
+            f"Matryoshka embeddings: trained so that the first {shown} dimensions are embeddings on their own "
+            f"(truncate, then re-normalise). Sentence Transformers: `SentenceTransformer(..., truncate_dim={dims[0]})`"
+            f"; vLLM reads `matryoshka_dimensions` from `config.json` and takes `dimensions={dims[0]}` per request."
+        )
     return lines
 
 

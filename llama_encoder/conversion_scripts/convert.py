@@ -105,6 +105,19 @@ def _pooling_settings(adapters: list[LoraAdapter], pooling: str | None) -> tuple
     return mode, sizes, head
 
 
+def _matryoshka_dimensions(adapters: list[LoraAdapter], hidden_size: int) -> list[int] | None:
+    """The Matryoshka dimensions the last contrastive adapter was trained with (its pooling_config.json), smallest
+    first, the full size included (vLLM accepts only a listed `dimensions`), or None."""
+    saved = next((a for a in reversed(adapters) if a.pooling_config), None)
+    dims = (saved.pooling_config or {}).get("matryoshka_dimensions") if saved else None
+    if not dims:
+        return None
+    if not isinstance(dims, list) or not all(isinstance(d, int) and 0 < d <= hidden_size for d in dims):
+        raise InputError(f"{saved.path}/pooling_config.json: matryoshka_dimensions must be a list of sizes up to "
+                         f"{hidden_size}; found {dims!r}.")
+    return sorted(set(dims) | {hidden_size})
+
+
 def _initial_latent_head(config: LlamaEncoderConfig) -> dict[str, torch.Tensor]:
     """A freshly initialised latent-attention head, the way `LlamaEncoderModel` initialises a missing one."""
     torch.manual_seed(0)
@@ -224,6 +237,9 @@ def convert(
     torch_dtype = _resolve_dtype(dtype, source)
     config = encoder_config(source.config, pooling_mode=mode, latent_sizes=sizes, dtype=torch_dtype,
                             normalize=normalize)
+    dims = _matryoshka_dimensions(loaded, config.hidden_size)
+    if dims:  # where vLLM reads them (and our card names them)
+        config.matryoshka_dimensions, config.is_matryoshka = dims, True
     if mode == "latent_attention" and not head:
         logger.warning(
             "Pooling is latent_attention but no adapter carries a trained latent-attention head; the head is "

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .arguments import TrainingArguments
-    from .loop import train
+    from .run import train
 
-_LAZY = {"TrainingArguments": ".arguments", "train": ".loop"}
+_LAZY = {"TrainingArguments": ".arguments", "train": ".run"}
 
 
 def __getattr__(name: str):

@@ -41,7 +41,8 @@ class TrainingArguments:
     objective: str = option(help="the training objective: mntp, simcse or supervised", cli=False)
     out: str = option(help="the adapter folder to write (convert takes it with --adapter); checkpoints go to "
                       "DIR-checkpoints", metavar="DIR")
-    data: list[str] = option(help="training data file; repeat for several", metavar="FILE")
+    data: list[str] = option(help="training data file; repeat for several (supervised and simcse: each file is one "
+                             "dataset, and each batch comes from one dataset)", metavar="FILE", default_factory=list)
     base: str | None = option(None, help="base model: a local Hugging Face folder or a Hub repo id (default: the "
                               "embedded SmolLM2-135M-Instruct)", exclusive="source")
     gguf: str | None = option(None, help="base model as a GGUF file of a Llama, Mistral, Qwen2, Qwen3 or Gemma3 "
@@ -55,17 +56,17 @@ class TrainingArguments:
     batch_size: int = option(32, help="global batch: examples per optimizer step over all processes and "
                              "accumulation steps", group="optimisation", metavar="N")
     grad_accum: int = option(1, help="micro-batches per step (contrastive negatives come from the same "
-                             "micro-batch; MNTP's loss is the token mean over the whole step)",
-                             group="optimisation", metavar="N")
+                             "micro-batch, so prefer --mini-batch-size for large contrastive batches; MNTP's loss is "
+                             "the token mean over the whole step)", group="optimisation", metavar="N")
     lr: float = option(2e-4, help="peak learning rate of AdamW", group="optimisation")
     warmup_ratio: float = option(0.1, help="share of the steps with a linear warmup; then linear decay to 0",
                                  group="optimisation")
     weight_decay: float = option(0.0, help="AdamW weight decay", group="optimisation")
     max_grad_norm: float = option(1.0, help="clip the global gradient norm to this", group="optimisation")
     max_length: int = option(128, help="tokens per text, longer are cut", group="optimisation", metavar="N")
-    group_by_length: bool = option(False, help="batch texts of similar length together (shuffled batches): much "
-                                   "less padding, so faster on CPU; contrastive negatives then have similar lengths",
-                                   group="optimisation")
+    group_by_length: bool = option(False, help="batch texts of similar length together (shuffled batches, still "
+                                   "without duplicate texts): much less padding, so faster on CPU; contrastive "
+                                   "negatives then have similar lengths", group="optimisation")
     seed: int = option(42, help="seeds LoRA init, data order, masking and dropout", group="optimisation")
     lora_r: int = option(16, help="LoRA rank r", group="LoRA")
     lora_alpha: float = option(32.0, help="LoRA alpha (scaling alpha / r)", group="LoRA")
@@ -96,6 +97,10 @@ class TrainingArguments:
                                   metavar="FILE", resumable=True)
     eval_every: int = option(0, help="score --eval-sts every N steps (it is always scored at the end)",
                              group="running", metavar="N", resumable=True)
+    report_to: list[str] = option(help="where the trainer logs besides the console: tensorboard, wandb, ... (any "
+                                  "integration transformers supports and finds installed; logs go to "
+                                  "DIR-checkpoints)", group="running", nargs="+", metavar="NAME",
+                                  default_factory=list, resumable=True)
     log_every: int = option(10, help="log loss and throughput every N steps", group="running", metavar="N",
                             resumable=True)
     resume: bool = option(False, help="continue from the newest checkpoint in DIR-checkpoints (same arguments "
@@ -118,7 +123,18 @@ class TrainingArguments:
                                        objectives=CONTRASTIVE)
     attention_dropout: float | None = option(None, help="attention dropout while training (default: 0.3 simcse, "
                                              "as LLM2Vec; 0 supervised)", objectives=CONTRASTIVE)
+    mini_batch_size: int | None = option(None, help="GradCache: embed each batch in chunks of N texts and "
+                                         "back-propagate chunk by chunk, so memory is that of N texts whatever "
+                                         "--batch-size (InfoNCE: CachedMultipleNegativesRankingLoss; same gradients)",
+                                         objectives=CONTRASTIVE, metavar="N")
+    matryoshka_dims: list[int] | None = option(None, help="train Matryoshka embeddings: the loss is also applied "
+                                               "to the first D dimensions for each D of a comma-separated list "
+                                               "(e.g. 64,128,256,576); convert records them", objectives=CONTRASTIVE,
+                                               metavar="D,D,...", parse="int_list")
     # supervised
+    recipe: str | None = option(None, help="a JSON or YAML file listing datasets (path, format, instruction, loss, "
+                                "max_examples, mine_negatives), instead of --data", objectives=("supervised",),
+                                metavar="FILE")
     loss: str = option("auto", help="InfoNCE for triples, CoSENT for scored pairs (auto: by the data)",
                        choices=LOSSES, objectives=("supervised",))
     data_format: str = option("auto", help="data format (auto: by suffix and header)", flag="--format",
@@ -134,7 +150,11 @@ class TrainingArguments:
         dropout = self.attention_dropout or 0.0
         checks = [
             (self.objective in OBJECTIVES, f"objective must be one of {', '.join(OBJECTIVES)}"),
-            (bool(self.data), "give at least one --data file"),
+            (bool(self.data) != bool(self.recipe), "give --data files or a --recipe (one of them)"),
+            (self.recipe is None or self.objective == "supervised", "--recipe is for supervised training"),
+            (self.mini_batch_size is None or self.mini_batch_size >= 1, "--mini-batch-size must be at least 1"),
+            (not self.matryoshka_dims or all(d >= 1 for d in self.matryoshka_dims),
+             "--matryoshka-dims must be positive integers"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.epochs > 0, "--epochs must be positive"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be at least 1"),

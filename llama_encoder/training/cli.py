@@ -17,21 +17,28 @@ TRAIN_EPILOG = """the LLM2Vec recipe on the embedded SmolLM2 (texts.txt: one tex
   llama-encoder train mntp --data texts.txt --out runs/mntp --max-steps 1000
   llama-encoder train simcse --adapter runs/mntp --data texts.txt --out runs/simcse
   llama-encoder train supervised --adapter runs/mntp --data triples.jsonl --out runs/supervised
+several datasets, each with its own instruction, hard negatives mined first (recipe.yaml: see docs):
+  llama-encoder mine --model my-encoder --data pairs.jsonl --out mined.jsonl
+  llama-encoder train supervised --adapter runs/mntp --recipe recipe.yaml --batch-size 512 --mini-batch-size 32 \
+      --matryoshka-dims 64,128,256,576 --out runs/supervised
   llama-encoder convert --adapter runs/mntp --adapter runs/supervised --out my-encoder
 several processes (the global batch is shared out; contrastive negatives span all of it):
   torchrun --nproc-per-node 4 -m llama_encoder.cli train supervised ...
 """
 
 _DESCRIPTIONS = {
-    "mntp": "Masked next-token prediction: mask a share of the tokens and predict each masked token from the "
+    "mntp": "Masked next-token prediction (on transformers' Trainer): mask a share of the tokens and predict each "
+    "masked token from the "
     "hidden state one position before it, with the base's frozen LM head. Data: text files, one text per line.",
-    "simcse": "Unsupervised SimCSE: each text passes twice through dropout; the two views are a positive pair and "
+    "simcse": "Unsupervised SimCSE (on sentence-transformers' trainer): each text passes twice through dropout; the "
+    "two views are a positive pair and "
     "every other text of the global batch is a negative. Data: text files, one text per line.",
-    "supervised": "Supervised contrastive training. Triples (jsonl records with query, positive, optional "
-    "negatives list and instruction; or a csv with those columns): InfoNCE with in-batch and hard negatives, "
-    "queries written behind 'Instruct: {task}\\nQuery: ' (attended to, not pooled). Scored pairs (STS Benchmark "
-    "tsv, or a csv with score,sentence1,sentence2): CoSENT, or InfoNCE over the pairs at or above "
-    "--positive-threshold.",
+    "supervised": "Supervised contrastive training on sentence-transformers' trainer. Triples (jsonl records with "
+    "query, positive, optional negatives list and instruction; or a csv with those columns): InfoNCE "
+    "(MultipleNegativesRankingLoss) with in-batch and hard negatives, queries written behind "
+    "'Instruct: {task}\\nQuery: ' (attended to, not pooled). Scored pairs (STS Benchmark tsv, or a csv with "
+    "score,sentence1,sentence2): CoSENT, or InfoNCE over the pairs at or above --positive-threshold. Each --data "
+    "file (or --recipe entry) is one dataset; each batch comes from one dataset and holds no duplicate text.",
 }
 
 
@@ -42,6 +49,15 @@ def _value_type(hint) -> tuple[type, bool]:
     if typing.get_origin(hint) is list:
         return typing.get_args(hint)[0], True
     return hint, False
+
+
+def _int_list(text: str) -> list[int]:
+    """`64,128,256` -> [64, 128, 256] (an argparse type: a bad value is reported with the option's name)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,128,256; got {text!r}") \
+            from error
 
 
 def _help(item: dataclasses.Field) -> str:
@@ -83,7 +99,9 @@ def _add_options(parser: argparse.ArgumentParser, objective: str) -> None:
             kwargs["metavar"] = meta["metavar"]
         if "choices" in meta:
             kwargs["choices"] = meta["choices"]
-        if kind is bool:
+        if meta.get("parse") == "int_list":
+            kwargs["type"] = _int_list
+        elif kind is bool:
             kwargs["action"] = meta.get("action", "store_true")
         elif is_list:
             kwargs.update(type=kind, **({"nargs": meta["nargs"]} if "nargs" in meta else {"action": "append"}))
@@ -122,7 +140,7 @@ def arguments_from_namespace(args: argparse.Namespace) -> TrainingArguments:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .loop import train
+    from .run import train
 
     summary = train(arguments_from_namespace(args))
     shown = {k: v for k, v in summary.items() if k != "history"}
