@@ -120,7 +120,7 @@ def _human(size: float) -> str:
     return f"{size:.2f} GiB"
 
 
-def _explain_disk_full(exc: OSError, dest: Path, needed_bytes: int | None) -> OSError:
+def explain_disk_full(exc: OSError, dest: Path, needed_bytes: int | None) -> OSError:
     if exc.errno != errno.ENOSPC:
         return exc
     free = shutil.disk_usage(_existing_ancestor(dest.parent)).free
@@ -139,7 +139,7 @@ def _removed_on_failure(remove, dest: Path, needed_bytes: int | None) -> Iterato
         yield
     except OSError as exc:
         remove()
-        explained = _explain_disk_full(exc, dest, needed_bytes)
+        explained = explain_disk_full(exc, dest, needed_bytes)
         if explained is exc:
             raise
         raise explained from exc

@@ -248,3 +248,48 @@ def test_each_batch_comes_from_one_dataset_without_duplicates_and_in_proportion(
         assert len(set(seen)) == len(seen), (name, seen)  # no text twice
     assert counts == {name: size // 3 for name, size in sizes.items()} == {"qa": 4, "pets": 2, "words-0": 2,
                                                                            "words-1": 1}
+
+
+# --- --group-by-length for contrastive runs -----------------------------------------------------------------------
+
+
+def _grouped(rows: list[dict], batch_size: int, *, seed: int = 0, epoch: int = 0, deduplicate: bool = True):
+    from datasets import Dataset
+
+    from llama_encoder.training.sampler import LengthGroupedBatchSampler
+
+    sampler = LengthGroupedBatchSampler(Dataset.from_list(rows), batch_size=batch_size, drop_last=True,
+                                        valid_label_columns=["score"], seed=seed, deduplicate=deduplicate)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_grouped_batches_have_similar_lengths_no_duplicates_and_a_seeded_order():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 200, (640,), generator=generator).tolist()
+    shared = [f"shared text {i}" for i in range(40)]  # positives that several rows repeat
+    rows = [{"anchor": "q" * n + str(i), "positive": shared[i % 40] if i % 3 == 0 else "p" * n + str(i)}
+            for i, n in enumerate(lengths)]
+    batches = _grouped(rows, 8)
+    for batch in batches:
+        texts = [text for index in batch for text in rows[index].values()]
+        assert len(texts) == len(set(texts)), "a batch repeats a text"
+    assert len({index for batch in batches for index in batch}) == sum(map(len, batches))  # no row twice
+
+    def spread(batch):  # longest minus shortest row length in a batch
+        sizes = [max(len(text) for text in rows[index].values()) for index in batch]
+        return max(sizes) - min(sizes)
+
+    generator = torch.Generator().manual_seed(1)
+    random_batches = torch.randperm(len(rows), generator=generator).reshape(-1, 8).tolist()
+    assert sum(map(spread, batches)) < sum(map(spread, random_batches)) / 5
+    # most rows are used despite the duplicate rule, the order is drawn from (seed, epoch)
+    assert sum(map(len, batches)) >= 0.9 * len(rows)
+    assert _grouped(rows, 8) == batches and _grouped(rows, 8, epoch=1) != batches
+    assert _grouped(rows, 8, seed=1) != batches
+
+
+def test_grouped_pairs_need_no_deduplication():
+    rows = [{"sentence1": "same sentence", "sentence2": f"other {i}", "score": float(i % 5)} for i in range(32)]
+    assert sum(map(len, _grouped(rows, 4, deduplicate=False))) == 32
+    assert _grouped(rows, 4) == []  # with the duplicate rule no two rows can share a batch

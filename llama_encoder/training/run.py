@@ -13,6 +13,7 @@ and renamed into place when complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_directory, check_destination
+from ..atomic import atomic_directory, check_destination, explain_disk_full
 from ..configuration_llama_encoder import DEFAULT_INSTRUCTION_TEMPLATE
 from ..dtypes import describe_compute_dtype, resolve_compute_dtype
 from ..errors import InputError, OutputExistsError
@@ -60,12 +61,21 @@ def _attention_backend(name: str, device: str) -> str:
 # ---- checkpoints -----------------------------------------------------------------------------------------------
 
 
+def _complete(checkpoint: Path) -> bool:
+    """The trainer writes `trainer_state.json` last: a checkpoint whose state file reads whole is complete."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (checkpoint / ARGS_NAME).is_file()
+
+
 def checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints in `folder`, oldest first (the trainer writes the state file last)."""
+    """Complete checkpoints in `folder`, oldest first (one cut short by a kill is skipped)."""
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and _complete(p)]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
@@ -124,6 +134,19 @@ class AdapterCheckpoints:
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         load_trained_tensors(self.run_model, resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The trainer's checkpoint; on a full disk the partial folder is removed (a --resume then takes the
+        previous one) and the error says how much a checkpoint needs."""
+        try:
+            super()._save_checkpoint(model, trial)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            folder = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            shutil.rmtree(folder, ignore_errors=True)
+            trained = sum(p.numel() * 4 for _, p in self.run_model.trainable_parameters())
+            raise explain_disk_full(exc, folder, 3 * trained) from exc  # + AdamW's two moments
 
 
 def _current_intervals():
