@@ -22,8 +22,8 @@ included) so the real lengths are known. A no-GradCache size is skipped when the
 
 Data: from --data-dir, no text twice (the new path's duplicate-free batch sampler would otherwise drop examples, and
 the two paths would train on different batches): the first --records STS train lines whose two sentences are new
-(stsbenchmark/sts-train.csv: sentences for mntp/simcse, scored pairs for CoSENT, pairs for --memory-texts sts) and
-the first question of each SQuAD paragraph (train/squad-train.jsonl: question, paragraph and, for Table 1, one hard
+(stsbenchmark/sts-train.csv: scored pairs for CoSENT, pairs for --memory-texts sts) and the first question of each
+SQuAD paragraph (train/squad-train.jsonl: the paragraphs are mntp/simcse's texts; question, paragraph and one hard
 negative paragraph taken from later, unused ones). Table 2 gets twice its largest batch of pairs. Without that
 folder a synthetic text set built here is used instead (the output says so).
 
@@ -146,8 +146,9 @@ def _prepare_data(args, folder: Path, tables: list[str]) -> tuple[dict[str, Path
     lines, records, source = _read_sources(args.data_dir, pairs_needed, paragraphs_needed)
     pairs = [line.split("\t")[5:7] for line in lines]
     folder.mkdir(parents=True, exist_ok=True)
-    sentences = [s for pair in pairs for s in pair][: args.records]
-    (folder / "texts.txt").write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
+    # mntp and simcse: distinct Wikipedia paragraphs (SQuAD's), cut at --max-length like any long text
+    paragraphs = [record["positive"] for record in records][: args.records]
+    (folder / "texts.txt").write_text("".join(p + "\n" for p in paragraphs), encoding="utf-8")
     # triples: the first records as (query, positive), hard negatives from the paragraphs after them (all distinct)
     half = len(records) // 2 if args.negatives else len(records)
     count = min(args.records, half)
