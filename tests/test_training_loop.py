@@ -481,3 +481,20 @@ def test_mntp_gradient_accumulation_keeps_the_token_mean_of_the_global_batch(tmp
         for key in ("loss", "grad_norm"):
             assert_equal_up_to_summation_order(first[accumulation][key], first[1][key], terms=terms,
                                                dtype=torch.float32, what=f"{key}, --grad-accum {accumulation}")
+
+
+def test_a_recipe_can_mine_negatives_with_the_model_being_trained(tiny_base, tmp_path):
+    records = [{"query": f"Where is thing {i}?", "positive": f"Thing {i} is in room {i * 7 % 11}."} for i in range(12)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "recipe.json").write_text(json.dumps({"datasets": [
+        {"name": "things", "path": "pairs.jsonl", "instruction": "Find where it is", "mine_negatives": 2,
+         "mining": {"relative_margin": None}}]}))
+    run = prepare_run(_args(tiny_base, tmp_path, objective="supervised", recipe=str(tmp_path / "recipe.json"),
+                            data=[]))
+    dataset = run.trainer.train_dataset["things"]
+    assert dataset.column_names == ["anchor", "positive", "negative_1", "negative_2"]
+    positives = {r["query"]: r["positive"] for r in records}
+    for row in dataset:
+        assert row["negative_1"] != row["negative_2"]
+        assert positives[row["anchor"]] not in (row["negative_1"], row["negative_2"])
+        assert {row["negative_1"], row["negative_2"]} <= set(positives.values())
