@@ -15,6 +15,7 @@ from llama_encoder import LlamaEncoderConfig, LlamaEncoderModel
 from llama_encoder.cli import build_parser
 from llama_encoder.cli import main as cli_main
 from llama_encoder.dtypes import half_support
+from llama_encoder.errors import InputError
 from llama_encoder.training import run as run_module
 from llama_encoder.training.arguments import TrainingArguments
 from llama_encoder.training.run import checkpoints, prepare_run, train
@@ -116,6 +117,18 @@ def test_mntp_loss_falls_on_repeated_texts(tmp_path, texts_file):
 
 
 # --- what it writes ---------------------------------------------------------------------------------------------
+
+
+def test_an_unknown_or_missing_reporting_integration_is_refused_before_work(tiny_base, tmp_path, texts_file,
+                                                                           monkeypatch):
+    import transformers.integrations
+
+    with pytest.raises(InputError, match="--report-to nonsense: unknown; choose from .*tensorboard"):
+        train(_args(tiny_base, tmp_path, data=[str(texts_file)], report_to=["nonsense"]))
+    monkeypatch.setattr(transformers.integrations, "get_available_reporting_integrations", lambda: [])
+    with pytest.raises(InputError, match="--report-to wandb: not installed; pip install wandb"):
+        train(_args(tiny_base, tmp_path, data=[str(texts_file)], report_to=["wandb"]))
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "adapter-checkpoints").exists()
 
 
 def test_matryoshka_dimensions_reach_the_checkpoint_where_vllm_and_the_card_read_them(tiny_base, tmp_path, sts_file):
@@ -292,7 +305,7 @@ def test_eval_sts_records_evaluations_in_the_training_summary(tiny_base, tmp_pat
 
 
 def test_report_to_tensorboard_writes_event_files_beside_the_checkpoints(tiny_base, tmp_path, texts_file):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # dev extra
 
     train(_args(tiny_base, tmp_path, data=[str(texts_file)], max_steps=2, log_every=1, report_to=["tensorboard"]))
     events = list((tmp_path / "adapter-checkpoints").rglob("events.out.tfevents.*"))

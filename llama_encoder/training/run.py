@@ -346,6 +346,22 @@ def _mine(sets, st_model, args: TrainingArguments):
     return mined
 
 
+def _check_reporting(names: list[str]) -> None:
+    """Refuse a `--report-to` integration transformers does not know or cannot find installed, before any work."""
+    if not names or names in (["none"], ["all"]):
+        return
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise InputError(f"--report-to {' '.join(unknown)}: unknown; choose from "
+                         f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}, none or all.")
+    missing = [name for name in names if name not in get_available_reporting_integrations()]
+    if missing:
+        raise InputError(f"--report-to {' '.join(missing)}: not installed; pip install {' '.join(missing)}, or drop "
+                         "the option.")
+
+
 def _sts_evaluator(args: TrainingArguments):
     if not args.eval_sts:
         return None
@@ -410,6 +426,7 @@ def prepare_run(args: TrainingArguments) -> Run:
         if count < args.batch_size:
             raise InputError(f"The data holds {count} examples, fewer than one batch of {args.batch_size}; lower "
                              "--batch-size or add data.")
+    _check_reporting(args.report_to)
     evaluator = _sts_evaluator(args)
     resume_from = _prepare_output(args, is_main)
     if resume_from is not None:
