@@ -21,7 +21,7 @@ from llama_encoder.training.arguments import TrainingArguments
 from llama_encoder.training.run import checkpoints, prepare_run, train
 from tests.numeric import assert_equal_up_to_summation_order, encoder_terms
 from tests.test_lora_merge import save_lora_adapter
-from tests.tiny import save_tiny_base
+from tests.tiny import one_torch_thread, save_tiny_base
 
 TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Plants make sugar from light.", "The cat ran.",
          "A dog sat on the mat in the park.", "Light.", "Sugar from plants is sweet.", "Where is the cat?"]
@@ -30,10 +30,8 @@ TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Plants make sugar
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny matrices: one thread is as fast, and much faster on a loaded host (threads spin waiting for a core)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

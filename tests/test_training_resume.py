@@ -17,7 +17,7 @@ from transformers import TrainerCallback
 from llama_encoder.training import run as run_module
 from llama_encoder.training.arguments import TrainingArguments
 from llama_encoder.training.run import checkpoints, train
-from tests.tiny import save_tiny_base
+from tests.tiny import one_torch_thread, save_tiny_base
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Plants make sugar from light.", "The cat ran.",
@@ -28,10 +28,8 @@ STEPS = 12  # 8 texts in batches of 4: six epochs, so the resumed run also cross
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """One thread here and in the killed subprocess (OMP_NUM_THREADS=1): the same kernels, so equal bits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

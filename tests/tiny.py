@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 TINY_LLAMA = dict(
@@ -87,6 +89,17 @@ def save_tiny_base(folder, *, seed: int = 0, lm_head_scale: float = 1.0, family:
     tokenizer.save_pretrained(folder)
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
     return folder
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread inside the block (the previous count restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def random_padded_batch(lengths, padding_side: str, *, seed: int, width: int | None = None):

@@ -115,13 +115,10 @@ class MNTPModel(nn.Module):
         super().__init__()
         self.encoder = training_model.encoder
         self.lm_head = training_model.lm_head
-        self.tokens_seen = 0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                 num_items_in_batch: torch.Tensor | int | None = None, **kwargs) -> dict[str, torch.Tensor]:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.training:
-            self.tokens_seen += int(attention_mask.sum())
         losses = mntp_token_losses(hidden, labels, self.lm_head)
         if len(losses) == 0:
             return {"loss": hidden.sum() * 0.0}  # no token of this micro-batch is masked

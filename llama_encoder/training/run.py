@@ -313,8 +313,6 @@ def _read_contrastive_data(args: TrainingArguments, template: str):
             raise InputError(f"Dataset {training_set.name} holds {len(training_set)} examples, fewer than one batch "
                              f"of {args.batch_size}; lower --batch-size or add data (each batch comes from one "
                              "dataset).")
-    if args.matryoshka_dims and args.objective == "supervised" and not sets:
-        raise InputError("No dataset to train on.")
     return sets
 
 
