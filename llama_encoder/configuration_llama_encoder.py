@@ -24,8 +24,13 @@ BASE_FAMILIES = {
 # Gemma3's default local layout: every sixth layer global (full attention), the others sliding.
 GEMMA3_DEFAULT_PATTERN = 6
 
-# LLM2Vec's query format; the instruction part is attended to but excluded from pooling.
-DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
+# How a task instruction is written before a text (E5 / NV-Embed's query format); the instruction part is attended to
+# but excluded from pooling. It ends in a newline: with byte-level BPE a trailing space merges into the text's first
+# token, so stock Sentence Transformers (which drops as many tokens as the prompt has on its own) would not pool
+# exactly the encoder's tokens.
+DEFAULT_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery:\n"
+# The template of earlier versions, which adapters trained then were trained with.
+LEGACY_INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: "
 # The config entries that size the latent-attention head (saved beside a trained head, read back with it).
 LATENT_ATTENTION_KEYS = (
     "latent_attention_num_latents",
@@ -165,8 +170,9 @@ class LlamaEncoderConfig(LlamaConfig):
             Width of each head; defaults to `hidden_size // latent_attention_num_heads`.
         latent_attention_mlp_dim (`int`, *optional*):
             Inner width of the GELU-gated MLP; defaults to `4 * hidden_size`.
-        instruction_template (`str`, defaults to `"Instruct: {instruction}\nQuery: "`):
-            How an instruction is written before a query; its tokens are attended to but not pooled.
+        instruction_template (`str`, defaults to `"Instruct: {instruction}\nQuery:\n"`):
+            How an instruction is written before a query; its tokens are attended to but not pooled. A converted
+            checkpoint holds the template its adapters were trained with.
         base_model_type (`str`, defaults to `"llama"`):
             The decoder family of the base (a key of `BASE_FAMILIES`): which decoder layer the encoder is built of.
             The family's own config entries (e.g. `sliding_window`, `layer_types`, `head_dim`) are kept as given.
@@ -224,7 +230,7 @@ class LlamaEncoderConfig(LlamaConfig):
         return config_dict, kwargs
 
     def instruction_prompt(self, instruction: str) -> str:
-        """The prompt written before a query with this task `instruction`, e.g. `Instruct: ...\nQuery: `."""
+        """The prompt written before a query with this task `instruction`, e.g. `Instruct: ...\nQuery:\n`."""
         return fill_instruction_template(self.instruction_template, instruction)
 
     @property
@@ -252,6 +258,7 @@ __all__ = [
     "DEFAULT_INSTRUCTION_TEMPLATE",
     "GEMMA3_DEFAULT_PATTERN",
     "LATENT_ATTENTION_KEYS",
+    "LEGACY_INSTRUCTION_TEMPLATE",
     "POOLING_MODES",
     "LlamaEncoderConfig",
     "attention_window",

@@ -53,6 +53,11 @@ except ImportError:  # transformers 4.x initialises only modules whose weights w
     _init = nn.init
 
 
+def is_blank(text: str) -> bool:
+    """Whether `text` is empty or whitespace only: nothing to embed, so its embedding is the zero vector."""
+    return not text.strip()
+
+
 def tokenize_for_encoder(
     tokenizer,
     texts: list[str],
@@ -74,6 +79,10 @@ def tokenize_for_encoder(
     on the tokenizer's `padding_side` (with `padding=False`, they are returned as unpadded lists). Returns a
     `BatchEncoding` with `input_ids`, `attention_mask` and `pool_mask` (ready for `model(**batch)`); its attribute
     `num_truncated` counts the inputs cut at `max_length`, and one warning says how many were.
+
+    A blank text (empty or whitespace only, `is_blank`) pools no token, whatever the prompt, BOS, EOS or whitespace
+    tokens its row holds, so the model gives it the zero vector; one warning counts them. A text that is not blank
+    but keeps no token to pool (its prompt fills `max_length`) raises ValueError before any work.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenize_for_encoder needs a fast tokenizer (offset mappings); load it with use_fast=True.")
@@ -104,15 +113,27 @@ def tokenize_for_encoder(
             "%d of %d inputs were longer than %d tokens and were truncated.", len(too_long), len(texts), max_length
         )
 
-    rows, pooled = [], []
-    for row_ids, row_offsets, prompt in zip(ids, offsets, prompts, strict=True):
+    rows, pooled, blank = [], [], 0
+    for index, (row_ids, row_offsets, prompt, text) in enumerate(zip(ids, offsets, prompts, texts, strict=True)):
         row_ids = list(row_ids)
         # Special tokens before the text have end offset 0, so they count as part of the prompt.
         first = next((i for i, (_, end) in enumerate(row_offsets) if end > len(prompt)), len(row_ids)) if prompt else 0
+        if is_blank(text):
+            blank += 1
+            first = len(row_ids) + 1  # nothing to pool, not even an appended EOS
+        elif first >= len(row_ids):
+            raise ValueError(
+                f"Input {index} ({text[:40]!r}) has no token to pool: its prompt fills max_length ({max_length} "
+                "tokens), or the tokenizer drops all of its text. Use a shorter prompt or a larger max_length, or "
+                "remove the input."
+            )
         if append_eos and (not row_ids or row_ids[-1] != eos_id):
             row_ids.append(eos_id)
         rows.append(row_ids)
         pooled.append([int(i >= first) for i in range(len(row_ids))])
+    if blank:
+        logger.warning("%d of %d inputs are empty or blank; each gets the zero vector as its embedding.", blank,
+                       len(texts))
 
     if not padding:
         attention = [[1] * len(row) for row in rows]
@@ -139,7 +160,9 @@ def pad_for_encoder(
     padding=False)`) and batch later, e.g. by length."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right'; got {padding_side!r}.")
-    width = max(len(row) for row in input_ids)
+    # At least one column: rows of blank texts may have no token at all, and decoder layers cannot reshape an empty
+    # sequence. A row of padding only pools nothing (the zero vector).
+    width = max([1, *map(len, input_ids)])
     batch = {"input_ids": [], "attention_mask": [], "pool_mask": []}
     for row_ids, row_pool in zip(input_ids, pool_masks, strict=True):
         pad = width - len(row_ids)
@@ -237,29 +260,32 @@ def pool(
     latent_attention: LatentAttentionPooling | None = None,
 ) -> torch.Tensor:
     """Reduce token states `(batch, seq, hidden)` to one float32 vector per row over the tokens where
-    `pool_mask` is 1. `pool_mask` is the attention mask with instruction tokens (and padding) zeroed."""
+    `pool_mask` is 1. `pool_mask` is the attention mask with instruction tokens (and padding) zeroed. A row that
+    pools no token (a blank text: see `tokenize_for_encoder`) gets the zero vector, whatever its states hold."""
     pool_mask = pool_mask.to(hidden_states.device)
-    if bool((pool_mask.sum(dim=1) == 0).any()):
-        raise ValueError("pool_mask selects no token in at least one row; every input needs a token to pool.")
     weights = pool_mask.float()
+    empty = (weights.sum(dim=1) == 0)[:, None]
     if pooling_mode == "latent_attention":
         if latent_attention is None:
             raise ValueError("pooling_mode 'latent_attention' needs the model's latent attention head.")
-        return _masked_mean(latent_attention(hidden_states).float(), weights)
+        return _masked_mean(latent_attention(hidden_states).float(), weights).masked_fill(empty, 0.0)
     states = hidden_states.float()
     if pooling_mode == "mean":
-        return _masked_mean(states, weights)
-    if pooling_mode == "weighted_mean":
+        pooled = _masked_mean(states, weights)
+    elif pooling_mode == "weighted_mean":
         # 1..n over the n pooled tokens, wherever they sit in the row (left or right padding alike).
-        return _masked_mean(states, torch.cumsum(weights, dim=1) * weights)
-    positions = torch.arange(weights.shape[1], device=weights.device)
-    if pooling_mode in ("eos", "last_token"):
-        index = torch.where(weights > 0, positions, -1).amax(dim=1)
-    elif pooling_mode == "bos":
-        index = torch.where(weights > 0, positions, weights.shape[1]).amin(dim=1)
+        pooled = _masked_mean(states, torch.cumsum(weights, dim=1) * weights)
+    elif pooling_mode in ("eos", "last_token", "bos"):
+        positions = torch.arange(weights.shape[1], device=weights.device)
+        if pooling_mode == "bos":
+            index = torch.where(weights > 0, positions, weights.shape[1]).amin(dim=1).clamp(max=weights.shape[1] - 1)
+        else:
+            index = torch.where(weights > 0, positions, -1).amax(dim=1).clamp(min=0)
+        pooled = states[torch.arange(states.shape[0], device=states.device), index]
     else:
         raise ValueError(f"Unknown pooling_mode {pooling_mode!r}.")
-    return states[torch.arange(states.shape[0], device=states.device), index]
+    # masked_fill, not a product: a row of padding only may hold non-finite states on some attention kernels
+    return pooled.masked_fill(empty, 0.0)
 
 
 def window_binds(window: int | None, seq_len: int) -> bool:
@@ -290,6 +316,10 @@ def bidirectional_attention_mask(
     if not windowed and bool(attention_mask.all()):
         return None
     keep = attention_mask.bool()
+    # A row of padding only (a blank text with no token) attends to its padding: never pooled, but finite, where
+    # sdpa's memory-efficient CUDA kernel gives NaN for a query that sees no key (pytorch#110213; transformers'
+    # _unmask_unattended does the same).
+    keep = keep | ~keep.any(dim=1, keepdim=True)
     if windowed:
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -521,6 +551,10 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
             )
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        if seq_len == 0:  # blank texts only, tokenised to nothing (no BOS): nothing to attend to, nothing to pool
+            pooled = inputs_embeds.new_zeros(batch, inputs_embeds.shape[-1], dtype=torch.float32)
+            output = LlamaEncoderOutput(last_hidden_state=inputs_embeds, pooler_output=pooled)
+            return output.to_tuple() if return_dict is False else output
 
         window = attention_window(self.config)
         if self._can_take_fast_path(output_hidden_states, kwargs) and not window_binds(window, seq_len):
@@ -719,6 +753,7 @@ __all__ = [
     "ModifiedLlamaDecoderLayer",
     "bidirectional_attention_mask",
     "build_decoder_layer",
+    "is_blank",
     "pad_for_encoder",
     "pool",
     "tokenize_for_encoder",

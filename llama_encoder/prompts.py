@@ -1,12 +1,29 @@
 """The one rule for which prompt goes before a text, shared by every encoder the package drives (`Encoder`, and
 `engines.vllm.VllmEncoder`): at most one of a verbatim `prompt`, a `prompt_name` saved in the checkpoint, or a task
-`instruction` written through the checkpoint's template."""
+`instruction` written through the checkpoint's template. Also what a prompt may be named: training names the prompt
+of each task it trains, and a checkpoint saves those prompts under their names."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 
 from .errors import InputError
+
+# Names a trained task prompt cannot take: a checkpoint's `document` prompt is the one documents get (training
+# gives them none), and `plain` is what verification calls the inputs without a prompt.
+RESERVED_PROMPT_NAMES = ("document", "plain")
+
+
+def prompt_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a trained task prompt (one sentence), or None when it can: letters, digits, '_' or
+    '-', and not one of `RESERVED_PROMPT_NAMES`."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        return f"prompt_name {name!r} must be letters, digits, '_' or '-'"
+    if name in RESERVED_PROMPT_NAMES:
+        return (f"prompt_name {name!r} is reserved ('document' is the prompt documents get, 'plain' the inputs "
+                "without a prompt); choose another name")
+    return None
 
 
 def choose_prompt(prompts: Mapping[str, str], instruction_prompt: Callable[[str], str], *, prompt: str | None,
@@ -24,4 +41,4 @@ def choose_prompt(prompts: Mapping[str, str], instruction_prompt: Callable[[str]
     return prompt
 
 
-__all__ = ["choose_prompt"]
+__all__ = ["RESERVED_PROMPT_NAMES", "choose_prompt", "prompt_name_problem"]

@@ -4,7 +4,9 @@ transformers, sentence_transformers and `modeling_llama_encoder`).
 `modules.json` names `sentence_transformers_llama_encoder.LlamaEncoderTransformer` as the checkpoint's only
 module, so `SentenceTransformer(path, trust_remote_code=True)` embeds exactly like `AutoModel` +
 `tokenize_for_encoder` + `forward`: the same tokens (no chat template, the prompt joined to each text), the same
-pool mask (prompt tokens attended to but not pooled) and the encoder's own pooling, latent attention included.
+pool mask (prompt tokens attended to but not pooled) and the encoder's own pooling, latent attention included. A
+blank text (empty or whitespace only) gets the zero vector, as from the package's `Encoder`, so one empty document
+does not stop a corpus.
 """
 
 from collections.abc import Sequence
@@ -47,7 +49,8 @@ class LlamaEncoderTransformer(Transformer):
         **kwargs,
     ) -> dict[str, Any]:
         """Tokenise `inputs` (plain strings) behind `prompt`; returns `input_ids`, `attention_mask`, `pool_mask`
-        (tensors) and `modality`. A `max_length` keyword (as the trainer passes it) overrides `max_seq_length`."""
+        (tensors) and `modality`. A `max_length` keyword (as the trainer passes it) overrides `max_seq_length`.
+        A blank input pools no token, so its embedding is the zero vector (`tokenize_for_encoder`)."""
         if not inputs:
             return {}
         if processing_kwargs:

@@ -6,6 +6,7 @@ import argparse
 import gc
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import weakref
@@ -20,7 +21,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 from llama_encoder import LlamaEncoderModel
 from llama_encoder.cli import build_parser
 from llama_encoder.cli import main as cli_main
+from llama_encoder.configuration_llama_encoder import LEGACY_INSTRUCTION_TEMPLATE, fill_instruction_template
 from llama_encoder.conversion_scripts import convert as convert_module
+from llama_encoder.conversion_scripts.checkpoint import DEFAULT_RETRIEVAL_INSTRUCTION
 from llama_encoder.conversion_scripts.convert import convert, parse_size
 from llama_encoder.errors import OutputExistsError, VerificationError
 from llama_encoder.weights import merge as merge_module
@@ -73,7 +76,7 @@ def test_stacked_adapters_convert_to_peft_merge_and_verify(tiny_base, two_adapte
     assert config["model_type"] == "llama_encoder" and config["is_causal"] is False
     assert config["pooling_mode"] == "weighted_mean" and "auto_map" in config
     st_config = json.loads((out / "config_sentence_transformers.json").read_text())
-    assert st_config["prompts"]["query"] == "Instruct: Find the animal\nQuery: "
+    assert st_config["prompts"]["query"] == "Instruct: Find the animal\nQuery:\n"  # no adapter trained instructions
     tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
     assert tokenizer_config["pad_token"] and tokenizer_config["padding_side"] == "right"
     manifest = json.loads((out / "verification.json").read_text())
@@ -126,6 +129,47 @@ def test_latent_attention_head_from_training_is_carried_over(tiny_base, two_adap
 
     with pytest.raises(ValueError, match="trained with pooling 'latent_attention' but --pooling 'mean'"):
         convert(out=tmp_path / "other", base=str(tiny_base), adapters=[adapter], pooling="mean")
+
+
+def _with_training_record(adapter: Path, folder: Path, record: dict) -> Path:
+    """A copy of `adapter` with `record` as its training_args.json (what `llama-encoder train` writes beside it)."""
+    shutil.copytree(adapter, folder)
+    (folder / "training_args.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_an_adapter_trained_before_templates_were_recorded_keeps_the_space_template(tiny_base, two_adapters,
+                                                                                    tmp_path):
+    """An adapter of an earlier version, trained with an instruction but recording no template, was trained with
+    `...\\nQuery: `: the checkpoint keeps that template (and so its own Sentence Transformers module, the trailing
+    space being inexact for stock pooling); adapters trained without instructions leave the package's template."""
+    legacy = _with_training_record(two_adapters[1], tmp_path / "legacy", {
+        "objective": "supervised", "data": ["triples.jsonl"], "instruction": "Find the animal"})
+    sts_only = _with_training_record(two_adapters[0], tmp_path / "sts", {
+        "objective": "supervised", "data": ["sts.csv"], "data_format": "sts", "instruction": None})
+    assert (read_adapter(legacy).instruction_template, read_adapter(sts_only).instruction_template) == (
+        LEGACY_INSTRUCTION_TEMPLATE, None)
+    result = convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[legacy, sts_only])
+    out = result.out_dir
+    assert json.loads((out / "config.json").read_text())["instruction_template"] == LEGACY_INSTRUCTION_TEMPLATE
+    prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts == {"query": fill_instruction_template(LEGACY_INSTRUCTION_TEMPLATE, DEFAULT_RETRIEVAL_INSTRUCTION),
+                       "document": ""}
+    modules = json.loads((out / "modules.json").read_text())
+    assert [m["type"] for m in modules] == ["sentence_transformers_llama_encoder.LlamaEncoderTransformer"]
+    assert "query prompt" in result.verification["layout"]["custom_reason"]
+
+
+def test_a_damaged_training_record_is_refused_before_anything_is_written(two_adapters, tiny_base, tmp_path):
+    adapter = _with_training_record(two_adapters[1], tmp_path / "bad", {
+        "objective": "supervised", "instruction_template": "Query: ", "prompt_instructions": {"sts": "Find"}})
+    with pytest.raises(ValueError, match=r"training_args.json: instruction_template must .*'\{instruction\}'"):
+        convert(out=tmp_path / "out", base=str(tiny_base), adapters=[adapter])
+    (adapter / "training_args.json").write_text(json.dumps({
+        "objective": "supervised", "instruction_template": "{instruction}\n", "prompt_instructions": {"plain": "x"}}))
+    with pytest.raises(ValueError, match="prompt_name 'plain' is reserved"):
+        convert(out=tmp_path / "out", base=str(tiny_base), adapters=[adapter])
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_refused_before_any_work(tiny_base, tmp_path, monkeypatch):

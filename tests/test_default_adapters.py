@@ -47,6 +47,13 @@ def test_a_modified_or_missing_shipped_file_is_refused(tmp_path):
         default_adapters(tmp_path / "absent")
 
 
+def test_the_shipped_adapters_trained_no_instructions_so_the_package_template_applies():
+    """Their records predate recorded templates; STS pairs with no instruction leave the template to the package."""
+    for stage in ("mntp", "supervised"):
+        adapter = read_adapter(DEFAULT_ADAPTERS_DIR / stage)
+        assert (adapter.instruction_template, adapter.prompt_instructions) == (None, {})
+
+
 def test_untrained_with_an_adapter_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(InputError, match="--untrained.*--adapter"):
         convert(out=tmp_path / "out", untrained=True, adapters=[DEFAULT_ADAPTERS_DIR / "mntp"])
@@ -68,10 +75,12 @@ def test_the_default_merge_equals_the_shipped_adapters_given_explicitly(tmp_path
     card = (default.out_dir / "README.md").read_text()
     assert "## Training" in card and "STS Benchmark train split" in card
     assert "## Training" not in (untrained.out_dir / "README.md").read_text()
-    # the default checkpoint is native all the way: its query prompt ends in a newline, so stock Sentence
-    # Transformers pools exactly the encoder's tokens; the package's own template ("...Query: ") is not exact there
-    modules = [json.loads((r.out_dir / "modules.json").read_text()) for r in (default, explicit)]
-    assert [m["type"] for m in modules[0]][1] == "sentence_transformers.models.Pooling"
-    assert [m["type"] for m in modules[1]] == ["sentence_transformers_llama_encoder.LlamaEncoderTransformer"]
-    assert default.verification["engines"]["sentence_transformers"]["status"] == "verified"
-    assert explicit.verification["engines"]["sentence_transformers"]["status"] == "unsupported"
+    # native all the way, given or by default: the shipped adapters were trained without instructions, so the query
+    # prompt takes the package's template, which ends in a newline, and stock Sentence Transformers pools exactly the
+    # encoder's tokens
+    for result in (default, explicit):
+        modules = json.loads((result.out_dir / "modules.json").read_text())
+        assert modules[1]["type"] == "sentence_transformers.models.Pooling"
+        assert result.verification["engines"]["sentence_transformers"]["status"] == "verified"
+        prompts = json.loads((result.out_dir / "config_sentence_transformers.json").read_text())["prompts"]
+        assert prompts["query"].endswith("\nQuery:\n") and set(prompts) == {"query", "document"}

@@ -188,7 +188,8 @@ def test_evaluate_cli_records_the_dtype_auto_chose(tiny_checkpoint, tmp_path, ca
         monkeypatch.setattr(dtypes, "_onednn_bf16", lambda native=native: native)
         monkeypatch.setattr(dtypes, "_cpu_features", lambda native=native: {"cpu_name": "test CPU", "avx2": True,
                                                                             "avx512_bf16": native})
-        assert cli_main(["evaluate", str(tiny_checkpoint), "--sts", str(sts), "--device", "cpu"]) == 0
+        assert cli_main(["evaluate", str(tiny_checkpoint), "--sts", str(sts), "--device", "cpu", "--format",
+                         "json"]) == 0
         result = json.loads(capsys.readouterr().out)
         assert result["dtype"] == expected, result
         assert result["dtype_choice"].startswith(f"{expected} on cpu (native bfloat16: {'yes' if native else 'no'};")

@@ -110,13 +110,11 @@ def test_jsonl_corpus_with_ids_and_an_instruction(encoder, tmp_path):
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
-        ("c.txt", b"one\n\nthree\n", r"c.txt:2: empty line"),
-        ("c.txt", b"one\n  \n", r"c.txt:2: empty line"),
         ("c.txt", b"one\ntw\xffo\n", r"c.txt:2: not valid UTF-8"),
         ("c.jsonl", b'{"id": 1, "text": "a"}\n\n{"id": 2, "text": "b"\n', r"c.jsonl:3: not valid JSON"),
         ("c.jsonl", b'{"id": 1, "text": "a"}\n{"id": 2}\n', r"c.jsonl:2: missing field 'text'"),
         ("c.jsonl", b'{"text": "a"}\n', r"c.jsonl:1: missing field 'id'"),
-        ("c.jsonl", b'{"id": 1, "text": 5}\n', r"c.jsonl:1: field 'text' must be a non-empty string"),
+        ("c.jsonl", b'{"id": 1, "text": 5}\n', r"c.jsonl:1: field 'text' must be a string; got 5"),
         ("c.jsonl", b'{"id": null, "text": "a"}\n', r"c.jsonl:1: field 'id' must be a string or an integer"),
         ("c.jsonl", b'[1, "a"]\n', r"c.jsonl:1: expected a JSON object"),
         ("c.csv", b"a,b\n", r"give a .txt file"),
@@ -129,6 +127,25 @@ def test_bad_corpus_is_refused_before_anything_is_written(tmp_path, name, conten
     with pytest.raises(ValueError, match=message):
         embed_corpus(FakeEncoder(), path, tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_blank_records_are_embedded_counted_and_warned_about_once(tmp_path, caplog):
+    """A blank text is a record like any other (the encoder gives it the zero vector): ids stay aligned with the
+    lines, and the corpus check says how many there are and where."""
+    txt = tmp_path / "c.txt"
+    txt.write_text("one\n\n  \t\nfour\n", encoding="utf-8")
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(["a", "", " ", "b"])))
+    for path, ids in ((txt, ["0", "1", "2", "3"]), (jsonl, ["d0", "d1", "d2", "d3"])):
+        encoder = FakeEncoder()
+        caplog.clear()
+        summary = embed_corpus(encoder, path, tmp_path / f"out-{path.suffix[1:]}", shard_size=2, show_progress=False)
+        assert summary["num_records"] == 4 and summary["num_blank"] == 2 and summary["manifest"]
+        assert [r.getMessage() for r in caplog.records if "blank" in r.getMessage()] == [
+            f"{path}: 2 of 4 records are empty or blank (lines 2, 3); each gets the zero vector as its embedding."]
+        assert [text for call in encoder.calls for text in call] == (
+            ["one", "", "  \t", "four"] if path is txt else ["a", "", " ", "b"])
+        assert _load(tmp_path / f"out-{path.suffix[1:]}")[0] == ids
 
 
 def test_bad_options_are_refused_before_anything_is_written(corpus_txt, tmp_path):

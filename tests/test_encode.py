@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import random
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from llama_encoder.encoding import Encoder, MTEBModel, length_sorted_batches
+from llama_encoder.encoding import Encoder, length_sorted_batches
 from llama_encoder.modeling_llama_encoder import tokenize_for_encoder
 from tests.numeric import assert_equal_up_to_summation_order, encoder_terms
 
@@ -36,7 +34,7 @@ def encoder(tiny_checkpoint) -> Encoder:
 def _same(got, expected, encoder: Encoder, what: str = "") -> None:
     """Equal up to the summation order of the forward pass and pooling over the longest input here (with the
     instruction prompt): batching, padding and length-sorting reorder the sums and change nothing else."""
-    longest = max(len(encoder.tokenizer(f"Instruct: {INSTRUCTION}\nQuery: {text}")["input_ids"]) for text in TEXTS)
+    longest = max(len(encoder.tokenizer(f"Instruct: {INSTRUCTION}\nQuery:\n{text}")["input_ids"]) for text in TEXTS)
     assert_equal_up_to_summation_order(got, expected, terms=encoder_terms(encoder.model, longest), what=what)
 
 
@@ -80,7 +78,7 @@ def test_length_sorted_batches_respect_budget_rows_and_padding(budget, rows, pad
 
 
 def test_instruction_pairs_equal_the_template_prompt_and_are_not_pooled(encoder):
-    prompt = f"Instruct: {INSTRUCTION}\nQuery: "
+    prompt = f"Instruct: {INSTRUCTION}\nQuery:\n"  # the checkpoint's template (the package's)
     pairs = encoder.encode([(INSTRUCTION, t) for t in TEXTS[:3]])
     _same(pairs, encoder.encode(TEXTS[:3], prompt=prompt), encoder, "prompt")
     _same(pairs, encoder.encode(TEXTS[:3], instruction=INSTRUCTION), encoder, "instruction")
@@ -160,55 +158,3 @@ def test_from_pretrained_refuses_a_plain_llama(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         Encoder.from_pretrained(tmp_path / "empty")
-
-
-class PromptType(str, enum.Enum):
-    """MTEB's prompt types: mteb 1.x says passage, mteb 2 says document."""
-
-    query = "query"
-    passage = "passage"
-    document = "document"
-
-
-def test_mteb_adapter_routes_queries_and_documents(encoder):
-    mteb = MTEBModel(encoder, task_instructions={"AnimalRetrieval": INSTRUCTION})
-    queries = encoder.encode(TEXTS, instruction=INSTRUCTION)
-    documents = encoder.encode_documents(TEXTS)
-    assert np.abs(queries - documents).max() > 1e-3  # so routing a document as a query cannot pass
-    np.testing.assert_allclose(mteb.encode(TEXTS, task_name="AnimalRetrieval", prompt_type="query"), queries, atol=0)
-    for kind in ("document", PromptType.passage, PromptType.document):
-        np.testing.assert_allclose(mteb.encode(TEXTS, task_name="AnimalRetrieval", prompt_type=kind), documents, atol=0)
-    np.testing.assert_allclose(mteb.encode(TEXTS, task_name="OtherTask", prompt_type=PromptType.query),
-                               encoder.encode_queries(TEXTS), atol=0)
-    np.testing.assert_allclose(mteb.encode(TEXTS, task_name="STSB"), encoder.encode(TEXTS), atol=0)
-    np.testing.assert_allclose(mteb.encode(TEXTS, task_name="AnimalRetrieval"), queries, atol=0)
-    with pytest.raises(ValueError, match="prompt_type must be"):
-        mteb.encode(TEXTS, prompt_type="corpus")
-
-
-def test_mteb2_dataloader_batches_and_task_metadata(encoder):
-    mteb = MTEBModel(encoder, task_instructions={"AnimalRetrieval": INSTRUCTION})
-    batches = [{"text": TEXTS[:3]}, {"text": TEXTS[3:], "id": ["x"] * 4}]
-    got = mteb.encode(batches, task_metadata=SimpleNamespace(name="AnimalRetrieval"), prompt_type=PromptType.query,
-                      hf_split="test", hf_subset="default")
-    np.testing.assert_allclose(got, encoder.encode(TEXTS, instruction=INSTRUCTION), atol=0)
-    with pytest.raises(ValueError, match="no 'text' field"):
-        mteb.encode([{"image": [None]}], prompt_type="document")
-
-
-def test_mteb_batch_size_caps_rows_per_forward_call(encoder, monkeypatch):
-    rows = []
-    forward = encoder.model.forward
-
-    def counting_forward(input_ids, **kwargs):
-        rows.append(input_ids.shape[0])
-        return forward(input_ids, **kwargs)
-
-    monkeypatch.setattr(encoder.model, "forward", counting_forward)
-    same_length = [TEXTS[0]] * 5
-    got = MTEBModel(encoder).encode(same_length)
-    assert rows == [5]  # so the cap below is what splits them
-    rows.clear()
-    got = MTEBModel(encoder).encode(same_length, batch_size=2)
-    assert rows == [2, 2, 1]
-    _same(got, _one_at_a_time(encoder, same_length), encoder)

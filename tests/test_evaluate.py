@@ -350,10 +350,11 @@ def test_evaluate_cli_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path, capsys):
     sts.write_text("g\tf\t1\t1\t5.0\tThe cat sat on the mat.\tA cat sat on a mat.\n"
                    "g\tf\t1\t2\t0.5\tThe cat sat on the mat.\tPlants make sugar from light.\n"
                    "g\tf\t1\t3\t2.0\tA dog ran in the park.\tThe cat sat on the mat.\n")
-    assert cli_main(["evaluate", str(tiny_checkpoint), "--sts", str(sts), "--device", "cpu"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    assert cli_main(["evaluate", str(tiny_checkpoint), "--sts", str(sts), "--device", "cpu", "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)["sets"]["sts"]["metrics"]
     assert result["n"] == 3 and -1 <= result["spearman"] <= 1
     files = _write_task(tmp_path)
-    assert cli_main(["evaluate", str(tiny_checkpoint), "--retrieval", *map(str, files), "--device", "cpu"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    assert cli_main(["evaluate", str(tiny_checkpoint), "--retrieval", *map(str, files), "--device", "cpu",
+                     "--format", "json"]) == 0
+    result = json.loads(capsys.readouterr().out)["sets"][tmp_path.name]["metrics"]
     assert result["queries"] == 2 and result["skipped"] == 1 and result["recall@100"] == pytest.approx(1.0)

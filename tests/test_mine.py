@@ -18,7 +18,7 @@ from llama_encoder.training.mine import MiningSettings, mine_negatives, read_cor
 
 WORDS = ("cat dog park mat light sugar plant river stone cloud rain sun moon star tree bird fish road house car "
          "boat hill snow wind").split()
-TEMPLATE = "Instruct: {instruction}\nQuery: "  # the tiny checkpoint's (asserted below)
+TEMPLATE = "Instruct: {instruction}\nQuery:\n"  # the tiny checkpoint's (asserted below)
 TOLERANCE = 1e-5  # batch composition changes float32 sums in the last bits
 
 

@@ -14,6 +14,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import AutoModel, AutoTokenizer, LlamaModel
 
 from llama_encoder.cli import build_parser
+from llama_encoder.configuration_llama_encoder import DEFAULT_INSTRUCTION_TEMPLATE
 from llama_encoder.conversion_scripts.convert import convert
 from llama_encoder.conversion_scripts.layout import (
     NATIVE_POOLING,
@@ -158,6 +159,31 @@ def test_prompt_exclusion_check_agrees_with_sentence_transformers(native):
 
     assert max_cosine_distance(stock.encode(TEXTS, prompt=CLEAN_PROMPT), ours(CLEAN_PROMPT)) <= TOLERANCE
     assert max_cosine_distance(stock.encode(TEXTS, prompt=SPACE_PROMPT), ours(SPACE_PROMPT)) > 100 * TOLERANCE
+
+
+def test_a_plain_convert_is_native_for_stock_sentence_transformers(tiny_checkpoint):
+    """No adapter trained instructions, so the query prompt takes the package's template, which ends in a newline:
+    stock pooling is exact, and `convert --base B` needs no remote code anywhere."""
+    assert DEFAULT_INSTRUCTION_TEMPLATE == "Instruct: {instruction}\nQuery:\n"
+    assert _json(tiny_checkpoint / "config.json")["instruction_template"] == DEFAULT_INSTRUCTION_TEMPLATE
+    prompts = _json(tiny_checkpoint / "config_sentence_transformers.json")["prompts"]
+    assert prompts["query"].endswith("\nQuery:\n") and prompts["document"] == ""
+    assert [m["type"] for m in _json(tiny_checkpoint / "modules.json")][:2] == [
+        "sentence_transformers.models.Transformer", "sentence_transformers.models.Pooling"]
+    engines = _json(tiny_checkpoint / "verification.json")["engines"]
+    assert engines["sentence_transformers"]["status"] == "verified"
+
+
+def test_every_named_prompt_decides_whether_stock_pooling_is_exact(tiny_base):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    tokenizer.pad_token = tokenizer.eos_token  # as convert sets one
+    clean = plan_layout(format="native", pooling_mode="mean", tokenizer=tokenizer,
+                        prompts={"query": CLEAN_PROMPT, "document": "", "sts": "Instruct: Compare\nQuery:\n"})
+    assert clean.sentence_transformers == "native"
+    spaced = plan_layout(format="native", pooling_mode="mean", tokenizer=tokenizer,
+                         prompts={"query": CLEAN_PROMPT, "document": "", "sts": "Instruct: Compare\nQuery: "})
+    assert spaced.sentence_transformers == "custom" and "sts prompt" in spaced.custom_reason
+    assert "query prompt" not in spaced.custom_reason
 
 
 def test_an_inexact_prompt_keeps_the_custom_module_and_the_card_says_why(tiny_base, tmp_path):

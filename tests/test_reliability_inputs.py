@@ -281,10 +281,17 @@ def encoder(tiny_checkpoint) -> Encoder:
 @pytest.mark.parametrize(("inputs", "index"), [
     ([""], 0), (["a cat", "   \n\t"], 1), ([("Find the animal", "")], 0), (["a cat", ("Find", " ")], 1),
 ], ids=["empty", "blank", "pair-with-empty-text", "pair-with-blank-text"])
-def test_empty_and_blank_texts_are_refused(encoder, inputs, index):
-    with pytest.raises(ValueError, match=rf"Input {index} is an empty or blank text, which has nothing to embed; "
-                                         "remove it or give a text"):
-        encoder.encode(inputs)
+def test_empty_and_blank_texts_get_the_zero_vector_with_a_warning(encoder, inputs, index, caplog):
+    """A corpus must not stop for one blank text: it gets the zero vector (cosine 0 with everything), the others
+    what they get alone, and one warning counts the blanks."""
+    with caplog.at_level(logging.WARNING):
+        got = encoder.encode(inputs)
+    assert [r.getMessage() for r in caplog.records if "blank" in r.getMessage()] == [
+        f"1 of {len(inputs)} inputs are empty or blank; each gets the zero vector as its embedding."]
+    assert np.array_equal(got[index], np.zeros(encoder.dimension, dtype=np.float32))
+    others = [item for position, item in enumerate(inputs) if position != index]
+    if others:
+        np.testing.assert_array_equal(np.delete(got, index, axis=0), encoder.encode(others))  # batched alike
 
 
 @pytest.mark.parametrize("item", [None, 3, b"bytes", ("instruction", None), ["a", "b", "c"], {"text": "a"}],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llama_encoder.configuration_llama_encoder import DEFAULT_INSTRUCTION_TEMPLATE, fill_instruction_template
-from llama_encoder.training.contrastive import read_training_sets
+from llama_encoder.training.contrastive import named_prompts, read_training_sets
 from llama_encoder.training.data import ScoredPair, Triple, read_supervised, read_texts
 from llama_encoder.training.recipe import read_recipe, specs_from_files
 
@@ -136,9 +136,9 @@ def test_recipes_read_paths_from_their_folder_with_an_instruction_per_dataset(tm
     assert (specs[0].max_examples, specs[1].format, specs[1].loss) == (3, "sts", "cosent")
     sets = read_training_sets("supervised", specs, instruction_template=DEFAULT_INSTRUCTION_TEMPLATE, seed=0)
     assert [(s.name, s.kind, len(s)) for s in sets] == [("qa", "infonce", 3), ("sts", "cosent", 2)]
-    assert sets[0].prompts == {"anchor": "Instruct: Answer the question\nQuery: "}  # documents get none
-    assert sets[1].prompts == {"sentence1": "Instruct: Find a paraphrase\nQuery: ",
-                               "sentence2": "Instruct: Find a paraphrase\nQuery: "}
+    assert sets[0].prompts == {"anchor": "Instruct: Answer the question\nQuery:\n"}  # documents get none
+    assert sets[1].prompts == {"sentence1": "Instruct: Find a paraphrase\nQuery:\n",
+                               "sentence2": "Instruct: Find a paraphrase\nQuery:\n"}
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])
@@ -178,8 +178,57 @@ def test_records_with_their_own_instruction_become_datasets_of_their_own(tmp_pat
     sets = read_training_sets("supervised", specs, instruction_template=DEFAULT_INSTRUCTION_TEMPLATE, seed=0)
     assert [(s.name, s.instruction, s.columns["anchor"]) for s in sets] == [
         ("words-0", "Find a rhyme", ["q1", "q3"]), ("words-1", "Find a synonym", ["q2"])]
-    assert [s.prompts["anchor"] for s in sets] == ["Instruct: Find a rhyme\nQuery: ",
-                                                   "Instruct: Find a synonym\nQuery: "]
+    assert [s.prompts["anchor"] for s in sets] == ["Instruct: Find a rhyme\nQuery:\n",
+                                                   "Instruct: Find a synonym\nQuery:\n"]
+    # the dataset's own instruction keeps the dataset's prompt name; the records' own is named like its set
+    assert named_prompts(sets) == {"words-0": "Find a rhyme", "words": "Find a synonym"}
+
+
+def test_task_prompts_are_named_per_dataset_and_may_be_shared_by_one_instruction(tmp_path):
+    for name in ("squad", "nq", "sts"):
+        _jsonl(tmp_path / f"{name}.jsonl", TRIPLES)
+    recipe = _recipe(tmp_path / "r.yaml", [
+        {"name": "squad", "path": "squad.jsonl", "instruction": "Retrieve the answer", "prompt_name": "query"},
+        {"name": "nq", "path": "nq.jsonl", "instruction": "Retrieve the answer", "prompt_name": "query"},
+        {"name": "sts", "path": "sts.jsonl", "instruction": "Retrieve a paraphrase"},
+    ])
+    sets = read_training_sets("supervised", read_recipe(recipe), instruction_template=DEFAULT_INSTRUCTION_TEMPLATE,
+                              seed=0)
+    assert [(s.name, s.prompt_name) for s in sets] == [("squad", "query"), ("nq", "query"), ("sts", "sts")]
+    assert named_prompts(sets) == {"query": "Retrieve the answer", "sts": "Retrieve a paraphrase"}
+
+
+def test_one_prompt_name_for_two_instructions_or_a_reserved_one_is_refused_naming_the_entry(tmp_path):
+    for name in ("a", "b", "document"):
+        _jsonl(tmp_path / f"{name}.jsonl", TRIPLES)
+    recipe = _recipe(tmp_path / "r.json", [
+        {"name": "a", "path": "a.jsonl", "instruction": "Find the answer", "prompt_name": "task"},
+        {"name": "b", "path": "b.jsonl", "instruction": "Find the pet", "prompt_name": "task"},
+    ])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(recipe))}: dataset 2 \(b\): prompt name 'task' is "
+                                         r"already dataset 1's \(a\) with another instruction"):
+        read_recipe(recipe)
+    recipe = _recipe(tmp_path / "r.json", [{"name": "a", "path": "a.jsonl", "instruction": "x", "prompt_name": "a b"}])
+    with pytest.raises(ValueError, match=r"dataset 1 \(a\): prompt_name 'a b' must be letters, digits"):
+        read_recipe(recipe)
+    recipe = _recipe(tmp_path / "r.json", [{"path": "document.jsonl", "instruction": "Find it"}])
+    with pytest.raises(ValueError, match=r"dataset 1 \(document\): prompt_name 'document' is reserved.*the "
+                                         "dataset's name"):
+        read_recipe(recipe)
+    # a dataset without an instruction names no prompt
+    recipe = _recipe(tmp_path / "r.json", [{"path": "document.jsonl"}])
+    assert read_recipe(recipe)[0].name == "document"
+    # records' own instructions are named like their set, which another dataset's prompt name may not reuse
+    _jsonl(tmp_path / "mixed.jsonl", [{**TRIPLES[0], "instruction": "Find a rhyme"}, TRIPLES[1]])
+    recipe = _recipe(tmp_path / "r.json", [
+        {"name": "mixed", "path": "mixed.jsonl", "instruction": "Find a synonym"},
+        {"name": "b", "path": "b.jsonl", "instruction": "Find the pet", "prompt_name": "mixed-0"},
+    ])
+    sets = read_training_sets("supervised", read_recipe(recipe), instruction_template=DEFAULT_INSTRUCTION_TEMPLATE,
+                              seed=0)
+    with pytest.raises(ValueError, match=r"Dataset b \(.*b.jsonl\): its instruction 'Find the pet' would be prompt "
+                                         "'mixed-0', which dataset mixed-0 trains with 'Find a rhyme'"):
+        named_prompts(sets)
 
 
 # --- the batches a run trains on --------------------------------------------------------------------------------
@@ -293,3 +342,23 @@ def test_grouped_pairs_need_no_deduplication():
     rows = [{"sentence1": "same sentence", "sentence2": f"other {i}", "score": float(i % 5)} for i in range(32)]
     assert sum(map(len, _grouped(rows, 4, deduplicate=False))) == 32
     assert _grouped(rows, 4) == []  # with the duplicate rule no two rows can share a batch
+
+
+def test_max_negatives_keeps_each_records_first_negatives_and_refuses_records_with_fewer(tmp_path):
+    records = [{"query": "q1", "positive": "p1", "negatives": ["n1a", "n1b"]},
+               {"query": "q2", "positive": "p2", "negatives": ["n2a"]}]
+    path = _jsonl(tmp_path / "nli.jsonl", records)
+    with pytest.raises(ValueError, match=r"different numbers of hard negatives \(\[1, 2\]\).*max_negatives"):
+        read_supervised(path)
+    kept = read_supervised(path, max_negatives=1)
+    assert [(t.query, t.negatives) for t in kept.triples] == [("q1", ("n1a",)), ("q2", ("n2a",))]
+    assert [t.negatives for t in read_supervised(path, max_negatives=0).triples] == [(), ()]
+    with pytest.raises(ValueError, match="1 of 2 triples in .*nli.jsonl have fewer than 2 hard negatives"):
+        read_supervised(path, max_negatives=2)
+    recipe = _recipe(tmp_path / "r.yaml", [{"name": "nli", "path": "nli.jsonl", "max_negatives": 1}])
+    sets = read_training_sets("supervised", read_recipe(recipe), instruction_template=DEFAULT_INSTRUCTION_TEMPLATE,
+                              seed=0)
+    assert sets[0].columns == {"anchor": ["q1", "q2"], "positive": ["p1", "p2"], "negative_1": ["n1a", "n2a"]}
+    bad = _recipe(tmp_path / "bad.yaml", [{"name": "nli", "path": "nli.jsonl", "max_negatives": -1}])
+    with pytest.raises(ValueError, match="dataset 1 \\(nli\\): max_negatives must be 0 or more"):
+        read_recipe(bad)

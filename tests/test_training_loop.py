@@ -5,6 +5,7 @@ keeps MNTP's token mean under gradient accumulation, and refuses bad arguments b
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from peft import PeftModel
@@ -179,9 +180,57 @@ def test_trained_adapters_convert_into_the_model_peft_would_merge(tiny_base, tmp
     assert_equal_up_to_summation_order(converted, expected, terms=encoder_terms(model, 32) + 2 * (16 + 4))
 
 
+def test_a_recipe_names_its_task_prompts_and_the_checkpoint_serves_them_by_name(tiny_base, tmp_path, sts_file):
+    """A recipe with a retrieval task named `query` and an STS task: the adapter records both instructions by name
+    and the template they were written with; the converted checkpoint saves both prompts in that template, stays
+    native for stock Sentence Transformers, verifies and documents the task prompt, and stock
+    `SentenceTransformer(path).encode(prompt_name="sts")` embeds like `Encoder` with the same prompt."""
+    from sentence_transformers import SentenceTransformer
+
+    from llama_encoder.configuration_llama_encoder import DEFAULT_INSTRUCTION_TEMPLATE, fill_instruction_template
+    from llama_encoder.conversion_scripts.convert import convert
+    from llama_encoder.encoding.encode import Encoder
+
+    retrieval, similar = "Given a question, retrieve the sentence that answers it", "Retrieve semantically similar text"
+    records = [{"query": f"Where is thing {i}?", "positive": f"Thing {i} is in room {i * 7 % 11}."} for i in range(8)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "recipe.json").write_text(json.dumps({"datasets": [
+        {"name": "qa", "path": "qa.jsonl", "instruction": retrieval, "prompt_name": "query"},
+        {"name": "sts", "path": sts_file.name, "format": "sts", "loss": "cosent", "instruction": similar}]}))
+    adapter = tmp_path / "tasks"
+    train(_args(tiny_base, tmp_path, objective="supervised", recipe=str(tmp_path / "recipe.json"), data=[],
+                out=str(adapter), max_steps=2, lora_dropout=0.0))
+    record = json.loads((adapter / "training_args.json").read_text())
+    assert record["instruction_template"] == DEFAULT_INSTRUCTION_TEMPLATE == "Instruct: {instruction}\nQuery:\n"
+    assert record["prompt_instructions"] == {"query": retrieval, "sts": similar}
+
+    result = convert(out=tmp_path / "encoder", base=str(tiny_base), adapters=[adapter])
+    out = result.out_dir
+    prompts = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    assert prompts == {"query": fill_instruction_template(DEFAULT_INSTRUCTION_TEMPLATE, retrieval), "document": "",
+                       "sts": fill_instruction_template(DEFAULT_INSTRUCTION_TEMPLATE, similar)}
+    assert json.loads((out / "config.json").read_text())["instruction_template"] == DEFAULT_INSTRUCTION_TEMPLATE
+    assert json.loads((out / "modules.json").read_text())[1]["type"] == "sentence_transformers.models.Pooling"
+    report = result.verification
+    assert report["prompts"] == ["query", "sts"]
+    assert {check["name"] for check in report["checks"] if check.get("prompt") == "sts"} >= {
+        "sentence_transformers_native_vs_reference", "automodel_vs_reference"}
+    assert 'prompt_name="sts"' in (out / "README.md").read_text()
+
+    texts = ["A cat sits on the mat.", "x", "Plants make sugar from light, water and air."]
+    encoder = Encoder.from_pretrained(out, device="cpu", dtype="float32")
+    ours = encoder.encode(texts, prompt_name="sts")
+    stock = SentenceTransformer(str(out), device="cpu").encode(texts, prompt_name="sts")
+    longest = max(len(encoder.tokenizer(prompts["sts"] + text)["input_ids"]) for text in texts)
+    assert_equal_up_to_summation_order(stock, ours, terms=encoder_terms(encoder.model, longest))
+    assert not np.allclose(ours, encoder.encode(texts, prompt_name="query"), atol=1e-3)  # another prompt
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
+        (dict(objective="supervised", instruction_template="Query: "),
+         "--instruction-template must contain the placeholder"),
         (dict(batch_size=6, grad_accum=4), "must divide evenly into --grad-accum 4"),
         (dict(batch_size=64), "fewer than one batch of 64; lower --batch-size"),
         (dict(lr=0.0), "--lr must be positive"),
@@ -412,6 +461,23 @@ def test_resume_with_a_changed_lora_rank_names_the_option_before_building_the_mo
     monkeypatch.setattr(run_module, "load_training_model", lambda **_: pytest.fail("the model was built first"))
     with pytest.raises(ValueError, match=r"arguments differ from the interrupted run \(lora_r: 16 -> 8\)"):
         train(_args(tiny_base, tmp_path, resume=True, lora_r=8, **common))
+
+
+@pytest.mark.parametrize(
+    ("saved", "template"),
+    [
+        (dict(objective="supervised", instruction="Find the pet"), "Instruct: {instruction}\nQuery: "),
+        (dict(objective="supervised", recipe="recipe.yaml"), "Instruct: {instruction}\nQuery: "),
+        (dict(objective="supervised", data=["sts.csv"]), "Instruct: {instruction}\nQuery:\n"),
+        (dict(objective="mntp", data=["texts.txt"]), "Instruct: {instruction}\nQuery:\n"),
+    ],
+)
+def test_a_run_saved_before_templates_were_recorded_resumes_with_the_template_it_used(saved, template):
+    """Earlier versions wrote instructions as `...\\nQuery: ` and recorded no template: a run given an instruction
+    (or a recipe) resumes with that template, so continuing it with today's default is refused as a change."""
+    from llama_encoder.training.arguments import saved_arguments
+
+    assert saved_arguments({"out": "adapter", **saved}).instruction_template == template
 
 
 def test_a_run_saved_with_bf16_resumes_as_dtype_bfloat16(tiny_base, tmp_path, texts_file, monkeypatch):

@@ -23,7 +23,7 @@ POSITIVES = ["The cat sat on the mat.", "Plants make sugar from light.", "A dog 
              "Sugar from plants is sweet."]
 NEGATIVES = ["A park.", "Light.", "The mat is red.", "Plants grow."]
 INSTRUCTION = "Given a question, retrieve the sentence that answers it"
-PROMPT = f"Instruct: {INSTRUCTION}\nQuery: "  # the default instruction template, written out
+PROMPT = f"Instruct: {INSTRUCTION}\nQuery:\n"  # the default instruction template, written out
 SCORES = [0.5, 4.0, 2.5, 1.0]
 BATCH = 4
 

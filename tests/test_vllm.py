@@ -278,6 +278,34 @@ def test_engine_vllm_refuses_a_remote_code_checkpoint_before_starting(tmp_path, 
         VllmEncoder(remote, python=sys.executable)
 
 
+def test_vllm_encoder_gives_blank_texts_the_zero_vector_without_sending_them(fake_vllm, tmp_path, caplog):
+    """vLLM refuses an input of no tokens and would pool a blank text's prompt or whitespace: `VllmEncoder` sends
+    only the other texts (the fake embeds each as [len(prompt + text), 1, 0, call number]) and gives the blank
+    ones the zero vector, as the checkpoint's own code does; a call of blanks only sends nothing."""
+    (tmp_path / "model" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaModel"], "pooling_mode": "mean",
+        "normalize_embeddings": False, "hidden_size": 4}))
+    with VllmEncoder(tmp_path / "model", python=sys.executable, threads=1, timeout=60) as encoder:
+        with caplog.at_level(logging.WARNING, logger=engine.logger.name):
+            got = encoder.encode(["a", "", "abc", " \n\t"], prompt="q: ")
+        blanks_only = encoder.encode(["", "   "])
+        after = encoder.encode(["hello"])
+    np.testing.assert_array_equal(got, np.array([[4, 1, 0, 1], [0, 0, 0, 0], [6, 1, 0, 1], [0, 0, 0, 0]],
+                                                dtype=np.float32))
+    assert got.dtype == np.float32 and blanks_only.shape == (2, 4) and not blanks_only.any()
+    np.testing.assert_array_equal(after, np.array([[5, 1, 0, 2]], dtype=np.float32))  # the blanks-only call sent none
+    assert [r.getMessage() for r in caplog.records if "blank" in r.getMessage()] == [
+        "2 of 4 inputs are empty or blank; each gets the zero vector as its embedding.",
+        "2 of 2 inputs are empty or blank; each gets the zero vector as its embedding."]
+
+
+def test_vllm_embedder_refuses_an_empty_text_before_sending_it(fake_vllm, tmp_path):
+    with VllmEmbedder(tmp_path / "model", python=sys.executable, threads=1, timeout=60) as embedder:
+        with pytest.raises(InputError, match="Text 1 is empty, which vLLM refuses"):
+            embedder.embed(["a", ""])
+        np.testing.assert_array_equal(embedder.embed(["ab"]), [[2, 1, 0, 1]])  # the same vLLM process serves on
+
+
 def test_the_engine_is_part_of_a_runs_identity(tmp_path):
     class Fake:
         name_or_path, prompts = "fake-model", {}
@@ -403,12 +431,13 @@ def mean_run(native_mean, vllm_python, corpus, tmp_path_factory):
         finally:
             engine.logger.removeHandler(records)
         warnings = [m for m in records.messages if "pools every input token" in m]
+        blanks = encoder.encode([DOCUMENTS[0], "", DOCUMENTS[1], " \n\t"])
         info = dict(encoder.info)
         first = embed_corpus(encoder, corpus, out, shard_size=SHARD_SIZE, shard_index=0, num_shards=2,
                              show_progress=False)
         second = embed_corpus(encoder, corpus, out, shard_size=SHARD_SIZE, show_progress=False)
     return {"documents": documents, "queries": queries, "info": info, "warnings": warnings, "out": out,
-            "first": first, "second": second, "prompt": encoder.prompts["query"]}
+            "first": first, "second": second, "prompt": encoder.prompts["query"], "blanks": blanks}
 
 
 @pytest.fixture(scope="module")
@@ -475,6 +504,17 @@ def test_vllm_last_token_documents_and_queries_equal_ours(last_run, native_last)
     assert cosines(documents, ours).min() >= THRESHOLD
     assert cosines(documents, causal).min() < CAUSAL_BELOW
     assert cosines(queries, ours_queries).min() >= THRESHOLD
+
+
+@pytest.mark.integration
+def test_vllm_encoder_embeds_blank_texts_as_zero_like_the_checkpoints_code(mean_run, native_mean):
+    """vLLM itself refuses "" (SmolLM2 adds no BOS: no token) and would pool whitespace: VllmEncoder gives blank
+    texts the zero vector, the checkpoint's Hub code gives the same, and the other texts are unchanged."""
+    got = mean_run["blanks"]
+    assert got.shape == (4, 576) and not got[[1, 3]].any()
+    assert cosines(got[[0, 2]], mean_run["documents"][:2]).min() >= THRESHOLD
+    assert not reference(native_mean, ["", " \n\t"]).any()
+    assert not reference(native_mean, ["", " "], mean_run["prompt"]).any()
 
 
 @pytest.mark.integration

@@ -36,9 +36,10 @@ def tiny_encoder(seed: int = 0, **overrides):
     return LlamaEncoderModel(tiny_encoder_config(**overrides)).eval()
 
 
-def tiny_bpe_tokenizer(corpus: list[str], chat_template: str | None = None):
-    """A byte-level BPE fast tokenizer (like Llama 3's and SmolLM2's) trained on `corpus`; it adds a BOS token,
-    has no pad token, and ids 0, 1, 2 are `<|pad|>`, `<|begin|>` (BOS) and `<|end|>` (EOS) as in TINY_LLAMA."""
+def tiny_bpe_tokenizer(corpus: list[str], chat_template: str | None = None, *, add_bos: bool = True):
+    """A byte-level BPE fast tokenizer (like Llama 3's and SmolLM2's) trained on `corpus`; it adds a BOS token
+    (like Llama 3's; with `add_bos=False` none, like SmolLM2's, so "" has no token), has no pad token, and ids 0, 1, 2
+    are `<|pad|>`, `<|begin|>` (BOS) and `<|end|>` (EOS) as in TINY_LLAMA."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,7 +55,7 @@ def tiny_bpe_tokenizer(corpus: list[str], chat_template: str | None = None):
     backend.train_from_iterator(corpus * 3, trainer)
     backend.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|begin|> $A", special_tokens=[("<|begin|>", 1)]),
+        *([processors.TemplateProcessing(single="<|begin|> $A", special_tokens=[("<|begin|>", 1)])] if add_bos else []),
     ])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin|>", eos_token="<|end|>")
     if chat_template is not None:

@@ -117,7 +117,8 @@ def hub_file_sources() -> dict[str, Path]:
 
 
 def default_prompts(config: LlamaEncoderConfig) -> dict[str, str]:
-    """`{"query": the config's instruction template filled with a generic retrieval instruction, "document": ""}`."""
+    """`{"query": the config's instruction template filled with a generic retrieval instruction, "document": ""}`;
+    `convert` adds the task prompts the adapters were trained with, by name."""
     return {
         "query": config.instruction_prompt(DEFAULT_RETRIEVAL_INSTRUCTION),
         "document": "",
@@ -264,14 +265,14 @@ def write_sentence_transformers_files(
     layout: CheckpointLayout | None = None,
 ) -> None:
     """Write `modules.json`, `sentence_bert_config.json` and `config_sentence_transformers.json` (`prompts`
-    {"query", "document"}, default `default_prompts(config)`; no default prompt; cosine similarity; version
-    requirements). The modules are the stock Transformer + Pooling (+ Normalize) when `layout` says
+    {"query", "document", and any named task prompts}, default `default_prompts(config)`; no default prompt; cosine
+    similarity; version requirements). The modules are the stock Transformer + Pooling (+ Normalize) when `layout` says
     `sentence_transformers="native"`, else one module, `LlamaEncoderTransformer`, in the root (the default)."""
     out_dir = _existing_folder(out_dir)
     prompts = dict(default_prompts(config) if prompts is None else prompts)
-    for name in ("query", "document"):
-        if not isinstance(prompts.get(name), str):
-            raise InputError(f"prompts must map 'query' and 'document' to strings (use '' for none); got {prompts!r}.")
+    if not all(isinstance(prompts.get(name), str) for name in ("query", "document", *prompts)):
+        raise InputError(f"prompts must map 'query', 'document' and any other names to strings (use '' for none); "
+                         f"got {prompts!r}.")
     if not isinstance(max_seq_length, int) or max_seq_length < 1:
         raise InputError(f"max_seq_length must be a positive number of tokens; got {max_seq_length!r}.")
     if max_seq_length > config.max_position_embeddings:
@@ -525,8 +526,10 @@ def _verification_section(verification: dict | None) -> list[str]:
         return lines + ["This checkpoint was written without verification."]
     reference = verification.get("reference")
     compared = f"with each other and with {reference}" if reference else "with each other (no reference was given)"
+    prompts = verification.get("prompts") or ["query"]
+    behind = "the query prompt" if prompts == ["query"] else f"each prompt ({', '.join(prompts)})"
     lines.append(
-        f"At conversion, {verification['num_sentences']} sentences were embedded with and without the query prompt "
+        f"At conversion, {verification['num_sentences']} sentences were embedded with no prompt and behind {behind} "
         "by `AutoModel` (with the checkpoint's `tokenize_for_encoder`) and by `SentenceTransformer`, each loading "
         f"this folder in a fresh Python process without llama-encoder, and compared {compared}."
     )
@@ -630,6 +633,23 @@ def write_model_card(
         if prompts["document"]
         else ["Documents are embedded without a prompt."]
     )
+    task_prompts = {name: prompt for name, prompt in prompts.items() if name not in ("query", "document")}
+    if task_prompts:
+        example = next(iter(task_prompts))
+        document_prompt += [
+            "",
+            "The task prompts the adapters were trained with, by name (attended to but not pooled):",
+            "",
+            "| name | prompt, as a Python string |",
+            "|---|---|",
+            *[f"| `{name}` | `{_quoted(prompt)}` |" for name, prompt in task_prompts.items()],
+            "",
+            "Sentence Transformers and llama-encoder's `Encoder` take them by name:",
+            "",
+            "```python",
+            f'embeddings = model.encode(["A man is playing a guitar."], prompt_name={_quoted(example)})',
+            "```",
+        ]
     body = [
         f"# {base_name.rstrip('/').split('/')[-1]} encoder",
         "",

@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_directory, check_destination
-from ..configuration_llama_encoder import LATENT_ATTENTION_KEYS, POOLING_MODES, LlamaEncoderConfig
+from ..configuration_llama_encoder import (
+    DEFAULT_INSTRUCTION_TEMPLATE,
+    LATENT_ATTENTION_KEYS,
+    POOLING_MODES,
+    LlamaEncoderConfig,
+    fill_instruction_template,
+)
 from ..dtypes import DTYPES
 from ..errors import InputError
 from ..modeling_llama_encoder import LatentAttentionPooling
@@ -41,7 +47,13 @@ from .checkpoint import (
 )
 from .layout import DEFAULT_FORMAT, binding_window, drop_idle_window, plan_layout
 from .manifest import write_verification_manifest
-from .verify import DEFAULT_SENTENCES, WrittenWeights, compute_reference_embeddings, verify_checkpoint
+from .verify import (
+    DEFAULT_SENTENCES,
+    WrittenWeights,
+    compute_reference_embeddings,
+    verified_prompts,
+    verify_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +128,24 @@ def _matryoshka_dimensions(adapters: list[LoraAdapter], hidden_size: int) -> lis
         raise InputError(f"{saved.path}/pooling_config.json: matryoshka_dimensions must be a list of sizes up to "
                          f"{hidden_size}; found {dims!r}.")
     return sorted(set(dims) | {hidden_size})
+
+
+def _trained_prompts(adapters: list[LoraAdapter]) -> tuple[str, dict[str, str]]:
+    """The checkpoint's instruction template and the task prompts its adapters were trained with, by name.
+
+    The template is the one the last adapter trained with instructions wrote them with (an adapter of an earlier
+    version that records none: `LEGACY_INSTRUCTION_TEMPLATE`, see `weights.lora.trained_instruction_template`);
+    with no such adapter (none, MNTP, SimCSE, data without instructions, or adapters trained elsewhere) it is
+    `DEFAULT_INSTRUCTION_TEMPLATE`. Each named prompt is its instruction written with its own adapter's template, a
+    later adapter's prompt replacing an earlier one of the same name."""
+    template, prompts = DEFAULT_INSTRUCTION_TEMPLATE, {}
+    for adapter in adapters:
+        if adapter.instruction_template is None:
+            continue
+        template = adapter.instruction_template
+        for name, instruction in sorted(adapter.prompt_instructions.items()):
+            prompts[name] = fill_instruction_template(template, instruction)
+    return template, prompts
 
 
 def _initial_latent_head(config: LlamaEncoderConfig) -> dict[str, torch.Tensor]:
@@ -194,8 +224,12 @@ def convert(
     `base` is a local HF folder or a Hub repo id, `gguf` a GGUF file; with neither, the embedded SmolLM2-135M-Instruct.
     `adapters=None` means: the shipped default adapters for the embedded base (MNTP + supervised, see
     `weights.default_adapters`), none for any other base; `untrained=True` keeps the bare embedded base.
-    `pooling` defaults to what the last adapter was trained with, else mean. The query prompt is `query_prompt`
-    verbatim, or the config's instruction template filled with `query_instruction`. `format`: "native" (a stock
+    `pooling` defaults to what the last adapter was trained with, else mean. The instruction template is the one the
+    last adapter trained with instructions was trained with (`Instruct: {instruction}\\nQuery:\\n` without one); the
+    checkpoint's prompts are `query` (that template filled with `query_instruction`, else with a generic retrieval
+    instruction; or `query_prompt` verbatim), `document` (`document_prompt`, default none) and every task prompt
+    the adapters were trained with, under its name (a trained `query` prompt is the query prompt unless one is
+    given). `format`: "native" (a stock
     bidirectional Llama config and, where exact, stock Sentence Transformers modules: transformers >= 5.2, vLLM and
     TEI load it without our code) or "remote-code" (see `layout`). `vllm`: also verify with vLLM (None: when a vLLM
     interpreter is found, see `engines.vllm.find_vllm_python`; `vllm_python` names one). Returns a `ConvertResult`;
@@ -247,9 +281,11 @@ def convert(
         )
         head = _initial_latent_head(config)
 
-    if shipped is not None:
-        config.instruction_template = shipped.instruction_template
-    prompts = default_prompts(config)
+    config.instruction_template, trained = _trained_prompts(loaded)
+    prompts = {**default_prompts(config), **trained}
+    if trained:
+        logger.info("Task prompts the adapters were trained with: %s (instruction template %r)",
+                    ", ".join(sorted(trained)), config.instruction_template)
     if query_instruction is not None:
         prompts["query"] = config.instruction_prompt(query_instruction)
     if query_prompt is not None:
@@ -268,8 +304,8 @@ def convert(
                          window=binding_window(config, max_seq_length))
     if layout.native and layout.sentence_transformers == "custom":
         logger.warning("The checkpoint keeps its own Sentence Transformers module (SentenceTransformer then needs "
-                       "trust_remote_code=True): %s. Pass --query-prompt with a prompt ending in a newline to make it "
-                       "native.", layout.custom_reason)
+                       "trust_remote_code=True): %s. Pass --query-prompt with a prompt ending in a newline (and train "
+                       "with an --instruction-template ending in one) to make it native.", layout.custom_reason)
     records = [_adapter_record(adapter) for adapter in loaded]
     # What the merged shards take in the output dtype (the other files are small), for a disk-full message.
     needed = torch_dtype.itemsize * (sum(map(math.prod, shapes.values())) + sum(t.numel() for t in head.values()))
@@ -298,12 +334,9 @@ def convert(
         written = WrittenWeights(tmp, reference="that second merge in float32, before rounding")
         model = _reference_model(source, loaded, head, config, torch_dtype, written)
         del head
-        expected = {
-            "plain": compute_reference_embeddings(model, source.tokenizer, DEFAULT_SENTENCES,
-                                                  max_length=max_seq_length),
-            "query": compute_reference_embeddings(model, source.tokenizer, DEFAULT_SENTENCES, prompts["query"],
-                                                  max_length=max_seq_length),
-        }
+        expected = {name: compute_reference_embeddings(model, source.tokenizer, DEFAULT_SENTENCES, prompt,
+                                                       max_length=max_seq_length)
+                    for name, prompt in verified_prompts(prompts).items()}
         del model
         gc.collect()
         report = verify_checkpoint(tmp, expected=expected, reference=reference, weights=written, tolerance=tolerance,

@@ -3,15 +3,15 @@
 The checkpoint is loaded in a fresh Python process where `llama_encoder` cannot be imported (even if installed), with
 `HF_HUB_OFFLINE=1`: once with `AutoModel.from_pretrained(..., trust_remote_code=True)` and the checkpoint's own
 `tokenize_for_encoder`, once with `SentenceTransformer(..., trust_remote_code=True)`. Both must embed a fixed list of
-sentences (with and without the query prompt) like each other and like a reference model, and `WrittenWeights` reads
-tensors back from the shards to compare them with independently computed values. The report says, check by check,
-what was compared with what; `verification.json` then lists every file with its sha256 and size, and `push` refuses a
-folder that differs.
+sentences (with no prompt, and behind each of the checkpoint's prompts) like each other and like a reference model,
+and `WrittenWeights` reads tensors back from the shards to compare them with independently computed values. The
+report says, check by check, what was compared with what; `verification.json` then lists every file with its sha256
+and size, and `push` refuses a folder that differs.
 
 Typical use, so that the model card carries the figures and is still covered by the manifest:
 
-    expected = {"plain": compute_reference_embeddings(model, tokenizer, DEFAULT_SENTENCES),
-                "query": compute_reference_embeddings(model, tokenizer, DEFAULT_SENTENCES, query_prompt)}
+    expected = {name: compute_reference_embeddings(model, tokenizer, DEFAULT_SENTENCES, prompt)
+                for name, prompt in verified_prompts(prompts).items()}
     report = verify_checkpoint(out_dir, expected=expected, reference="...", write_manifest=False)
     write_model_card(out_dir, ..., verification=report)
     write_verification_manifest(out_dir, report)
@@ -25,7 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,7 +43,6 @@ from .manifest import MANIFEST_FORMAT, write_verification_manifest
 
 logger = logging.getLogger(__name__)
 
-PROMPT_NAMES = ("plain", "query")
 LOADERS = ("automodel", "sentence_transformers")  # with trust_remote_code: the checkpoint's own code
 NATIVE_LOADERS = ("automodel_native", "sentence_transformers_native")  # stock code, no trust_remote_code
 
@@ -396,11 +395,20 @@ def _check_hub_files(out_dir: Path) -> dict:
     return {"name": "hub_files_match_package", "files": list(HUB_FILES), "passed": True}
 
 
-def _saved_query_prompt(out_dir: Path) -> str:
+def verified_prompts(prompts: Mapping[str, str]) -> dict[str, str]:
+    """The inputs verification embeds, by name: `plain` (no prompt), `query` (the query prompt, also when empty) and
+    every other non-empty prompt of `prompts` (a checkpoint's: a document prompt, the task prompts its adapters were
+    trained with) under its own name."""
+    checked = {"plain": "", "query": prompts.get("query", "")}
+    checked.update({name: prompt for name, prompt in prompts.items() if prompt and name not in checked})
+    return checked
+
+
+def _saved_prompts(out_dir: Path) -> dict[str, str]:
     path = out_dir / "config_sentence_transformers.json"
     if not path.is_file():
         raise MissingInputError(f"{path} is missing; write the checkpoint with write_checkpoint first.")
-    return json.loads(path.read_text(encoding="utf-8")).get("prompts", {}).get("query", "")
+    return json.loads(path.read_text(encoding="utf-8")).get("prompts", {})
 
 
 def layout_of(out_dir: Path) -> CheckpointLayout:
@@ -477,9 +485,10 @@ def verify_checkpoint(
     """Check that the checkpoint in `out_dir` loads without llama-encoder and embeds like a reference model, with
     every loader its layout claims.
 
-    Takes the folder; `expected`, a reference model's embeddings of `sentences` under the keys `"plain"` (no
-    prompt) and/or `"query"` (behind `query_prompt`), from `compute_reference_embeddings` (None: the loaders are
-    only compared with each other); `reference`, what that model is, in words for the report and the model card
+    Takes the folder; `expected`, a reference model's embeddings of `sentences` under the keys of
+    `verified_prompts` (`"plain"`: no prompt; `"query"`: behind `query_prompt`; the checkpoint's other prompts
+    under their names), any of them, from `compute_reference_embeddings` (None: the loaders are only compared with
+    each other); `reference`, what that model is, in words for the report and the model card
     (default: "the in-memory model the checkpoint was written from"); `weights`, a `WrittenWeights` whose
     comparisons are done (its report becomes a check); `sentences` (default `DEFAULT_SENTENCES`); `query_prompt`
     (default: the checkpoint's saved `"query"` prompt); the largest cosine distance allowed; the subprocess timeout
@@ -501,12 +510,14 @@ def verify_checkpoint(
     sentences = list(DEFAULT_SENTENCES if sentences is None else sentences)
     if not sentences:
         raise InputError("sentences is empty; pass at least one sentence (or None for the default list).")
-    if query_prompt is None:
-        query_prompt = _saved_query_prompt(out_dir)
+    saved = _saved_prompts(out_dir)
+    prompts = verified_prompts(saved if query_prompt is None else {**saved, "query": query_prompt})
+    query_prompt = prompts["query"]
     expected = dict(expected or {})
-    unknown = set(expected) - set(PROMPT_NAMES)
+    unknown = set(expected) - set(prompts)
     if unknown:
-        raise InputError(f"expected has unknown keys {sorted(unknown)}; use 'plain' and/or 'query'.")
+        raise InputError(f"expected has unknown keys {sorted(unknown)}; use {', '.join(map(repr, prompts))} (no "
+                         "prompt, then the checkpoint's prompts).")
     for name, array in expected.items():
         if np.asarray(array).ndim != 2 or len(array) != len(sentences):
             raise InputError(
@@ -539,13 +550,13 @@ def verify_checkpoint(
             "sentence_transformers": layout.sentence_transformers == "native",
             "automodel": True,
             # Stock code has no pool mask: behind a prompt only last-token pooling means the same thing.
-            "automodel_prompts": ["plain", "query"] if layout.pooling_mode == "last_token" else ["plain"],
+            "automodel_prompts": list(prompts) if layout.pooling_mode == "last_token" else ["plain"],
             "pooling_mode": layout.pooling_mode,
             "normalize": bool(config.get("normalize_embeddings", True)),
             "max_length": _saved_max_seq_length(out_dir),
         }
     (result,) = embed_in_fresh_process(
-        [out_dir], sentences=sentences, prompts={"plain": "", "query": query_prompt}, device=device, dtype=dtype,
+        [out_dir], sentences=sentences, prompts=prompts, device=device, dtype=dtype,
         timeout=timeout, native=native_job,
     )
     info = result["info"]
@@ -587,7 +598,7 @@ def verify_checkpoint(
     checks.append({"name": "runs_without_llama_encoder", **info, "passed": True})
 
     loaders = list(LOADERS) + [loader for loader in NATIVE_LOADERS if result[loader]]
-    for name in PROMPT_NAMES:
+    for name in prompts:
         pairs = [("automodel", loader, result["automodel"][name], result[loader][name])
                  for loader in loaders[1:] if name in result[loader]]
         if name in expected:
@@ -611,8 +622,7 @@ def verify_checkpoint(
         if engines["tei"]["status"] == "by format":  # a family (and window) TEI's rules are written for
             from .tei import check_tei_folder
 
-            tei = check_tei_folder(out_dir, pooling_mode=layout.pooling_mode,
-                                   prompts={"plain": "", "query": query_prompt})
+            tei = check_tei_folder(out_dir, pooling_mode=layout.pooling_mode, prompts=prompts)
             checks.append({"name": "tei_file_format", "passed": tei.loadable, "tei": tei.to_dict(),
                            "problems": [f"rule {finding.rule}: {finding.message}" for finding in tei.errors]})
         if vllm_interpreter is not None and engines["vllm"]["status"] == "claimed":
@@ -660,6 +670,7 @@ def verify_checkpoint(
         "max_cosine_distance": max(distances),
         "tolerance": tolerance,
         "num_sentences": len(sentences),
+        "prompts": [name for name in prompts if name != "plain"],
         "reference": reference if expected else None,
         "checks": checks,
         "layout": {"format": layout.format, "sentence_transformers": layout.sentence_transformers,
@@ -683,11 +694,11 @@ __all__ = [
     "DEFAULT_SENTENCES",
     "LOADERS",
     "NATIVE_LOADERS",
-    "PROMPT_NAMES",
     "WrittenWeights",
     "compute_reference_embeddings",
     "embed_in_fresh_process",
     "layout_of",
     "max_cosine_distance",
+    "verified_prompts",
     "verify_checkpoint",
 ]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import _TMP_PREFIX, atomic_directory, atomic_file
 from ..errors import InputChangedError, InputError, MissingInputError, NotAFolderError, OutputExistsError
+from ..modeling_llama_encoder import is_blank
 from ..prompts import choose_prompt
 from ..readers import sha256_file
 
@@ -55,6 +56,7 @@ class CorpusIndex:
     shard_offsets: list[int]  # byte offset of each shard's first record
     shard_first_lines: list[int]  # 1-based line number of each shard's first record
     sha256: str
+    num_blank: int = 0  # records whose text is empty or whitespace only: embedded as the zero vector
 
 
 def index_corpus(
@@ -68,8 +70,10 @@ def index_corpus(
     """Check every record of a .txt (one text per line) or .jsonl corpus and record where each shard starts.
 
     Takes the corpus path and the records per shard; returns a `CorpusIndex` (record count, byte offset and line of
-    each shard's first record, sha256 of the file). Only one line is held at a time. Raises ValueError naming
-    file:line for an empty .txt line, invalid UTF-8 or JSON, a missing field, or an id/text of the wrong type.
+    each shard's first record, sha256 of the file, the number of blank records). Only one line is held at a time.
+    Raises ValueError naming file:line for invalid UTF-8 or JSON, a missing field, or an id/text of the wrong type.
+    A blank text (an empty .txt line, an empty or whitespace-only text field) is a record like any other: its
+    embedding is the zero vector, and one warning counts such records.
     """
     path = Path(path)
     if not path.is_file():
@@ -80,12 +84,14 @@ def index_corpus(
     if not isinstance(shard_size, int) or shard_size < 1:
         raise InputError(f"shard_size must be a positive integer; got {shard_size!r}.")
     digest, offsets, first_lines, count, offset = hashlib.sha256(), [], [], 0, 0
+    blank_lines = []
     with path.open("rb") as handle, tqdm(total=path.stat().st_size, desc="Checking corpus", unit="B",
                                          unit_scale=True, disable=not show_progress) as progress:
         for line_number, raw in enumerate(handle, start=1):
             digest.update(raw)
-            if not (kind == "jsonl" and not raw.strip()):  # blank .jsonl lines are skipped, blank .txt lines refused
-                _parse(raw, kind, path, line_number, id_field, text_field, count)
+            if not (kind == "jsonl" and not raw.strip()):  # a blank .jsonl line holds no record; a .txt line does
+                if is_blank(_parse(raw, kind, path, line_number, id_field, text_field, count)[1]):
+                    blank_lines.append(line_number)
                 if count % shard_size == 0:
                     offsets.append(offset)
                     first_lines.append(line_number)
@@ -94,7 +100,11 @@ def index_corpus(
             progress.update(len(raw))
     if count == 0:
         raise InputError(f"{path} holds no records; give a corpus with at least one text.")
-    return CorpusIndex(path.absolute(), kind, count, offsets, first_lines, digest.hexdigest())
+    if blank_lines:
+        logger.warning("%s: %d of %d records are empty or blank (lines %s); each gets the zero vector as its "
+                       "embedding.", path, len(blank_lines), count,
+                       ", ".join(map(str, blank_lines[:5])) + (", ..." if len(blank_lines) > 5 else ""))
+    return CorpusIndex(path.absolute(), kind, count, offsets, first_lines, digest.hexdigest(), len(blank_lines))
 
 
 def _parse(raw: bytes, kind: str, path: Path, line: int, id_field: str, text_field: str,
@@ -106,8 +116,6 @@ def _parse(raw: bytes, kind: str, path: Path, line: int, id_field: str, text_fie
     if line == 1:
         text = text.removeprefix("\ufeff")  # a byte-order mark is file metadata, not text
     if kind == "txt":
-        if not text.strip():
-            raise InputError(f"{path}:{line}: empty line; every line must hold a text (remove empty lines).")
         return str(position), text
     try:
         record = json.loads(text)
@@ -124,8 +132,8 @@ def _parse(raw: bytes, kind: str, path: Path, line: int, id_field: str, text_fie
     record_id, text = record[id_field], record[text_field]
     if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
         raise InputError(f"{path}:{line}: field {id_field!r} must be a string or an integer; got {record_id!r}.")
-    if not isinstance(text, str) or not text.strip():
-        raise InputError(f"{path}:{line}: field {text_field!r} must be a non-empty string; got {text!r:.60}.")
+    if not isinstance(text, str):
+        raise InputError(f"{path}:{line}: field {text_field!r} must be a string; got {text!r:.60}.")
     return str(record_id), text
 
 
@@ -326,9 +334,12 @@ def embed_corpus(
     parameters (input content, model, dtype, engine, prompt, shard size, fields) is refused unless `overwrite`, which
     replaces it; the same run is resumed, skipping its done shards. `batch_tokens` is passed to `encode`.
 
-    Returns a summary: `output_dir`, `num_records`, `num_shards` (output shards), `process_index`, `num_processes`,
-    `computed` and `skipped` (names of this process's shards) and `manifest` (whether every shard is done and
-    manifest.json is written).
+    A blank record (empty or whitespace-only text) does not stop the run: it is embedded as the zero vector (see
+    `Encoder.encode`), and the corpus check warns once with their count and lines.
+
+    Returns a summary: `output_dir`, `num_records`, `num_blank` (records embedded as the zero vector), `num_shards`
+    (output shards), `process_index`, `num_processes`, `computed` and `skipped` (names of this process's shards) and
+    `manifest` (whether every shard is done and manifest.json is written).
     """
     rank, world = _process_slot(shard_index, num_shards)
     effective_prompt = _resolve_prompt(encoder, prompt, prompt_name, instruction)
@@ -378,6 +389,7 @@ def embed_corpus(
         _write_manifest(output, run, total, show_progress=show_progress)
     logger.info("Process %d of %d: computed %d shard(s), skipped %d; %s", rank, world, len(computed), len(skipped),
                 "every shard is done, manifest.json written" if complete else "other shards are pending")
-    return {"output_dir": str(output), "num_records": index.num_records, "num_shards": total,
+    return {"output_dir": str(output), "num_records": index.num_records, "num_blank": index.num_blank,
+            "num_shards": total,
             "process_index": rank, "num_processes": world, "computed": computed,
             "skipped": [_shard_name(s) for s in skipped], "manifest": complete}

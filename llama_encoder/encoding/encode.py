@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +65,18 @@ def length_sorted_batches(
     return batches
 
 
+def is_encoder_config(saved: dict) -> bool:
+    """Whether a checkpoint's config.json (as a dict) is a llama_encoder checkpoint's: our remote-code config, or a
+    native one (a stock bidirectional config of its family that carries the encoder's settings)."""
+    native = is_native_bidirectional(saved) and "pooling_mode" in saved
+    return saved.get("model_type") == LlamaEncoderConfig.model_type or native
+
+
 class Encoder:
     """An encoder checkpoint ready to embed: `Encoder.from_pretrained(path).encode(texts)`.
 
-    `prompts` (from the checkpoint's `config_sentence_transformers.json`: `query`, `document`) can be used by name;
+    `prompts` (from the checkpoint's `config_sentence_transformers.json`: `query`, `document` and the task prompts
+    its adapters were trained with, e.g. `sts`) can be used by name (`prompt_name=`);
     `max_seq_length` (from `sentence_bert_config.json`, else the model's positions) is where inputs are cut.
     """
 
@@ -118,13 +126,10 @@ class Encoder:
                 f"{path} has no config.json; give a folder (or Hub repo) written by `llama-encoder convert`."
             )
         saved = json.loads(config_file.read_text())
-        model_type = saved.get("model_type")
-        # A native checkpoint is a stock bidirectional config of its family that carries the encoder's settings.
-        native = is_native_bidirectional(saved) and "pooling_mode" in saved
-        if model_type != LlamaEncoderConfig.model_type and not native:
+        if not is_encoder_config(saved):
             raise InputError(
-                f"{path} holds a {model_type!r} model, not a llama_encoder checkpoint; convert it first with "
-                "`llama-encoder convert`."
+                f"{path} holds a {saved.get('model_type')!r} model, not a llama_encoder checkpoint; convert it first "
+                "with `llama-encoder convert`."
             )
         dtype_choice = describe_compute_dtype(compute_dtype, device)
         logger.info("Encoding in %s (--dtype %s)", dtype_choice, dtype)
@@ -172,10 +177,6 @@ class Encoder:
                 raise InputError(
                     f"Input {index} is a {type(item).__name__}; give strings or (instruction, text) pairs of strings."
                 )
-            if not texts[-1].strip():
-                raise InputError(
-                    f"Input {index} is an empty or blank text, which has nothing to embed; remove it or give a text."
-                )
         return texts, prompts
 
     def encode(
@@ -201,6 +202,11 @@ class Encoder:
         setting). Inputs longer than `max_length` (default: the checkpoint's max_seq_length) are cut, with one
         warning that counts them. Batches hold at most `batch_tokens` padded tokens and `max_batch_size` rows, and
         pad no row by more than `max_padding` of the batch's longest.
+
+        A blank text (empty or whitespace only, also as the text of a pair) has nothing to embed: it gets the zero
+        vector, as in the checkpoint's own code and `VllmEncoder` (cosine 0 with everything, so it never ranks ahead
+        of a real match), without a forward pass, and one warning counts such inputs. A text whose prompt leaves
+        it no token within `max_length` is refused before any work.
         """
         if convert_to not in ("numpy", "torch"):
             raise InputError(f"convert_to must be 'numpy' or 'torch'; got {convert_to!r}.")
@@ -211,7 +217,7 @@ class Encoder:
                              "unnormalised ones are not available from it.")
         inputs = list(inputs)
         texts, prompts = self._prompts_for(inputs, instruction, prompt, prompt_name)
-        output = torch.empty(len(texts), self.dimension, dtype=torch.float32)
+        output = torch.zeros(len(texts), self.dimension, dtype=torch.float32)  # blank texts keep their zeros
         if texts:
             self._encode_into(output, texts, prompts, batch_tokens, max_batch_size, max_padding, normalize,
                               show_progress, max_length or self.max_seq_length)
@@ -221,22 +227,20 @@ class Encoder:
                      show_progress, limit):
         config = self.model.config
         with _TOKENIZE_LOCK:
-            rows = tokenize_for_encoder(
-                self.tokenizer, texts, prompts, max_length=limit, append_eos=config.pooling_mode == "eos",
-                padding=False, return_tensors=None,
-            )
-        for index, pooled in enumerate(rows["pool_mask"]):
-            if not any(pooled):
-                raise InputError(
-                    f"Input {index} ({texts[index][:40]!r}) has no token to pool: its prompt fills max_length "
-                    f"({limit} tokens), or the tokenizer drops all of its text. Use a shorter prompt or a larger "
-                    "max_length, or remove the input."
+            try:
+                rows = tokenize_for_encoder(
+                    self.tokenizer, texts, prompts, max_length=limit, append_eos=config.pooling_mode == "eos",
+                    padding=False, return_tensors=None,
                 )
-        batches = length_sorted_batches(
-            [len(ids) for ids in rows["input_ids"]], batch_tokens=batch_tokens, max_batch_size=max_batch_size,
-            max_padding=max_padding,
-        )
-        progress = tqdm(total=len(texts), desc="Encoding", unit="text",
+            except ValueError as exc:  # a prompt that leaves a text no token: refused before any forward pass
+                raise InputError(str(exc)) from None
+        # Blank texts pool nothing: their rows stay zero, and the others batch as if they were not there.
+        kept = [index for index, pooled in enumerate(rows["pool_mask"]) if any(pooled)]
+        batches = [[kept[i] for i in batch] for batch in length_sorted_batches(
+            [len(rows["input_ids"][index]) for index in kept], batch_tokens=batch_tokens,
+            max_batch_size=max_batch_size, max_padding=max_padding,
+        )]
+        progress = tqdm(total=len(texts), initial=len(texts) - len(kept), desc="Encoding", unit="text",
                         disable=not (show_progress if show_progress is not None else len(batches) > 1))
         device = self.device
         with torch.inference_mode(), progress:
@@ -260,61 +264,3 @@ class Encoder:
     def encode_documents(self, texts: Sequence[str], **kwargs) -> np.ndarray:
         """Documents behind the checkpoint's saved document prompt (usually none)."""
         return self.encode(texts, prompt=self.prompts.get("document", ""), **kwargs)
-
-
-class MTEBModel:
-    """An `Encoder` with the `encode` MTEB calls: mteb 1.x's `encode(sentences, task_name=..., prompt_type=...)` and
-    mteb 2's (`encode(dataloader_of_batches, task_metadata=..., prompt_type=..., hf_split=..., hf_subset=...)`).
-
-    Queries (prompt_type "query") get their task's instruction from `task_instructions` (task name -> instruction),
-    else the checkpoint's saved query prompt. Documents (prompt_type "document", or mteb 1.x's "passage") get the
-    saved document prompt only. Texts of symmetric tasks (no prompt_type: STS, classification, clustering) get the
-    task's instruction when one is given, as instruction-tuned embedders are evaluated, else no prompt.
-    """
-
-    def __init__(
-        self, encoder: Encoder, task_instructions: dict[str, str] | None = None, *, batch_tokens: int = 16384
-    ):
-        self.encoder = encoder
-        self.task_instructions = dict(task_instructions or {})
-        self.batch_tokens = batch_tokens
-
-    def encode(
-        self,
-        sentences: Iterable[str] | Iterable[Mapping[str, Sequence[str]]],
-        *,
-        task_name: str | None = None,
-        prompt_type=None,
-        batch_size: int | None = None,
-        task_metadata=None,
-        **kwargs,
-    ) -> np.ndarray:
-        """Embed `sentences`: texts (mteb 1.x) or batches with a "text" field (mteb 2's DataLoader). The task is
-        `task_name`, else `task_metadata.name`; `prompt_type` is a string or MTEB's PromptType. `batch_size` caps
-        the rows of a forward call (the token budget still applies); `show_progress_bar` is honoured and other
-        MTEB keywords (hf_split, hf_subset, ...) are accepted and unused. Returns float32 `(n, hidden)`."""
-        texts = []
-        for item in sentences:
-            if isinstance(item, Mapping):
-                if "text" not in item:
-                    raise InputError(
-                        f"An MTEB batch has no 'text' field (it has {sorted(item)}); only text tasks can be encoded."
-                    )
-                texts.extend(item["text"])
-            else:
-                texts.append(item)
-        kind = getattr(prompt_type, "value", prompt_type)
-        if kind not in (None, "query", "document", "passage"):
-            raise InputError(f"prompt_type must be query, document or passage; got {kind!r}.")
-        task = task_name or getattr(task_metadata, "name", None)
-        options = {
-            "batch_tokens": self.batch_tokens,
-            "max_batch_size": batch_size or 512,
-            "show_progress": bool(kwargs.get("show_progress_bar", False)),
-        }
-        if kind in ("document", "passage"):
-            return self.encoder.encode_documents(texts, **options)
-        instruction = self.task_instructions.get(task) if task else None
-        if kind == "query" or instruction is not None:
-            return self.encoder.encode_queries(texts, instruction=instruction, **options)
-        return self.encoder.encode(texts, **options)

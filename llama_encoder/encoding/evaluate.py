@@ -22,6 +22,8 @@ from ..readers import jsonl_records
 logger = logging.getLogger(__name__)
 
 QRELS_FIELDS = ("query-id", "corpus-id", "score")
+QRELS_NAMES = ("qrels.tsv", "qrels.jsonl", "qrels/test.tsv")
+"""Where a retrieval folder's judgements are looked for, in this order (the last is BEIR's own layout)."""
 
 
 class SupportsEncode(Protocol):
@@ -191,6 +193,34 @@ def _relevance(value: Any, path: Path, line: int) -> int:
     return int(grade)
 
 
+def retrieval_files(path: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[Path, Path, Path]:
+    """The `(corpus, queries, qrels)` files of a retrieval task: `path` is a BEIR-style folder (corpus.jsonl,
+    queries.jsonl and the first of QRELS_NAMES found) or the three files. Raises MissingInputError naming what is
+    missing, before anything is read."""
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(item) for item in path]
+    if len(paths) == 3:
+        for what, file in zip(("corpus", "queries", "qrels"), paths, strict=True):
+            if not file.is_file():
+                raise MissingInputError(f"No {what} file at {file}; give the corpus, queries and qrels files.")
+        return paths[0], paths[1], paths[2]
+    if len(paths) != 1:
+        raise InputError(f"A retrieval task is a folder or three files (corpus, queries, qrels); got {len(paths)} "
+                         "paths.")
+    folder = paths[0]
+    if not folder.is_dir():
+        raise MissingInputError(f"No retrieval folder at {folder}; give a folder with corpus.jsonl, queries.jsonl "
+                                f"and {' or '.join(QRELS_NAMES)}, or the three files.")
+    missing = [name for name in ("corpus.jsonl", "queries.jsonl") if not (folder / name).is_file()]
+    qrels = next((folder / name for name in QRELS_NAMES if (folder / name).is_file()), None)
+    if qrels is None:
+        others = sorted(f"qrels/{file.name}" for file in folder.glob("qrels/*") if file.is_file())
+        hint = f" (it has {', '.join(others)}: give the three files to score one of those)" if others else ""
+        missing.append(" or ".join(QRELS_NAMES) + hint)
+    if missing:
+        raise MissingInputError(f"{folder} is not a BEIR-style retrieval folder: it has no {'; no '.join(missing)}.")
+    return folder / "corpus.jsonl", folder / "queries.jsonl", qrels
+
+
 def read_retrieval(
     corpus_path: str | os.PathLike, queries_path: str | os.PathLike, qrels_path: str | os.PathLike
 ) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
@@ -275,6 +305,12 @@ def recall_at_k(ranked: Sequence[str], relevant: dict[str, int], k: int) -> floa
     return len(positives.intersection(ranked[:k])) / len(positives) if positives else 0.0
 
 
+def positive_queries(queries: dict[str, str], qrels: dict[str, dict[str, int]]) -> list[str]:
+    """The ids of the queries that retrieval is scored on: those with at least one relevant document (grade > 0),
+    in the queries' order."""
+    return [query for query in queries if any(grade > 0 for grade in qrels.get(query, {}).values())]
+
+
 def evaluate_retrieval(
     encoder: SupportsEncode,
     corpus: dict[str, str],
@@ -301,7 +337,7 @@ def evaluate_retrieval(
     k_values = sorted(set(k_values))
     if not corpus:
         raise InputError("The corpus is empty; there is nothing to retrieve.")
-    evaluated = [query for query in queries if any(grade > 0 for grade in qrels.get(query, {}).values())]
+    evaluated = positive_queries(queries, qrels)
     if not evaluated:
         raise InputError("No query has a relevant document (score > 0) in the qrels; check that the queries and "
                          "qrels belong to the same task.")

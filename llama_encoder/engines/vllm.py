@@ -27,7 +27,9 @@ What vLLM computes: the tokens of `prompt + text` as the folder's tokenizer make
 (from `sentence_bert_config.json` `max_seq_length`, as ours), every token pooled. vLLM has no pool mask, so with mean
 pooling a prompt's tokens are pooled too (our model leaves them out): mean-pooled documents without a prompt and
 last-token inputs with or without one equal ours; mean-pooled queries behind an instruction do not (cosine 0.75-0.91
-to ours, measured; see docs/ENGINES.md). `VllmEncoder` warns about that once.
+to ours, measured; see docs/ENGINES.md). `VllmEncoder` warns about that once. vLLM refuses an input of no tokens
+("The decoder prompt cannot be empty") and would pool a blank text's prompt or whitespace tokens: `VllmEncoder` gives
+a blank text the zero vector, as the checkpoint's own code does, without sending it to vLLM.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import numpy as np
 
 from ..configuration_llama_encoder import BASE_FAMILIES
 from ..errors import InputError, MissingDependencyError, MissingInputError, VerificationError
+from ..modeling_llama_encoder import is_blank
 from ..prompts import choose_prompt
 
 logger = logging.getLogger(__name__)
@@ -325,10 +328,14 @@ class VllmEmbedder:
         return self.info
 
     def embed(self, texts: Sequence[str], *, timeout: float | None = None) -> np.ndarray:
-        """Embeddings of `texts` (each embedded as given: put any prompt in front yourself), float32 (n, dim)."""
+        """Embeddings of `texts` (each embedded as given: put any prompt in front yourself), float32 (n, dim). An
+        empty string is refused before anything is sent (vLLM would fail on it); `VllmEncoder` handles blank texts."""
         texts = list(texts)
         if not all(isinstance(text, str) for text in texts):
             raise InputError("embed takes a list of strings.")
+        if "" in texts:
+            raise InputError(f"Text {texts.index('')} is empty, which vLLM refuses; remove it (VllmEncoder.encode "
+                             "gives blank texts the zero vector).")
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         self.start()
         if not texts:
@@ -597,9 +604,14 @@ class VllmEncoder:
                instruction: str | None = None, batch_tokens: int | None = None,
                show_progress: bool | None = None) -> np.ndarray:
         """Embeddings of `prompt + text` for each text (at most one of `prompt`, `prompt_name`, `instruction`),
-        float32 (n, dim). vLLM batches by itself: `batch_tokens` and `show_progress` are ignored."""
+        float32 (n, dim). vLLM batches by itself: `batch_tokens` and `show_progress` are ignored. A blank text (empty
+        or whitespace only) gets the zero vector without going to vLLM, as `Encoder.encode` gives it; one warning
+        counts them."""
         prompt = choose_prompt(self.prompts, self.instruction_prompt, prompt=prompt, prompt_name=prompt_name,
                                instruction=instruction) or ""
+        texts = list(texts)
+        if not all(isinstance(text, str) for text in texts):
+            raise InputError("encode takes a list of strings.")
         if prompt and self.pooling_mode == "mean" and not self._warned_prompt:
             self._warned_prompt = True
             logger.warning(
@@ -607,7 +619,11 @@ class VllmEncoder:
                 "out, so these embeddings differ from --engine transformers (cosine 0.75-0.91 measured for "
                 "queries). Documents without a prompt, and last_token checkpoints, are unaffected.", prompt[:60])
         self.start()
-        embeddings = self._embedder.embed([prompt + text for text in texts])
+        kept = [index for index, text in enumerate(texts) if not is_blank(text)]
+        if len(kept) < len(texts):
+            logger.warning("%d of %d inputs are empty or blank; each gets the zero vector as its embedding.",
+                           len(texts) - len(kept), len(texts))
+        embeddings = self._embedder.embed([prompt + texts[index] for index in kept])
         # vLLM's use_activation is None when modules.json names no stock Normalize module: check the output itself
         unit = np.abs(np.linalg.norm(embeddings.astype(np.float64), axis=1) - 1) < 1e-4
         if len(embeddings) and (not unit.all() if self.normalize else unit.all()):
@@ -617,7 +633,9 @@ class VllmEncoder:
                 f"the checkpoint says normalize_embeddings={self.normalize}; its modules.json should "
                 f"{'list' if self.normalize else 'not list'} a sentence_transformers.models.Normalize module."
             )
-        return embeddings
+        output = np.zeros((len(texts), embeddings.shape[1]), dtype=np.float32)
+        output[kept] = embeddings
+        return output
 
     def close(self) -> None:
         """Stop vLLM (a later `encode` would start it again)."""

@@ -3,7 +3,8 @@ checkpoint the trainers save, so a checkpoint is a usable adapter and a resumed 
 
 Layout (unchanged from earlier versions): peft's `adapter_config.json` + `adapter_model.safetensors`; for contrastive
 objectives `pooling_config.json` (the pooling trained with) and, with latent attention, `pooling_head.safetensors`;
-`training_args.json` (the resolved arguments) and `training_summary.json`.
+`training_args.json` (the resolved arguments, with `prompt_instructions`: each task prompt trained, by name, whose
+template is `instruction_template`) and `training_summary.json`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import InputError
-from ..weights.lora import POOLING_CONFIG_NAME, POOLING_HEAD_NAME
+from ..weights.lora import POOLING_CONFIG_NAME, POOLING_HEAD_NAME, TRAINING_ARGS_NAME
 from .model import TrainingModel
 
-ARGS_NAME = "training_args.json"
+ARGS_NAME = TRAINING_ARGS_NAME
 SUMMARY_NAME = "training_summary.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 

@@ -8,9 +8,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..configuration_llama_encoder import POOLING_MODES
+from ..configuration_llama_encoder import DEFAULT_INSTRUCTION_TEMPLATE, POOLING_MODES
 from ..dtypes import DTYPE_CHOICES
 from ..errors import InputError
+from ..weights.lora import trained_instruction_template
 
 OBJECTIVES = ("mntp", "simcse", "supervised")
 CONTRASTIVE = ("simcse", "supervised")
@@ -132,17 +133,25 @@ class TrainingArguments:
                                                "(e.g. 64,128,256,576); convert records them", objectives=CONTRASTIVE,
                                                metavar="D,D,...", parse="int_list")
     # supervised
-    recipe: str | None = option(None, help="a JSON or YAML file listing datasets (path, format, instruction, loss, "
-                                "max_examples, mine_negatives), instead of --data", objectives=("supervised",),
-                                metavar="FILE")
+    recipe: str | None = option(None, help="a JSON or YAML file listing datasets (path, format, instruction, "
+                                "prompt_name, loss, max_examples, mine_negatives), instead of --data",
+                                objectives=("supervised",), metavar="FILE")
     loss: str = option("auto", help="InfoNCE for triples, CoSENT for scored pairs (auto: by the data)",
                        choices=LOSSES, objectives=("supervised",))
     data_format: str = option("auto", help="data format (auto: by suffix and header)", flag="--format",
                               choices=DATA_FORMATS, objectives=("supervised",))
     positive_threshold: float | None = option(None, help="scored pairs: keep pairs scored at or above SCORE as "
                                               "InfoNCE positives", objectives=("supervised",), metavar="SCORE")
+    max_negatives: int | None = option(None, help="triples: keep each record's first N hard negatives (for files "
+                                       "whose records list different numbers; a record with fewer is refused)",
+                                       objectives=("supervised",), metavar="N")
     instruction: str | None = option(None, help="task instruction for queries without their own (for CoSENT pairs: "
                                      "both texts)", objectives=("supervised",), metavar="TEXT")
+    instruction_template: str = option(DEFAULT_INSTRUCTION_TEMPLATE, help="how an instruction is written before a "
+                                       "text, {instruction} marking where (default: 'Instruct: {instruction}\\n"
+                                       "Query:\\n'; a shell writes newlines with $'...'); recorded in the adapter "
+                                       "for convert. Ending in a newline lets stock Sentence Transformers leave it "
+                                       "out of pooling exactly", objectives=("supervised",), metavar="TEMPLATE")
     cosent_scale: float = option(20.0, help="CoSENT's scale (1/temperature)", objectives=("supervised",))
 
     def validate(self) -> None:
@@ -167,6 +176,9 @@ class TrainingArguments:
             (self.pooling in POOLING_MODES, f"--pooling must be one of {', '.join(POOLING_MODES)}"),
             (self.temperature is None or self.temperature > 0, "--temperature must be positive"),
             (self.loss in LOSSES, f"--loss must be {', '.join(LOSSES)}"),
+            ("{instruction}" in self.instruction_template,
+             f"--instruction-template must contain the placeholder {{instruction}}, where each instruction goes "
+             f"(e.g. {DEFAULT_INSTRUCTION_TEMPLATE!r}); got {self.instruction_template!r}"),
             (self.data_format in DATA_FORMATS, f"--format must be {', '.join(DATA_FORMATS)}"),
             (self.save_every >= 0 and self.eval_every >= 0, "--save-every and --eval-every must be >= 0"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
@@ -205,12 +217,14 @@ def resumable_fields() -> tuple[str, ...]:
 
 def saved_arguments(saved: dict) -> TrainingArguments:
     """Training arguments as a run saved them (`training_args.json`, a checkpoint's state), resolved, in today's
-    fields: an earlier version's `bf16: true/false` is `dtype: "bfloat16"/"float32"`, and fields added since take
-    their defaults."""
+    fields: an earlier version's `bf16: true/false` is `dtype: "bfloat16"/"float32"`, its missing
+    `instruction_template` the one it wrote instructions with (`weights.lora.trained_instruction_template`), and
+    other fields added since take their defaults."""
     saved = dict(saved)
     if "bf16" in saved:
         bf16 = saved.pop("bf16")
         saved.setdefault("dtype", "bfloat16" if bf16 else "float32")
+    saved.setdefault("instruction_template", trained_instruction_template(saved) or DEFAULT_INSTRUCTION_TEMPLATE)
     known = {item.name for item in dataclasses.fields(TrainingArguments)}
     return TrainingArguments(**{key: value for key, value in saved.items() if key in known}).resolved()
 

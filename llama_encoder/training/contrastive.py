@@ -3,8 +3,9 @@
 Each dataset of a run becomes one `datasets.Dataset` in the column layout sentence-transformers' losses read:
 InfoNCE `anchor, positive, negative_1..k` (SimCSE: the same text as anchor and positive, two dropout views), CoSENT
 `sentence1, sentence2, score`. Records that carry their own instruction are split into one dataset per instruction,
-since a prompt is set per dataset and column (`prompts`): the query column gets `Instruct: {task}\\nQuery: ` (attended
-to, not pooled: `TrainingEncoder`), documents none. The losses are the library's:
+since a prompt is set per dataset and column (`prompts`): the query column gets the instruction written with the run's
+template, `Instruct: {task}\\nQuery:\\n` by default (attended to, not pooled: `TrainingEncoder`), documents none.
+`named_prompts` names each instruction for the checkpoint (the dataset's `prompt_name`). The losses are the library's:
 `MultipleNegativesRankingLoss` (InfoNCE with scale = 1/temperature, in-batch and hard negatives, negatives gathered
 across processes under torchrun), its cached form (GradCache) with `--mini-batch-size`, `CoSENTLoss`, and
 `MatryoshkaLoss` around them with `--matryoshka-dims`.
@@ -22,6 +23,7 @@ from sentence_transformers.util.distributed import all_gather, all_gather_with_g
 
 from ..configuration_llama_encoder import fill_instruction_template
 from ..errors import InputError
+from ..prompts import prompt_name_problem
 from .data import ScoredPair, Triple, read_supervised, read_texts
 from .recipe import DatasetSpec
 
@@ -38,6 +40,7 @@ class TrainingSet:
     prompts: dict[str, str] = field(default_factory=dict)
     spec: DatasetSpec | None = None
     instruction: str | None = None  # the task instruction behind the query prompt
+    prompt_name: str | None = None  # that prompt's name in a converted checkpoint (None: no instruction)
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values())))
@@ -56,23 +59,24 @@ def query_prompt(template: str, instruction: str | None) -> str | None:
 
 
 def triples_set(name: str, triples: list[Triple], prompt: str | None, spec: DatasetSpec | None = None,
-                instruction: str | None = None) -> TrainingSet:
+                instruction: str | None = None, prompt_name: str | None = None) -> TrainingSet:
     """InfoNCE columns: anchor, positive, negative_1..k (every record of a set has the same k)."""
     counts = {len(t.negatives) for t in triples}
     if len(counts) > 1:
         raise InputError(f"Dataset {name}: records have different numbers of hard negatives ({sorted(counts)}); "
-                         "give every query of a file the same number (or none), or mine them with `llama-encoder "
-                         "mine` / mine_negatives.")
+                         "give every query of a file the same number (or none), keep the first N with max_negatives, "
+                         "or mine them with `llama-encoder mine` / mine_negatives.")
     k = counts.pop() if counts else 0
     columns = {"anchor": [t.query for t in triples], "positive": [t.positive for t in triples]}
     for j in range(k):
         columns[f"negative_{j + 1}"] = [t.negatives[j] for t in triples]
     return TrainingSet(name=name, kind="infonce", columns=columns, prompts={"anchor": prompt} if prompt else {},
-                       spec=spec, instruction=instruction)
+                       spec=spec, instruction=instruction, prompt_name=prompt_name if instruction else None)
 
 
 def _supervised_sets(spec: DatasetSpec, template: str, seed: int) -> list[TrainingSet]:
-    data = read_supervised([spec.path], data_format=spec.format, positive_threshold=spec.positive_threshold)
+    data = read_supervised([spec.path], data_format=spec.format, positive_threshold=spec.positive_threshold,
+                           max_negatives=spec.max_negatives)
     if data.pairs:
         if spec.loss == "infonce":
             raise InputError(f"Dataset {spec.name} ({spec.path}) holds scored pairs, but its loss is infonce. Give "
@@ -83,7 +87,8 @@ def _supervised_sets(spec: DatasetSpec, template: str, seed: int) -> list[Traini
         columns = {"sentence1": [p.text1 for p in pairs], "sentence2": [p.text2 for p in pairs],
                    "score": [float(p.score) for p in pairs]}
         prompts = {"sentence1": prompt, "sentence2": prompt} if prompt else {}
-        return [TrainingSet(name=spec.name, kind="cosent", columns=columns, prompts=prompts, spec=spec)]
+        return [TrainingSet(name=spec.name, kind="cosent", columns=columns, prompts=prompts, spec=spec,
+                            instruction=spec.instruction, prompt_name=spec.prompt_key if prompt else None)]
     if spec.loss == "cosent":
         raise InputError(f"Dataset {spec.name} ({spec.path}) holds query/positive triples, but its loss is cosent, "
                          "which needs scored pairs; use the infonce loss.")
@@ -94,7 +99,9 @@ def _supervised_sets(spec: DatasetSpec, template: str, seed: int) -> list[Traini
     sets = []
     for index, (instruction, members) in enumerate(groups.items()):
         name = spec.name if len(groups) == 1 else f"{spec.name}-{index}"
-        sets.append(triples_set(name, members, query_prompt(template, instruction), spec, instruction))
+        # the dataset's own instruction keeps its prompt name; one its records carry is named like its set
+        prompt_name = spec.prompt_key if len(groups) == 1 or instruction == spec.instruction else name
+        sets.append(triples_set(name, members, query_prompt(template, instruction), spec, instruction, prompt_name))
     return sets
 
 
@@ -113,6 +120,28 @@ def read_training_sets(objective: str, specs: list[DatasetSpec], *, instruction_
         logger.info("Dataset %s: %d %s examples%s", training_set.name, len(training_set), training_set.kind,
                     f", query prompt {training_set.prompts.get('anchor')!r}" if training_set.prompts else "")
     return sets
+
+
+def named_prompts(sets: list[TrainingSet]) -> dict[str, str]:
+    """The task prompts a run trains, by name: `{prompt_name: instruction}` over the sets with an instruction (what
+    `training_args.json` records and `convert` saves in the checkpoint, written with the run's template). Raises
+    `InputError` for a name given to two instructions, or one a checkpoint cannot hold."""
+    named: dict[str, tuple[str, TrainingSet]] = {}
+    for training_set in sets:
+        name, instruction = training_set.prompt_name, training_set.instruction
+        if name is None or instruction is None:
+            continue
+        where = f"Dataset {training_set.name} ({training_set.spec.path})" if training_set.spec else \
+            f"Dataset {training_set.name}"
+        if problem := prompt_name_problem(name):
+            raise InputError(f"{where}: {problem}; give the dataset a prompt_name in the recipe.")
+        earlier_instruction, earlier = named.setdefault(name, (instruction, training_set))
+        if earlier_instruction != instruction:
+            raise InputError(f"{where}: its instruction {instruction!r} would be prompt {name!r}, which dataset "
+                             f"{earlier.name} trains with {earlier_instruction!r}; give one of them another "
+                             "prompt_name in the recipe (datasets share a prompt name only with the same "
+                             "instruction).")
+    return {name: instruction for name, (instruction, _) in named.items()}
 
 
 class PairCoSENTLoss(losses.CoSENTLoss):
@@ -160,5 +189,5 @@ def training_datasets(sets: list[TrainingSet]):
     return DatasetDict({s.name: Dataset.from_dict(s.columns) for s in sets})
 
 
-__all__ = ["PairCoSENTLoss", "TrainingSet", "build_loss", "query_prompt", "read_training_sets",
+__all__ = ["PairCoSENTLoss", "TrainingSet", "build_loss", "named_prompts", "query_prompt", "read_training_sets",
            "training_datasets", "triples_set"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InputError, MissingInputError
@@ -127,7 +127,8 @@ def detect_format(path: Path) -> str:
 
 
 def read_supervised(
-    paths: str | os.PathLike | list, *, data_format: str = "auto", positive_threshold: float | None = None
+    paths: str | os.PathLike | list, *, data_format: str = "auto", positive_threshold: float | None = None,
+    max_negatives: int | None = None,
 ) -> SupervisedData:
     """Read supervised training data.
 
@@ -135,6 +136,7 @@ def read_supervised(
     (a header with query, positive, optional negative and instruction), `sts` (the STS Benchmark's tab-separated
     files, or a csv with a score,sentence1,sentence2 header), or `auto` (by suffix and header). Scored pairs are
     returned as pairs, or, with `positive_threshold`, turned into triples from the pairs scored at or above it.
+    `max_negatives` keeps each triple's first that many hard negatives; a triple with fewer is refused.
     """
     paths = [Path(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
     data = SupervisedData()
@@ -162,10 +164,18 @@ def read_supervised(
                          "pass --positive-threshold to turn the scored pairs into triples.")
     if not data.triples and not data.pairs:
         raise InputError(f"{', '.join(map(str, paths))} holds no training records; check that it is the right file.")
+    if max_negatives is not None:
+        short = sum(len(t.negatives) < max_negatives for t in data.triples)
+        if short:
+            raise InputError(f"{short} of {len(data.triples)} triples in {', '.join(map(str, paths))} have fewer than "
+                             f"{max_negatives} hard negatives (max_negatives); lower it, or mine negatives with "
+                             "`llama-encoder mine`.")
+        data.triples = [replace(t, negatives=t.negatives[:max_negatives]) for t in data.triples]
     counts = {len(t.negatives) for t in data.triples}
     if len(counts) > 1:
         raise InputError(f"Triples have different numbers of hard negatives ({sorted(counts)}); give every query "
-                         "the same number (or none), so each batch has the same shape.")
+                         "the same number (or none), or keep each record's first N (--max-negatives, or "
+                         "max_negatives in a recipe), so each batch has the same shape.")
     return data
 
 

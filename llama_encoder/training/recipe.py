@@ -8,6 +8,7 @@ so in-batch negatives always share a task, as in the E5/LLM2Vec mix:
       - name: squad
         path: squad-train.jsonl           # relative paths are read from the recipe's folder
         instruction: Given a question, retrieve the Wikipedia paragraph that answers it
+        prompt_name: query                # the checkpoint's query prompt is this task's
         max_examples: 20000
       - name: nli
         path: nli-triples.jsonl
@@ -19,7 +20,10 @@ so in-batch negatives always share a task, as in the E5/LLM2Vec mix:
         loss: cosent
         instruction: Retrieve semantically similar text
 
-Every problem (unknown key, missing file, bad value) is refused before any work, naming the recipe and the entry.
+A converted checkpoint saves each task's prompt under its `prompt_name` (default: the dataset's name), so
+`model.encode(texts, prompt_name="sts")` writes the instruction the model was trained with. Datasets may share a
+prompt name when they share the instruction. Every problem (unknown key, missing file, bad value, one prompt name for
+two instructions) is refused before any work, naming the recipe and the entry.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import InputError, MissingInputError
+from ..prompts import prompt_name_problem
 
 DATA_FORMATS = ("auto", "jsonl", "csv", "sts", "text")
 LOSSES = ("auto", "infonce", "cosent")
@@ -38,17 +43,21 @@ LOSSES = ("auto", "infonce", "cosent")
 @dataclass(frozen=True)
 class DatasetSpec:
     """One dataset of a run. `instruction` applies to queries (CoSENT: to both texts) whose records carry none;
-    documents never get one. `max_examples` keeps a seeded random sample of that many records. `mine_negatives`
-    (InfoNCE) replaces each record's negatives with that many mined with the model before training;
-    `mining` holds further `MiningSettings` fields."""
+    documents never get one. `prompt_name` names that prompt in a converted checkpoint (None: the dataset's `name`).
+    `max_examples` keeps a seeded random sample of that many records; `max_negatives` keeps each record's first
+    that many hard negatives (for files whose records list different numbers). `mine_negatives` (InfoNCE) replaces each
+    record's negatives with that many mined with the model before training; `mining` holds further `MiningSettings`
+    fields."""
 
     name: str
     path: str
     format: str = "auto"
     instruction: str | None = None
+    prompt_name: str | None = None
     loss: str = "auto"
     max_examples: int | None = None
     positive_threshold: float | None = None
+    max_negatives: int | None = None
     mine_negatives: int | None = None
     mining: dict = field(default_factory=dict)
 
@@ -59,14 +68,24 @@ class DatasetSpec:
             (self.loss in LOSSES, f"loss must be one of {', '.join(LOSSES)}"),
             (self.max_examples is None or self.max_examples >= 1, "max_examples must be at least 1"),
             (self.mine_negatives is None or self.mine_negatives >= 1, "mine_negatives must be at least 1"),
+            (self.max_negatives is None or self.max_negatives >= 0, "max_negatives must be 0 or more"),
             (self.instruction is None or bool(str(self.instruction).strip()), "instruction must not be blank"),
         ]
         for ok, message in problems:
             if not ok:
                 raise InputError(f"{where}: {message}.")
+        named = self.prompt_name is not None or self.instruction is not None
+        if named and (problem := prompt_name_problem(self.prompt_key)):
+            default = "" if self.prompt_name else " (the dataset's name, as no prompt_name is given)"
+            raise InputError(f"{where}: {problem}{default}.")
         if not Path(self.path).is_file():
             raise MissingInputError(f"{where}: no data file at {self.path}; fix the path (relative paths are read "
                                     "from the recipe's folder).")
+
+    @property
+    def prompt_key(self) -> str:
+        """The name of this dataset's task prompt in a converted checkpoint: `prompt_name`, else the dataset's name."""
+        return self.prompt_name or self.name
 
 
 def _read_recipe_file(path: Path) -> dict:
@@ -120,11 +139,22 @@ def read_recipe(path: str | Path) -> list[DatasetSpec]:
     if duplicates:
         raise InputError(f"{path}: dataset name(s) {', '.join(duplicates)} appear more than once; names must be "
                          "unique.")
+    first_with: dict[str, tuple[int, DatasetSpec]] = {}
+    for index, spec in enumerate(specs, start=1):
+        if spec.instruction is None:
+            continue
+        earlier_index, earlier = first_with.setdefault(spec.prompt_key, (index, spec))
+        if earlier.instruction != spec.instruction:
+            raise InputError(
+                f"{path}: dataset {index} ({spec.name}): prompt name {spec.prompt_key!r} is already dataset "
+                f"{earlier_index}'s ({earlier.name}) with another instruction ({earlier.instruction!r}, here "
+                f"{spec.instruction!r}); give one of them another prompt_name (datasets share a prompt name only "
+                "with the same instruction).")
     return specs
 
 
 def specs_from_files(paths: list[str], *, data_format: str, instruction: str | None, loss: str,
-                     positive_threshold: float | None) -> list[DatasetSpec]:
+                     positive_threshold: float | None, max_negatives: int | None = None) -> list[DatasetSpec]:
     """One dataset per `--data` file, each with the command line's format, instruction and loss."""
     specs, seen = [], set()
     for index, path in enumerate(paths):
@@ -133,7 +163,7 @@ def specs_from_files(paths: list[str], *, data_format: str, instruction: str | N
             name = f"{name}-{index}"
         seen.add(name)
         spec = DatasetSpec(name=name, path=str(path), format=data_format, instruction=instruction, loss=loss,
-                           positive_threshold=positive_threshold)
+                           positive_threshold=positive_threshold, max_negatives=max_negatives)
         spec.check(f"--data {path}")
         specs.append(spec)
     return specs

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_directory, check_destination, explain_disk_full
-from ..configuration_llama_encoder import DEFAULT_INSTRUCTION_TEMPLATE
 from ..dtypes import describe_compute_dtype, resolve_compute_dtype
 from ..errors import InputError, OutputExistsError
 from ..readers import read_sts
+from ..weights.lora import PROMPT_INSTRUCTIONS_KEY
 from .adapter import ARGS_NAME, SUMMARY_NAME, load_trained_tensors, write_adapter_files
 from .arguments import TrainingArguments, resumable_fields, saved_arguments
 from .data import read_texts
@@ -301,19 +301,21 @@ def _dataset_specs(args: TrainingArguments):
     if args.recipe:
         return read_recipe(args.recipe)
     return specs_from_files(args.data, data_format=args.data_format, instruction=args.instruction, loss=args.loss,
-                            positive_threshold=args.positive_threshold)
+                            positive_threshold=args.positive_threshold, max_negatives=args.max_negatives)
 
 
-def _read_contrastive_data(args: TrainingArguments, template: str):
-    from .contrastive import read_training_sets
+def _read_contrastive_data(args: TrainingArguments) -> tuple[list, dict[str, str]]:
+    """The run's training sets, read and checked, and the task prompts they train by name (`named_prompts`)."""
+    from .contrastive import named_prompts, read_training_sets
 
-    sets = read_training_sets(args.objective, _dataset_specs(args), instruction_template=template, seed=args.seed)
+    sets = read_training_sets(args.objective, _dataset_specs(args), instruction_template=args.instruction_template,
+                              seed=args.seed)
     for training_set in sets:
         if len(training_set) < args.batch_size:
             raise InputError(f"Dataset {training_set.name} holds {len(training_set)} examples, fewer than one batch "
                              f"of {args.batch_size}; lower --batch-size or add data (each batch comes from one "
                              "dataset).")
-    return sets
+    return sets, named_prompts(sets)
 
 
 def _mine(sets, st_model, args: TrainingArguments):
@@ -338,7 +340,8 @@ def _mine(sets, st_model, args: TrainingArguments):
         with torch.no_grad():
             result = mine_negatives(st_model, triples, settings=settings, query_prompt=prompt or "",
                                     show_progress=args.show_progress is not False)
-        mined.append(triples_set(training_set.name, result, prompt, spec, training_set.instruction))
+        mined.append(triples_set(training_set.name, result, prompt, spec, training_set.instruction,
+                                 training_set.prompt_name))
         logger.info("Dataset %s: mined %d negatives for %d of %d queries", training_set.name, spec.mine_negatives,
                     len(result), len(triples))
     return mined
@@ -417,7 +420,7 @@ def prepare_run(args: TrainingArguments) -> Run:
         raise InputError("--eval-sts scores sentence embeddings during simcse and supervised training; MNTP trains "
                          "no embedding yet. Score the MNTP adapter after `llama-encoder convert` "
                          "(`llama-encoder evaluate`), or drop --eval-sts.")
-    sets = _read_contrastive_data(args, DEFAULT_INSTRUCTION_TEMPLATE) if contrastive else None
+    sets, prompt_instructions = _read_contrastive_data(args) if contrastive else (None, {})
     prompts = {s.name: s.prompts for s in sets if s.prompts} if contrastive else None
     if not contrastive:
         count = len(read_texts(args.data))
@@ -437,7 +440,8 @@ def prepare_run(args: TrainingArguments) -> Run:
 
     model = _build_model(args, compute_dtype, device)
     counter = _TokenCounter(model.encoder)
-    record = {**asdict(args), _DTYPE_KEY: _dtype_name(compute_dtype)}
+    # the task prompts trained, by name, beside the template they were written with (args.instruction_template)
+    record = {**asdict(args), _DTYPE_KEY: _dtype_name(compute_dtype), PROMPT_INSTRUCTIONS_KEY: prompt_instructions}
     if contrastive:
         trainer, sets = _contrastive_trainer(args, model, sets, trainer_args, evaluator)
     else:

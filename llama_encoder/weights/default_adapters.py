@@ -19,11 +19,6 @@ from ..readers import sha256_file
 DEFAULT_ADAPTERS_DIR = Path(__file__).resolve().parents[1] / "default_adapters"
 MANIFEST_NAME = "manifest.json"
 NOTICE_NAME = "NOTICE.md"
-# The shipped adapters were trained without instructions (STS pairs are symmetric), so their checkpoint's query
-# prompt is free to end in a newline: then stock Sentence Transformers' prompt exclusion pools exactly the encoder's
-# tokens (with "...Query: " byte-level BPE merges the space into the text's first token), and the default checkpoint
-# is native in Sentence Transformers too (see conversion_scripts/layout.py).
-INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery:\n"
 
 
 @dataclass(frozen=True)
@@ -33,7 +28,6 @@ class DefaultAdapters:
     folders: tuple[Path, ...]
     manifest: dict
     notice: str
-    instruction_template: str = INSTRUCTION_TEMPLATE
 
     def card_section(self) -> list[str]:
         """Model-card lines: training data, recipe, reproduction, dev scores and limits."""

@@ -3,7 +3,9 @@
 An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` (or the pickled
 `adapter_model.bin`), exactly as `PeftModel.save_pretrained` writes them. Our own training may add the pooling
 head it trained beside the adapter: `pooling_head.safetensors` (keys `latent_attention.*`) and
-`pooling_config.json`. Only plain LoRA is merged; variants whose merge is not `W + scaling * B @ A` are refused.
+`pooling_config.json`, and always its `training_args.json`, whose `instruction_template` and `prompt_instructions`
+say how it wrote task instructions. Only plain LoRA is merged; variants whose merge is not `W + scaling * B @ A`
+are refused.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ..configuration_llama_encoder import DEFAULT_INSTRUCTION_TEMPLATE, LEGACY_INSTRUCTION_TEMPLATE
 from ..errors import InputError, MissingInputError
+from ..prompts import prompt_name_problem
 from .names import normalize_base_key
 
 logger = logging.getLogger(__name__)
@@ -29,6 +33,9 @@ ADAPTER_SAFETENSORS_NAME = "adapter_model.safetensors"
 ADAPTER_PICKLE_NAME = "adapter_model.bin"
 POOLING_HEAD_NAME = "pooling_head.safetensors"
 POOLING_CONFIG_NAME = "pooling_config.json"
+TRAINING_ARGS_NAME = "training_args.json"
+# The `training_args.json` entry naming each task prompt a run trained: prompt name -> instruction.
+PROMPT_INSTRUCTIONS_KEY = "prompt_instructions"
 
 _PEFT_PREFIX = "base_model.model."
 # peft's key for one half of a LoRA pair: `<module>.lora_A.weight` (Linear) or `<module>.lora_embedding_A` (Embedding).
@@ -62,7 +69,9 @@ class LoraAdapter:
 
     `modules` are the LoRA pairs to merge; `base_copies` are full copies of targeted embeddings that peft saved
     beside their pairs (they must equal the base, see `merge.merge_tensor`); `ignored_modules` are LoRA targets the
-    encoder does not have (`lm_head`). `pooling_head` / `pooling_config` come from our own training, when present.
+    encoder does not have (`lm_head`). `pooling_head` / `pooling_config` come from our own training, when present;
+    so do `instruction_template` (how its training wrote task instructions; None when it wrote none) and
+    `prompt_instructions` (the instruction of each task prompt it trained, by prompt name).
     """
 
     path: Path
@@ -73,6 +82,8 @@ class LoraAdapter:
     ignored_modules: tuple[str, ...] = ()
     pooling_head: dict[str, torch.Tensor] = field(default_factory=dict)
     pooling_config: dict | None = None
+    instruction_template: str | None = None
+    prompt_instructions: dict[str, str] = field(default_factory=dict)
 
     def merge_into(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """Return `weight` (the base tensor called `name`) with this adapter's delta added, or `weight` itself
@@ -224,6 +235,47 @@ def _read_pooling_head(path: Path) -> tuple[dict[str, torch.Tensor], dict | None
     return head, pooling_config
 
 
+def trained_instruction_template(record: dict) -> str | None:
+    """The template a training run wrote its task instructions with, from its `training_args.json` (`record`), or
+    None when it wrote none (MNTP, SimCSE, data without instructions). Runs of earlier versions record neither the
+    template nor their prompts: one given an `instruction` or a `recipe` is taken to have written instructions, with
+    that version's `LEGACY_INSTRUCTION_TEMPLATE` (a record's own instructions in a `--data` file cannot be seen)."""
+    if PROMPT_INSTRUCTIONS_KEY in record:
+        return record.get("instruction_template", DEFAULT_INSTRUCTION_TEMPLATE) if record[PROMPT_INSTRUCTIONS_KEY] \
+            else None
+    if record.get("objective") == "supervised" and (record.get("instruction") or record.get("recipe")):
+        return record.get("instruction_template", LEGACY_INSTRUCTION_TEMPLATE)
+    return None
+
+
+def _read_training_record(path: Path) -> tuple[str | None, dict[str, str]]:
+    """The instruction template and named task prompts of an adapter our training wrote (its `training_args.json`);
+    `(None, {})` for an adapter without that file (trained elsewhere) or trained without instructions."""
+    record_file = path / TRAINING_ARGS_NAME
+    if not record_file.is_file():
+        return None, {}
+    record = _read_json(record_file)
+    if not isinstance(record, dict):
+        raise InputError(f"{record_file} must hold a JSON object, as `llama-encoder train` writes it.")
+    template = trained_instruction_template(record)
+    if template is None:
+        return None, {}
+    if not isinstance(template, str) or "{instruction}" not in template:
+        raise InputError(f"{record_file}: instruction_template must be a string with the placeholder "
+                         f"'{{instruction}}'; found {template!r}. Restore the file the training run wrote.")
+    prompts = record.get(PROMPT_INSTRUCTIONS_KEY) or {}
+    if not isinstance(prompts, dict):
+        raise InputError(f"{record_file}: {PROMPT_INSTRUCTIONS_KEY} must map prompt names to instructions; found "
+                         f"{prompts!r}. Restore the file the training run wrote.")
+    for name, instruction in prompts.items():
+        problem = prompt_name_problem(name)
+        if problem is None and (not isinstance(instruction, str) or not instruction.strip()):
+            problem = f"the instruction of prompt {name!r} must be a non-empty string; found {instruction!r}"
+        if problem:
+            raise InputError(f"{record_file}: {problem}. Restore the file the training run wrote.")
+    return template, dict(prompts)
+
+
 def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
     """Read the peft LoRA adapter folder at `path` (plus our pooling head, when saved beside it).
 
@@ -309,6 +361,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
             copies[target] = tensor
 
     head, pooling_config = _read_pooling_head(path)
+    template, prompt_instructions = _read_training_record(path)
     logger.info("Read adapter %s: %d LoRA modules", path, len(modules))
     return LoraAdapter(
         path=path,
@@ -319,6 +372,8 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter
         ignored_modules=tuple(ignored),
         pooling_head=head,
         pooling_config=pooling_config,
+        instruction_template=template,
+        prompt_instructions=prompt_instructions,
     )
 
 
@@ -363,9 +418,12 @@ def validate_adapter_against(
 
 
 __all__ = [
+    "PROMPT_INSTRUCTIONS_KEY",
+    "TRAINING_ARGS_NAME",
     "LoraAdapter",
     "LoraModule",
     "merge_lora_delta",
     "read_adapter",
+    "trained_instruction_template",
     "validate_adapter_against",
 ]

@@ -129,6 +129,32 @@ def test_padded_batch_equals_each_sequence_alone(backend, padding_side):
                                                terms=encoder_terms(model, SEQ_LEN), what=f"row {row} pooled")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("pooling_mode", ["mean", "eos", "bos", "latent_attention"])
+def test_a_row_of_padding_only_embeds_as_zero_and_changes_no_other_row(backend, padding_side, pooling_mode):
+    """A blank text tokenised to nothing (no BOS) is a row of padding only: every backend, the stock layers (autograd
+    on) and the fast path alike, gives it the zero vector and finite states, and the other rows what they are
+    without it. A batch of such rows only, of no column at all, gives zeros too."""
+    model = tiny_encoder(attn_implementation=backend, pooling_mode=pooling_mode)
+    ids, mask = _right_padded([SEQ_LEN, 0, 4, 0])
+    if padding_side == "left":
+        ids, mask = _to_left_padding(ids, mask)
+    real = [0, 2]
+    for grad in (False, True) if backend != "flex_attention" else (False,):  # flex has no CPU backward
+        with torch.set_grad_enabled(grad):
+            out = model(input_ids=ids, attention_mask=mask)
+            torch._dynamo.reset()  # flex: a second shape would recompile with dynamic shapes (see the fixture)
+            without = model(input_ids=ids[real], attention_mask=mask[real])
+        assert torch.isfinite(out.last_hidden_state).all() and torch.isfinite(out.pooler_output).all()
+        assert torch.equal(out.pooler_output[[1, 3]], torch.zeros(2, model.config.hidden_size))
+        assert_equal_up_to_summation_order(out.pooler_output[real], without.pooler_output,
+                                           terms=encoder_terms(model, SEQ_LEN), what=f"pooled, autograd {grad}")
+        empty = model(input_ids=ids[:, :0], attention_mask=mask[:, :0])
+        assert torch.equal(empty.pooler_output, torch.zeros(4, model.config.hidden_size))
+        assert empty.last_hidden_state.shape == (4, 0, model.config.hidden_size)
+
+
 def test_caller_cannot_make_it_causal():
     model = tiny_encoder(attn_implementation="sdpa")
     ids, _ = _right_padded([SEQ_LEN])

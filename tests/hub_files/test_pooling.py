@@ -113,9 +113,23 @@ def test_excluding_the_instruction_changes_the_embedding_but_not_the_attention()
     assert (full.pooler_output - excluded.pooler_output).abs().max() > 1e-4
 
 
-def test_empty_pool_mask_is_refused():
-    with pytest.raises(ValueError, match="pool_mask selects no token"):
-        pool(torch.randn(2, 3, 4), torch.tensor([[1, 1, 0], [0, 0, 0]]), "mean")
+@pytest.mark.parametrize("mode", MODES + ["latent_attention"])
+def test_a_row_that_pools_nothing_gets_the_zero_vector(mode):
+    """A blank text's row pools no token: its embedding is exactly zero whatever its states hold (NaN and inf
+    included), and the other rows are pooled as without it."""
+    head = None
+    if mode == "latent_attention":
+        head = LatentAttentionPooling(LlamaEncoderConfig(**TINY_LLAMA, **TINY_LATENTS))
+        torch.nn.init.normal_(head.latents)
+    states = torch.randn(4, 7, TINY_LLAMA["hidden_size"])
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [0] * 7, [0, 0, 0, 0, 1, 1, 1], [0] * 7])
+    states[1], states[3, :2], states[3, 2:] = float("nan"), float("inf"), float("-inf")
+    head_terms = latent_attention_terms(head) if head is not None else 0
+    with torch.no_grad():
+        pooled = pool(states, mask, mode, head)
+        alone = pool(states[[0, 2]], mask[[0, 2]], mode, head)
+    assert torch.equal(pooled[[1, 3]], torch.zeros(2, TINY_LLAMA["hidden_size"]))
+    assert_equal_up_to_summation_order(pooled[[0, 2]], alone, terms=head_terms + 7 + 2)
 
 
 def test_unknown_pooling_mode_is_refused_by_the_config():
