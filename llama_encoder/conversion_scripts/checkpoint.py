@@ -332,6 +332,11 @@ def _pooling_section(config: LlamaEncoderConfig, max_seq_length: int) -> list[st
         f"Embeddings have {config.hidden_size} dimensions and are "
         + ("L2-normalised." if config.normalize_embeddings else "not normalised."),
         f"Inputs are truncated at {max_seq_length} tokens.",
+        "A blank text (empty or whitespace only) gets the zero vector from this checkpoint's own code "
+        "(`trust_remote_code=True`) and from llama-encoder's `Encoder`, `embed` and `--engine vllm`: cosine 0 with "
+        "every embedding, so one empty document neither stops a corpus nor ranks ahead of a real match. Loaders that "
+        "run none of that code (stock Sentence Transformers modules, stock transformers, vLLM, TEI) embed whatever "
+        "tokens a blank text leaves, and vLLM refuses one with no token at all: drop blank texts before calling them.",
     ]
     if config.pooling_mode == "latent_attention":
         lines.append(
@@ -353,7 +358,7 @@ def _stock_transformers_snippet(model_id: str, pooling_mode: str, max_seq_length
                                 family: str = "llama") -> list[str]:
     pool = (
         ["    mask = batch[\"attention_mask\"].unsqueeze(-1).to(states.dtype)",
-         "    pooled = (states * mask).sum(1) / mask.sum(1)"]
+         "    pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1)"]
         if pooling_mode == "mean" else
         ["    last = batch[\"attention_mask\"].sum(1) - 1  # right padding",
          "    pooled = states[torch.arange(len(texts)), last]"]
