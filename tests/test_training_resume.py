@@ -47,10 +47,10 @@ OPTIONS = {
 
 
 def _args(setup: Path, out: Path, objective: str, **extra) -> TrainingArguments:
-    return TrainingArguments(objective=objective, out=str(out), data=[str(setup / "texts.txt")],
-                             base=str(setup / "base"), max_steps=STEPS, batch_size=4, save_every=2,
-                             keep_checkpoints=2, dtype="float32", lr=5e-3, show_progress=False,
-                             **OPTIONS[objective], **extra)
+    options = dict(objective=objective, out=str(out), data=[str(setup / "texts.txt")], base=str(setup / "base"),
+                   max_steps=STEPS, batch_size=4, save_every=2, keep_checkpoints=2, dtype="float32", lr=5e-3,
+                   show_progress=False, **OPTIONS[objective])
+    return TrainingArguments(**{**options, **extra})
 
 
 def _command(setup: Path, out: Path) -> list[str]:
@@ -152,3 +152,25 @@ def test_sigkill_then_resume_equals_uninterrupted(setup, uninterrupted, tmp_path
     assert summary["steps"] == STEPS
     _assert_same_adapter(out, straight)
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("objective", ["simcse", "mntp"])
+def test_stop_at_step_keeps_the_schedule_and_resume_ends_at_the_uninterrupted_adapter(objective, setup, uninterrupted,
+                                                                                     tmp_path):
+    straight = uninterrupted(objective)
+    out = tmp_path / "adapter"
+    first = train(_args(setup, out, objective, stop_at_step=5, save_every=4))
+    assert (first["steps"], first["scheduled_steps"]) == (5, STEPS)
+    # the adapter so far is written, and a checkpoint at the stopping step (off the --save-every grid) to resume from
+    assert (out / "adapter_model.safetensors").is_file()
+    assert [p.name for p in checkpoints(tmp_path / "adapter-checkpoints")] == ["checkpoint-4", "checkpoint-5"]
+    second = train(_args(setup, out, objective, resume=True, save_every=4, log_every=1))
+    assert (second["steps"], second["scheduled_steps"]) == (STEPS, STEPS)
+    assert [h["step"] for h in second["history"]] == list(range(6, STEPS + 1))
+    _assert_same_adapter(out, straight)
+
+
+def test_stop_at_step_beyond_max_steps_is_refused_before_work(setup, tmp_path):
+    with pytest.raises(ValueError, match="--stop-at-step must not exceed --max-steps"):
+        train(_args(setup, tmp_path / "adapter", "simcse", stop_at_step=STEPS + 1))
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "adapter-checkpoints").exists()

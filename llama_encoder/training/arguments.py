@@ -54,6 +54,10 @@ class TrainingArguments:
                                  default_factory=list, flag="--adapter", metavar="PATH")
     max_steps: int | None = option(None, help="optimizer steps (default: --epochs)", group="length", metavar="N")
     epochs: float = option(1.0, help="passes over the data when --max-steps is unset", group="length")
+    stop_at_step: int | None = option(None, help="end this run after step N of the schedule --max-steps/--epochs "
+                                      "set (its learning rate keeps that schedule), writing a checkpoint and the "
+                                      "adapter so far; --resume with a later N (or none) continues it. For runs "
+                                      "longer than one sitting", group="length", metavar="N", resumable=True)
     batch_size: int = option(32, help="global batch: examples per optimizer step over all processes and "
                              "accumulation steps", group="optimisation", metavar="N")
     grad_accum: int = option(1, help="micro-batches per step (contrastive negatives come from the same "
@@ -165,6 +169,9 @@ class TrainingArguments:
             (not self.matryoshka_dims or all(d >= 1 for d in self.matryoshka_dims),
              "--matryoshka-dims must be positive integers"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (self.stop_at_step is None or self.stop_at_step >= 1, "--stop-at-step must be at least 1"),
+            (self.stop_at_step is None or self.max_steps is None or self.stop_at_step <= self.max_steps,
+             "--stop-at-step must not exceed --max-steps"),
             (self.epochs > 0, "--epochs must be positive"),
             (self.batch_size >= 1 and self.grad_accum >= 1, "--batch-size and --grad-accum must be at least 1"),
             (self.lr > 0, "--lr must be positive"),

@@ -161,6 +161,19 @@ def _current_intervals():
     return CurrentIntervals()
 
 
+def _stop_at_step(step: int):
+    """A callback that ends the run after optimizer step `step` with a checkpoint (--stop-at-step): the schedule
+    stays the full run's, so a later --resume continues exactly where this one stopped."""
+    from transformers import TrainerCallback
+
+    class StopAtStep(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                control.should_training_stop = control.should_save = True
+
+    return StopAtStep()
+
+
 class _TokenCounter:
     """Counts the real tokens the model is trained on (a forward pre-hook on the encoder in training mode)."""
 
@@ -448,6 +461,8 @@ def prepare_run(args: TrainingArguments) -> Run:
         trainer = _mntp_trainer(args, model, trainer_args)
     trainer.run_model, trainer.run_record = model, record
     trainer.add_callback(_current_intervals())
+    if args.stop_at_step is not None:
+        trainer.add_callback(_stop_at_step(args.stop_at_step))
     clock = _train_clock()
     trainer.add_callback(clock)
     _logged_progress(trainer, args.show_progress is not False)
@@ -479,6 +494,9 @@ def train(args: TrainingArguments) -> dict:
         _write_adapter(args, run.model, run.record, summary)
         logger.info("Wrote adapter %s (%d steps, %.0f tok/s)", args.out, summary["steps"],
                     summary["tokens_per_second"])
+        if summary["steps"] < summary["scheduled_steps"]:
+            logger.info("Stopped at step %d of %d (--stop-at-step); --resume continues the run", summary["steps"],
+                        summary["scheduled_steps"])
     if _world_size() > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return summary
@@ -542,6 +560,7 @@ def _summary(run: Run, seconds: float, mean_loss: float) -> dict:
     return {
         "objective": args.objective,
         "steps": trainer.state.global_step,
+        "scheduled_steps": trainer.state.max_steps,  # more than steps: stopped early by --stop-at-step
         "examples": sum(len(s) for s in sets) if sets is not None else len(trainer.train_dataset),
         "datasets": {s.name: len(s) for s in sets} if sets is not None else None,
         "batch_size": args.batch_size,
