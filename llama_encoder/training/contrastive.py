@@ -118,7 +118,8 @@ def read_training_sets(objective: str, specs: list[DatasetSpec], *, instruction_
             sets.extend(_supervised_sets(spec, instruction_template, seed))
     for training_set in sets:
         logger.info("Dataset %s: %d %s examples%s", training_set.name, len(training_set), training_set.kind,
-                    f", query prompt {training_set.prompts.get('anchor')!r}" if training_set.prompts else "")
+                    f", prompt {next(iter(training_set.prompts.values()))!r} on {', '.join(training_set.prompts)}"
+                    if training_set.prompts else "")
     return sets
 
 
