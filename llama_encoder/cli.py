@@ -276,11 +276,11 @@ def _vllm_encoder(args: argparse.Namespace):
 EVALUATE_EPILOG = """examples:
   llama-encoder evaluate smollm2-encoder --sts sts-dev.csv --retrieval squad-dev-ir/
       one row per set: STS Benchmark dev (Spearman) and SQuAD dev as retrieval (nDCG@10, Recall@100)
-  llama-encoder evaluate smollm2-encoder --sts dev=sts-dev.csv --sts test=sts-test.csv --sts-prompt-name sts
-      two STS sets named dev and test, both behind the checkpoint's saved `sts` prompt
-  llama-encoder evaluate smollm2-encoder --sts sts-dev.csv --sts-prompt-name sts-dev=sts --retrieval scifact/ \
+  llama-encoder evaluate smollm2-encoder --sts dev=sts-dev.csv --sts test=sts-test.csv --sts-prompt-name plain
+      two STS sets named dev and test, both without a prompt (by default: the checkpoint's `sts` prompt)
+  llama-encoder evaluate smollm2-encoder --sts sts-dev.csv --query-prompt-name scifact=plain --retrieval scifact/ \
       --json scorecard.json --overwrite
-      the `sts` prompt for the set sts-dev only; every figure, prompt, file hash and version in scorecard.json
+      scifact's queries without a prompt; every figure, prompt, file hash and version in scorecard.json
   llama-encoder evaluate all-MiniLM-L6-v2/ --sts sts-dev.csv --format json
       a stock Sentence Transformers model (a baseline) scored the same way; the scorecard as JSON on stdout
 """
@@ -310,9 +310,10 @@ def _add_evaluate(subparsers) -> None:
                       help="a retrieval task: a BEIR-style folder (corpus.jsonl, queries.jsonl, and qrels.tsv, "
                       "qrels.jsonl or qrels/test.tsv), or its three files CORPUS QUERIES QRELS; repeat for several")
     prompts = parser.add_argument_group(
-        "prompts", "By default STS sentences get no prompt, retrieval queries the checkpoint's saved `query` prompt "
-        "(none if it has none) and documents its `document` prompt. A named prompt is one the checkpoint saved "
-        "(config_sentence_transformers.json); SET=NAME gives it to one set only.")
+        "prompts", "By default STS sentences get the checkpoint's saved `sts` prompt and retrieval queries its "
+        "`query` prompt (none where it has none), documents its `document` prompt. A named prompt is one the "
+        "checkpoint saved (config_sentence_transformers.json), or `plain` for none; SET=NAME gives it to one set "
+        "only.")
     sts_prompt = prompts.add_mutually_exclusive_group()
     sts_prompt.add_argument("--sts-prompt-name", action="append", default=[], metavar="[SET=]NAME",
                             help="STS sentences behind the checkpoint's saved prompt NAME (e.g. sts): every STS "

@@ -6,7 +6,7 @@ of each task it trains, and a checkpoint saves those prompts under their names."
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from .errors import InputError
 
@@ -24,6 +24,21 @@ def prompt_name_problem(name: object) -> str | None:
         return (f"prompt_name {name!r} is reserved ('document' is the prompt documents get, 'plain' the inputs "
                 "without a prompt); choose another name")
     return None
+
+
+def named_instructions(entries: Iterable[tuple[str, str, str, str]]) -> dict[str, str]:
+    """`{prompt name: instruction}` over `entries` of (where, label, prompt name, instruction), in order: the one
+    rule that a prompt name holds one instruction. Raises `InputError` at the first entry that gives a name another
+    instruction, naming both entries (`where` locates it, `label` names it in another entry's message)."""
+    named: dict[str, tuple[str, str]] = {}
+    for where, label, name, instruction in entries:
+        earlier_instruction, earlier_label = named.setdefault(name, (instruction, label))
+        if earlier_instruction != instruction:
+            raise InputError(f"{where}: its instruction {instruction!r} would be prompt {name!r}, which "
+                             f"{earlier_label} trains with {earlier_instruction!r}; give one of them another "
+                             "prompt_name in the recipe (datasets share a prompt name only with the same "
+                             "instruction).")
+    return {name: instruction for name, (instruction, _) in named.items()}
 
 
 def choose_prompt(prompts: Mapping[str, str], instruction_prompt: Callable[[str], str], *, prompt: str | None,

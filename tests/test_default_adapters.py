@@ -37,6 +37,34 @@ def test_manifest_lists_every_shipped_file_with_its_sha256_and_stays_under_25_mb
     assert "STS Benchmark train split" in section and "CC BY-SA" in section and "demonstration" in section
 
 
+def test_the_card_section_shows_the_scorecard_beside_raw_baselines_and_dashes_for_what_was_not_measured():
+    from llama_encoder.weights.default_adapters import DefaultAdapters
+
+    manifest = {
+        "description": "Trained on a mix.", "stored_form": "bfloat16-r16",
+        "recipe": {"mntp": {"objective": "mntp", "steps": 80, "tokens": 247139, "wall_seconds": 630.0,
+                            "compute_dtype": "bfloat16"}},
+        "mix": [{"name": "sts", "prompt_name": "sts", "instruction": "Find the same meaning", "loss": "cosent",
+                 "examples": 5749}],
+        "scorecard": {"sts-dev": {"spearman": 87.1234}, "squad-dev-ir": {"ndcg@10": 70.0, "recall@100": 98.5}},
+        "baselines": {"models": {"MiniLM": "x", "causal": "y"},
+                      "scores": {"sts-dev": {"MiniLM": {"spearman": 0.86721, "n": 1500},
+                                             "causal": {"spearman": 0.5415}},
+                                 "squad-dev-ir": {"MiniLM": {"ndcg@10": 0.77339, "recall@100": 0.99043}}}},
+        "host": {"cpu": "Some CPU", "logical_cpus": 2},
+        "limits": "small.",
+    }
+    lines = DefaultAdapters((), manifest, "# Notice\n\nCC BY-SA text.\n").card_section()
+    assert lines[2] == "Trained on a mix."
+    assert "| mntp | mntp | 80 | 247,139 | 10.5 | bfloat16 |" in lines
+    assert "| sts | `sts` | Find the same meaning | cosent | 5,749 |" in lines
+    assert "| this checkpoint | 87.12 | 70.00 | 98.50 |" in lines
+    assert "| MiniLM | 86.72 | 77.34 | 99.04 |" in lines  # raw scores x100
+    assert "| causal | 54.15 | - | - |" in lines  # a set the baseline was not scored on
+    assert any(line.startswith("Measured on Some CPU (2 logical CPUs)") for line in lines)
+    assert lines[-1] == "CC BY-SA text." and "Limits: small." in lines
+
+
 def test_a_modified_or_missing_shipped_file_is_refused(tmp_path):
     copy = tmp_path / "default_adapters"
     shutil.copytree(DEFAULT_ADAPTERS_DIR, copy)

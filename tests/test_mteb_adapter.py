@@ -40,7 +40,9 @@ def test_prompts_follow_mteb_keys_and_default_to_evaluates(encoder):
     model = MTEBEncoder(encoder)
     assert model.prompt_for("SciFact", "Retrieval", "query") == {"prompt_name": "query"}
     assert model.prompt_for("SciFact", "Retrieval", "document") == {"prompt_name": "document"}
-    assert model.prompt_for("STSBenchmark", "STS", None) == {}  # symmetric texts: no prompt, as evaluate
+    assert model.prompt_for("STSBenchmark", "STS", None) == {"prompt_name": "sts"}  # the checkpoint's, as evaluate
+    assert model.prompt_for("Banking77", "Classification", None) == {}  # no prompt of its own: as it is
+    assert MTEBEncoder(encoder, prompt_names={"STS": "plain"}).prompt_for("STSBenchmark", "STS", None) == {}
 
     model = MTEBEncoder(encoder, prompt_names={"STS": "sts", "SciFact-query": "sts"},
                         instructions={"Retrieval": INSTRUCTION, "Banking77": "Classify the intent"})
@@ -108,7 +110,7 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-@pytest.mark.parametrize("sts_prompt", [None, "sts"])
+@pytest.mark.parametrize("sts_prompt", [None, "plain"])  # the default (the checkpoint's `sts`), and none
 def test_mteb_scores_local_tasks_like_evaluate(encoder, tmp_path, offline, sts_prompt):
     mteb = pytest.importorskip("mteb", minversion="2")
     from llama_encoder.encoding.mteb_adapter import local_retrieval_task, local_sts_task

@@ -86,15 +86,15 @@ def test_several_sets_in_one_run_equal_the_evaluators(checkpoint, encoder, tmp_p
     code, stdout, _ = _evaluate(
         checkpoint, "--sts", dev, "--sts", f"second={other}", "--retrieval", beir,
         "--retrieval", f"three={loose / 'corpus.jsonl'}", loose / "queries.jsonl", loose / "qrels.tsv",
-        "--sts-prompt-name", "second=sts", "--json", out, "--format", "json", capsys=capsys)
+        "--sts-prompt-name", "second=plain", "--json", out, "--format", "json", capsys=capsys)
     assert code == 0
     card = json.loads(out.read_text())
     assert json.loads(stdout) == card
     assert list(card["sets"]) == ["sts-dev", "second", "animals", "three"]
 
     expected = {
-        "sts-dev": evaluate_sts(encoder, read_sts(dev)),
-        "second": evaluate_sts(encoder, read_sts(other), prompt=STS_PROMPT),
+        "sts-dev": evaluate_sts(encoder, read_sts(dev), prompt=STS_PROMPT),  # the checkpoint's `sts` prompt
+        "second": evaluate_sts(encoder, read_sts(other)),  # `plain`: none
     }
     query, document = encoder.prompts["query"], encoder.prompts["document"] or None
     for name, folder in (("animals", beir), ("three", loose)):
@@ -109,8 +109,10 @@ def test_several_sets_in_one_run_equal_the_evaluators(checkpoint, encoder, tmp_p
     assert card["sets"]["animals"]["metrics"]["queries"] == 3 and card["sets"]["animals"]["metrics"]["skipped"] == 1
     assert card["sets"]["animals"]["metrics"]["recall@100"] == pytest.approx((1 + 1 / 2 + 1) / 3)  # d99 is missing
 
-    assert card["sets"]["sts-dev"]["prompts"] == {"sentences": {"prompt_name": None, "prompt": None}}
-    assert card["sets"]["second"]["prompts"] == {"sentences": {"prompt_name": "sts", "prompt": STS_PROMPT}}
+    assert card["sets"]["sts-dev"]["prompts"] == {"sentences": {"prompt_name": "sts", "prompt": STS_PROMPT}}
+    assert card["sets"]["second"]["prompts"] == {"sentences": {"prompt_name": "plain", "prompt": None}}
+    assert expected["sts-dev"]["spearman"] != pytest.approx(evaluate_sts(encoder, read_sts(dev))["spearman"],
+                                                            abs=1e-6)  # the prompt changes the figure
     assert card["sets"]["animals"]["prompts"]["queries"] == {"prompt_name": "query", "prompt": query}
     assert [f["path"] for f in card["sets"]["three"]["files"]] == [str((loose / n).resolve()) for n in
                                                                    ("corpus.jsonl", "queries.jsonl", "qrels.tsv")]
@@ -124,14 +126,14 @@ def test_several_sets_in_one_run_equal_the_evaluators(checkpoint, encoder, tmp_p
     # the table: one aligned row per set, figures x100
     code, table, _ = _evaluate(checkpoint, "--sts", dev, "--sts", f"second={other}", "--retrieval", beir,
                                "--retrieval", f"three={loose / 'corpus.jsonl'}", loose / "queries.jsonl",
-                               loose / "qrels.tsv", "--sts-prompt-name", "second=sts", capsys=capsys)
+                               loose / "qrels.tsv", "--sts-prompt-name", "second=plain", capsys=capsys)
     assert code == 0
     lines = table.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("set "))
     assert lines[header].split() == ["set", "kind", "prompt", "Spearman", "nDCG@10", "Recall@100", "n", "seconds"]
     rows = {line.split()[0]: line.split() for line in lines[header + 1 : header + 5]}
-    assert rows["sts-dev"][1:4] == ["sts", "none", f"{100 * expected['sts-dev']['spearman']:.2f}"]
-    assert rows["second"][2] == "sts" and rows["second"][4:7] == ["-", "-", "4"]
+    assert rows["sts-dev"][1:4] == ["sts", "sts", f"{100 * expected['sts-dev']['spearman']:.2f}"]
+    assert rows["second"][2] == "plain" and rows["second"][4:7] == ["-", "-", "4"]
     assert rows["animals"][1:6] == ["retrieval", "query", "-", f"{100 * expected['animals']['ndcg@10']:.2f}",
                                     f"{100 * expected['animals']['recall@100']:.2f}"]
     assert rows["three"][6] == "3"

@@ -205,8 +205,9 @@ def test_one_prompt_name_for_two_instructions_or_a_reserved_one_is_refused_namin
         {"name": "a", "path": "a.jsonl", "instruction": "Find the answer", "prompt_name": "task"},
         {"name": "b", "path": "b.jsonl", "instruction": "Find the pet", "prompt_name": "task"},
     ])
-    with pytest.raises(ValueError, match=rf"{re.escape(str(recipe))}: dataset 2 \(b\): prompt name 'task' is "
-                                         r"already dataset 1's \(a\) with another instruction"):
+    with pytest.raises(ValueError, match=rf"{re.escape(str(recipe))}: dataset 2 \(b\): its instruction 'Find the "
+                                         r"pet' would be prompt 'task', which dataset 1 \(a\) trains with 'Find the "
+                                         r"answer'"):
         read_recipe(recipe)
     recipe = _recipe(tmp_path / "r.json", [{"name": "a", "path": "a.jsonl", "instruction": "x", "prompt_name": "a b"}])
     with pytest.raises(ValueError, match=r"dataset 1 \(a\): prompt_name 'a b' must be letters, digits"):

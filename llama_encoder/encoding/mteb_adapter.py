@@ -3,7 +3,7 @@
     import mteb
     from llama_encoder.encoding.mteb_adapter import MTEBEncoder, local_retrieval_task, local_sts_task
 
-    model = MTEBEncoder("smollm2-encoder", prompt_names={"STS": "sts"})      # a folder or Hub id, or an Encoder
+    model = MTEBEncoder("smollm2-encoder")                  # a folder or Hub id, or an Encoder
     tasks = [*mteb.get_tasks(tasks=["STSBenchmark"]), local_retrieval_task("squad-dev-ir/")]
     results = mteb.evaluate(model, tasks, cache=None)
 
@@ -12,9 +12,10 @@
 `"{task name}-{prompt type}"`, `"{task name}"`, `"{task type}-{prompt type}"`, `"{task type}"`, `"{prompt type}"`
 (task types: Retrieval, STS, Classification, Clustering, PairClassification, Reranking, ...; prompt types: query,
 document). The first key found in `prompt_names` (values: the checkpoint's saved prompts, by name) or in
-`instructions` (values: instructions, written with the checkpoint's instruction template) decides. The default is
-`llama-encoder evaluate`'s: queries behind the checkpoint's `query` prompt, documents behind its `document` prompt
-(each only where the checkpoint has it), every other text (STS, classification, clustering, ...) as it is. So
+`instructions` (values: instructions, written with the checkpoint's instruction template) decides; the prompt name
+`plain` means no prompt. The default is `llama-encoder evaluate`'s: STS texts behind the checkpoint's `sts` prompt,
+queries behind its `query` prompt, documents behind its `document` prompt (each only where the checkpoint has it),
+every other text (classification, clustering, ...) as it is. So
 MTEB's figures on a task equal `evaluate`'s on the same files (tested on local tasks built by
 `local_retrieval_task` and `local_sts_task`). Documents never get an instruction: instruction-tuned embedders
 (LLM2Vec, NV-Embed) are evaluated with instructions on queries only.
@@ -33,8 +34,9 @@ import numpy as np
 
 from ..errors import InputError, MissingDependencyError
 from .encode import Encoder
+from .scorecard import NO_PROMPT
 
-DEFAULT_PROMPT_NAMES = {"query": "query", "document": "document"}
+DEFAULT_PROMPT_NAMES = {"STS": "sts", "query": "query", "document": "document"}
 """MTEB key -> the checkpoint prompt used when the caller names none for that key (dropped where the checkpoint has
 no prompt of that name): `evaluate`'s defaults."""
 PROMPT_TYPES = ("query", "document")
@@ -78,7 +80,8 @@ class MTEBEncoder:
             encoder = Encoder.from_pretrained(encoder, device=device, dtype=dtype)
         self.encoder = encoder
         prompt_names, instructions = dict(prompt_names or {}), dict(instructions or {})
-        unknown = {key: value for key, value in prompt_names.items() if value not in encoder.prompts}
+        unknown = {key: value for key, value in prompt_names.items()
+                   if value not in encoder.prompts and value != NO_PROMPT}
         if unknown:
             raise InputError(f"{encoder.name_or_path} has no prompt named {', '.join(map(repr, unknown.values()))} "
                              f"(asked for {', '.join(unknown)}); its prompts: {', '.join(encoder.prompts) or 'none'}.")
@@ -106,7 +109,7 @@ class MTEBEncoder:
             if key in self.instructions and prompt_type != "document":
                 return {"instruction": self.instructions[key]}
             if key in self.prompt_names:
-                return {"prompt_name": self.prompt_names[key]}
+                return {} if self.prompt_names[key] == NO_PROMPT else {"prompt_name": self.prompt_names[key]}
         return {}
 
     def encode(

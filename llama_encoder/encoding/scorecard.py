@@ -10,9 +10,10 @@ table and recorded as JSON with what produced every figure.
 
 Each set is one row: an STS set gives the Spearman (headline) and Pearson correlation of cosine similarity with the
 gold scores, a retrieval set nDCG@10 and Recall@100 (also nDCG@100 and Recall@10) by exact cosine search
-(`evaluate`). Prompts: an STS set's sentences get none unless the set names one; a retrieval set's queries get the
-checkpoint's `query` prompt (where it has one) unless the set names another prompt or an instruction, and its
-documents the checkpoint's `document` prompt. The card records, per set, the files and their sha256, the prompts
+(`evaluate`). Prompts: an STS set's sentences get the checkpoint's `sts` prompt (where it has one: the instruction
+it was trained with for sentence similarity) and a retrieval set's queries its `query` prompt (where it has one),
+unless the set names another prompt, `plain` (no prompt) or an instruction; documents get the checkpoint's
+`document` prompt. The card records, per set, the files and their sha256, the prompts
 used, every metric (raw, in [-1, 1] or [0, 1]), the count and the seconds; and the model, dtype, device, host and
 versions.
 """
@@ -129,10 +130,16 @@ def saved_prompts(checkpoint: str | os.PathLike) -> dict[str, str] | None:
     return json.loads(config.read_text()).get("prompts") or {}
 
 
+NO_PROMPT = "plain"
+"""The prompt name that asks for no prompt (a name no checkpoint saves; see `prompts.RESERVED_PROMPT_NAMES`)."""
+DEFAULT_PROMPT_NAMES = {"sts": "sts", "retrieval": "query"}
+"""A set kind -> the checkpoint prompt its sentences (STS) or queries (retrieval) get when the set names none."""
+
+
 def check_prompt_names(sets: Sequence[EvalSet], prompts: dict[str, str], model: str) -> None:
     """Refuse a set whose prompt name the model does not have."""
     for eval_set in sets:
-        if eval_set.prompt_name is not None and eval_set.prompt_name not in prompts:
+        if eval_set.prompt_name not in (None, NO_PROMPT) and eval_set.prompt_name not in prompts:
             raise InputError(f"Set {eval_set.name}: {model} has no prompt named {eval_set.prompt_name!r}; its "
                              f"prompts: {', '.join(prompts) or 'none'}.")
 
@@ -205,15 +212,15 @@ def _prompt_options(encoder, eval_set: EvalSet) -> tuple[dict[str, Any], dict[st
     """The evaluator's prompt keywords for a set, the record of the prompts it used, and the table's label."""
     prompts = getattr(encoder, "prompts", {}) or {}
     name = eval_set.prompt_name
+    if name is None and eval_set.prompt is None and eval_set.instruction is None \
+            and DEFAULT_PROMPT_NAMES[eval_set.kind] in prompts:
+        name = DEFAULT_PROMPT_NAMES[eval_set.kind]  # the checkpoint's own prompt for the task (as MTEBEncoder)
+    text = None if name == NO_PROMPT else prompts[name] if name is not None else eval_set.prompt
     if eval_set.kind == "sts":
-        used = {"prompt_name": name, "prompt": prompts[name] if name is not None else eval_set.prompt}
-        return {"prompt": used["prompt"]}, {"sentences": used}, _label(used)
-    if eval_set.instruction is not None:
-        queries = {"instruction": eval_set.instruction}
-    else:
-        if name is None and eval_set.prompt is None and "query" in prompts:
-            name = "query"  # the checkpoint's own query prompt, as Encoder.encode_queries uses it
-        queries = {"prompt_name": name, "prompt": prompts[name] if name is not None else eval_set.prompt}
+        used = {"prompt_name": name, "prompt": text}
+        return {"prompt": text}, {"sentences": used}, _label(used)
+    queries = {"instruction": eval_set.instruction} if eval_set.instruction is not None else \
+        {"prompt_name": name, "prompt": text}
     document = prompts.get("document") or None
     options = {"query_prompt": queries.get("prompt"), "query_instruction": queries.get("instruction"),
                "document_prompt": document}
@@ -347,6 +354,8 @@ def write_scorecard(card: dict[str, Any], path: str | os.PathLike, *, overwrite:
 __all__ = [
     "EvalSet",
     "SentenceTransformerEncoder",
+    "DEFAULT_PROMPT_NAMES",
+    "NO_PROMPT",
     "check_prompt_names",
     "format_table",
     "load_encoder",

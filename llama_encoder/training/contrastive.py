@@ -23,7 +23,7 @@ from sentence_transformers.util.distributed import all_gather, all_gather_with_g
 
 from ..configuration_llama_encoder import fill_instruction_template
 from ..errors import InputError
-from ..prompts import prompt_name_problem
+from ..prompts import named_instructions, prompt_name_problem
 from .data import ScoredPair, Triple, read_supervised, read_texts
 from .recipe import DatasetSpec
 
@@ -127,7 +127,7 @@ def named_prompts(sets: list[TrainingSet]) -> dict[str, str]:
     """The task prompts a run trains, by name: `{prompt_name: instruction}` over the sets with an instruction (what
     `training_args.json` records and `convert` saves in the checkpoint, written with the run's template). Raises
     `InputError` for a name given to two instructions, or one a checkpoint cannot hold."""
-    named: dict[str, tuple[str, TrainingSet]] = {}
+    entries = []
     for training_set in sets:
         name, instruction = training_set.prompt_name, training_set.instruction
         if name is None or instruction is None:
@@ -136,13 +136,8 @@ def named_prompts(sets: list[TrainingSet]) -> dict[str, str]:
             f"Dataset {training_set.name}"
         if problem := prompt_name_problem(name):
             raise InputError(f"{where}: {problem}; give the dataset a prompt_name in the recipe.")
-        earlier_instruction, earlier = named.setdefault(name, (instruction, training_set))
-        if earlier_instruction != instruction:
-            raise InputError(f"{where}: its instruction {instruction!r} would be prompt {name!r}, which dataset "
-                             f"{earlier.name} trains with {earlier_instruction!r}; give one of them another "
-                             "prompt_name in the recipe (datasets share a prompt name only with the same "
-                             "instruction).")
-    return {name: instruction for name, (instruction, _) in named.items()}
+        entries.append((where, f"dataset {training_set.name}", name, instruction))
+    return named_instructions(entries)
 
 
 class PairCoSENTLoss(losses.CoSENTLoss):

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import InputError, MissingInputError
-from ..prompts import prompt_name_problem
+from ..prompts import named_instructions, prompt_name_problem
 
 DATA_FORMATS = ("auto", "jsonl", "csv", "sts", "text")
 LOSSES = ("auto", "infonce", "cosent")
@@ -139,17 +139,8 @@ def read_recipe(path: str | Path) -> list[DatasetSpec]:
     if duplicates:
         raise InputError(f"{path}: dataset name(s) {', '.join(duplicates)} appear more than once; names must be "
                          "unique.")
-    first_with: dict[str, tuple[int, DatasetSpec]] = {}
-    for index, spec in enumerate(specs, start=1):
-        if spec.instruction is None:
-            continue
-        earlier_index, earlier = first_with.setdefault(spec.prompt_key, (index, spec))
-        if earlier.instruction != spec.instruction:
-            raise InputError(
-                f"{path}: dataset {index} ({spec.name}): prompt name {spec.prompt_key!r} is already dataset "
-                f"{earlier_index}'s ({earlier.name}) with another instruction ({earlier.instruction!r}, here "
-                f"{spec.instruction!r}); give one of them another prompt_name (datasets share a prompt name only "
-                "with the same instruction).")
+    named_instructions((f"{path}: dataset {index} ({spec.name})", f"dataset {index} ({spec.name})", spec.prompt_key,
+                        spec.instruction) for index, spec in enumerate(specs, start=1) if spec.instruction is not None)
     return specs
 
 

@@ -494,9 +494,12 @@ def train(args: TrainingArguments) -> dict:
         _write_adapter(args, run.model, run.record, summary)
         logger.info("Wrote adapter %s (%d steps, %.0f tok/s)", args.out, summary["steps"],
                     summary["tokens_per_second"])
-        if summary["steps"] < summary["scheduled_steps"]:
+        if args.stop_at_step is not None and summary["steps"] < summary["scheduled_steps"]:
             logger.info("Stopped at step %d of %d (--stop-at-step); --resume continues the run", summary["steps"],
                         summary["scheduled_steps"])
+        elif summary["steps"] < summary["scheduled_steps"]:  # the batch samplers' lengths are estimates
+            logger.info("The data gave %d batches of the %d the schedule planned (a batch holds no duplicate text, "
+                        "so some texts did not fill one)", summary["steps"], summary["scheduled_steps"])
     if _world_size() > 1 and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return summary
@@ -560,7 +563,7 @@ def _summary(run: Run, seconds: float, mean_loss: float) -> dict:
     return {
         "objective": args.objective,
         "steps": trainer.state.global_step,
-        "scheduled_steps": trainer.state.max_steps,  # more than steps: stopped early by --stop-at-step
+        "scheduled_steps": trainer.state.max_steps,  # more than steps: --stop-at-step, or fewer full batches
         "examples": sum(len(s) for s in sets) if sets is not None else len(trainer.train_dataset),
         "datasets": {s.name: len(s) for s in sets} if sets is not None else None,
         "batch_size": args.batch_size,

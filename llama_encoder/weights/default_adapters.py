@@ -1,8 +1,9 @@
 """The LoRA adapters shipped for the embedded default base (SmolLM2-135M-Instruct).
 
 `llama_encoder/default_adapters/` holds an MNTP adapter and a supervised adapter trained on top of it with the
-package's own `llama-encoder train` on the STS Benchmark train split, plus `manifest.json` (files, sizes, sha256,
-the commands that reproduce them, their STS dev scores) and `NOTICE.md` (the training data's attribution).
+package's own `llama-encoder train` on public data, plus `manifest.json` (files, sizes, sha256, the training mix,
+the commands that reproduce them, their development-set scorecard beside recorded baselines, the host) and
+`NOTICE.md` (the training data's attribution).
 `benchmarks/default_adapters.py` builds, measures and installs them. `convert` with no base and no adapters merges
 them; `--untrained` keeps the bare base.
 """
@@ -30,46 +31,65 @@ class DefaultAdapters:
     notice: str
 
     def card_section(self) -> list[str]:
-        """Model-card lines: training data, recipe, reproduction, dev scores and limits."""
+        """Model-card lines: what was trained on what, how to reproduce it, the scorecard and the data notice."""
         m = self.manifest
-        scores = m.get("sts_dev", {})
-        baselines = m.get("baselines_sts_dev_spearman", {})
-        lines = [
-            "## Training",
-            "",
-            f"The merged adapters are llama-encoder's shipped defaults for {m.get('base', 'the embedded base')}: the "
-            "LLM2Vec recipe, MNTP (masked next-token prediction) and then supervised contrastive training (CoSENT "
-            "on scored pairs), trained with `llama-encoder train` on the STS Benchmark train split only "
-            f"(stored as {m.get('stored_form', '?')}).",
-            "",
-            "| stage | command | steps | wall time (s) |",
-            "|---|---|---:|---:|",
-            *[f"| {stage} | `{info.get('command')}` | {info.get('steps')} | {info.get('wall_seconds')} |"
-              for stage, info in m.get("recipe", {}).items()],
-            "",
-            "Reproduce with:",
-            "",
-            "```bash",
-            *m.get("reproduce", []),
-            "```",
-            "",
-            f"STS Benchmark dev (cosine similarity vs gold score, x100): Spearman {scores.get('spearman')}, "
-            f"Pearson {scores.get('pearson')}.",
-        ]
-        if baselines:
-            named = "; ".join(f"{name} {score}" for name, score in baselines.items())
-            lines += ["", f"For reference, dev Spearman of: {named}."]
-        lines += [
-            "",
-            "Limits: a 135M-parameter model trained on about 5.7k STS pairs is a demonstration of the recipe, not a "
-            "general-purpose embedder; expect it to trail purpose-trained embedders outside STS-like sentence "
-            "similarity.",
-            "",
-            "### Training data notice",
-            "",
-            *self.notice.split("\n", 2)[-1].strip().splitlines(),
-        ]
+        lines = ["## Training", "", m.get("description") or (
+            f"The merged adapters are llama-encoder's shipped defaults for {m.get('base', 'the embedded base')}, "
+            f"trained with `llama-encoder train` ({m.get('training_data', 'see the notice below')})."),
+            "", f"Stored as {m.get('stored_form', '?')}.", "",
+            "| stage | objective | steps | tokens | wall time (min) | compute dtype |",
+            "|---|---|---:|---:|---:|---|"]
+        for stage, info in m.get("recipe", {}).items():
+            seconds = info.get("wall_seconds")
+            lines.append(f"| {stage} | {info.get('objective')} | {info.get('steps')} | {_figure(info.get('tokens'))} | "
+                         f"{_figure(seconds and seconds / 60, 1)} | {info.get('compute_dtype') or '-'} |")
+        if m.get("mix"):
+            lines += ["", "Supervised mix (each set trained behind its instruction; the prompt name is the "
+                      "checkpoint's `prompt_name` for it):", "",
+                      "| dataset | prompt name | instruction | loss | examples |", "|---|---|---|---|---:|",
+                      *[f"| {d['name']} | `{d.get('prompt_name')}` | {d.get('instruction') or '-'} | {d.get('loss')} | "
+                        f"{_figure(d.get('examples'))} |" for d in m["mix"]]]
+        lines += ["", "Reproduce with:", "", "```bash", *m.get("reproduce", []), "```"]
+        lines += self._scorecard_lines()
+        if m.get("limits"):
+            lines += ["", f"Limits: {m['limits']}"]
+        lines += ["", "### Training data notice", "", *self.notice.split("\n", 2)[-1].strip().splitlines()]
         return lines
+
+    def _scorecard_lines(self) -> list[str]:
+        """The installed adapters' development-set figures beside the recorded baselines, with the host."""
+        m = self.manifest
+        scorecard, baselines = m.get("scorecard") or {}, m.get("baselines") or {}
+        if not scorecard:
+            sts = m.get("sts_dev", {})
+            return ["", f"STS Benchmark dev (cosine similarity vs gold score, x100): Spearman {sts.get('spearman')}, "
+                    f"Pearson {sts.get('pearson')}."]
+        columns = [("sts-dev", "spearman", "STS Benchmark dev Spearman"), ("squad-dev-ir", "ndcg@10",
+                   "SQuAD dev nDCG@10"), ("squad-dev-ir", "recall@100", "SQuAD dev Recall@100")]
+        wanted = {metric for _, metric, _ in columns}
+        rows = [("this checkpoint", scorecard)]  # x100 already
+        for label in baselines.get("models", {}):  # raw, as `evaluate --json` writes them
+            rows.append((label, {name: {k: 100 * v for k, v in by_model[label].items() if k in wanted}
+                                 for name, by_model in baselines.get("scores", {}).items() if label in by_model}))
+        lines = ["", "Development-set scorecard (`llama-encoder evaluate`, CPU, float32; STS sentences behind the "
+                 "checkpoint's `sts` prompt where it has one, retrieval queries behind its `query` prompt, exact "
+                 "cosine search; x100):", "",
+                 "| model | " + " | ".join(c[2] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
+        for label, scores in rows:
+            lines.append(f"| {label} | " + " | ".join(_figure(scores.get(name, {}).get(metric), 2)
+                                                      for name, metric, _ in columns) + " |")
+        host = m.get("host") or {}
+        lines += ["", f"Measured on {host.get('cpu', 'an unrecorded host')} ({host.get('logical_cpus', '?')} "
+                  "logical CPUs). These are development sets: STS Benchmark dev and SQuAD v1.1 dev as retrieval "
+                  "(2,067 paragraphs, 10,570 questions); no pair or question of either was trained on."]
+        return lines
+
+
+def _figure(value, digits: int = 0) -> str:
+    """A table cell: a number with thousands separators, or '-' when unknown."""
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
 
 
 def default_adapters(folder: Path = DEFAULT_ADAPTERS_DIR) -> DefaultAdapters:
