@@ -180,6 +180,26 @@ def test_trained_adapters_convert_into_the_model_peft_would_merge(tiny_base, tmp
     assert_equal_up_to_summation_order(converted, expected, terms=encoder_terms(model, 32) + 2 * (16 + 4))
 
 
+def test_a_run_of_several_datasets_logs_each_ones_loss(tiny_base, tmp_path, sts_file):
+    """With a log every step, each log holds the loss of the one dataset its step drew, equal to the logged loss;
+    both datasets appear over the run."""
+    records = [{"query": f"Where is thing {i}?", "positive": f"Thing {i} is in room {i * 7 % 11}."} for i in range(8)]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "recipe.json").write_text(json.dumps({"datasets": [
+        {"name": "qa", "path": "qa.jsonl"}, {"name": "sts", "path": sts_file.name, "format": "sts",
+                                             "loss": "cosent"}]}))
+    summary = train(_args(tiny_base, tmp_path, objective="supervised", recipe=str(tmp_path / "recipe.json"), data=[],
+                          max_steps=6, log_every=1, lora_dropout=0.0))
+    drawn = []
+    for entry in summary["history"]:
+        per_set = {key: value for key, value in entry.items() if key.startswith("loss_")}
+        assert len(per_set) == 1, entry
+        ((key, value),) = per_set.items()
+        assert value == pytest.approx(entry["loss"], abs=1e-4)  # both rounded to 4 decimals
+        drawn.append(key)
+    assert len(drawn) == 6 and set(drawn) == {"loss_qa", "loss_sts"}
+
+
 def test_a_recipe_names_its_task_prompts_and_the_checkpoint_serves_them_by_name(tiny_base, tmp_path, sts_file):
     """A recipe with a retrieval task named `query` and an STS task: the adapter records both instructions by name
     and the template they were written with; the converted checkpoint saves both prompts in that template, stays

@@ -512,8 +512,30 @@ def _contrastive_trainer(args, model, sets, trainer_args, evaluator):
     from .st_module import TrainingEncoder
 
     class ContrastiveTrainer(AdapterCheckpoints, SentenceTransformerTrainer):
+        """Sentence Transformers' trainer that also logs each dataset's mean loss since the last log
+        (`loss_<dataset>`) in a run of several: their losses differ in kind (CoSENT's are larger than InfoNCE's), so
+        the one logged `loss` moves with the datasets the steps happened to draw."""
+
+        set_losses: dict = {}
+
         def add_model_card_callback(self, default_args_dict) -> None:
             """No sentence-transformers model card: `convert` writes the checkpoint's card."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            name = inputs.get("dataset_name")  # popped by the parent
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if model.training and name is not None and len(sets) > 1:
+                loss = (result[0] if return_outputs else result).detach()
+                total, count = self.set_losses.get(name, (0.0, 0))
+                self.set_losses = {**self.set_losses, name: (total + loss, count + 1)}
+            return result
+
+        def log(self, logs: dict, *args, **kwargs) -> None:
+            if "loss" in logs and self.set_losses:
+                logs = {**logs, **{f"loss_{name}": round(float(total) / count, 4)
+                                   for name, (total, count) in self.set_losses.items()}}
+                self.set_losses = {}
+            super().log(logs, *args, **kwargs)
 
     st_model = SentenceTransformer(modules=[TrainingEncoder(model, args.max_length)],
                                    device=str(next(model.encoder.parameters()).device))
