@@ -246,9 +246,10 @@ def measure(args: argparse.Namespace) -> dict:
             command.append("--overwrite")
         _run(command)
         scores = evaluate(checkpoint, sts_dev, args.squad_dir if args.retrieval else None)
-        row = {**results["variants"].get(variant, {}), "bytes": _folder_bytes(folder),
+        earlier = results["variants"].get(variant, {})  # keeps retrieval scores an STS-only rerun did not make
+        row = {**earlier, "bytes": _folder_bytes(folder),
                "spearman": scores["sts-dev"]["spearman"], "pearson": scores["sts-dev"]["pearson"],
-               "scores": {**results["variants"].get(variant, {}).get("scores", {}), **scores},
+               "scores": {**earlier.get("scores", {}), **scores},
                "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         results["variants"][variant] = row
         squad = scores.get("squad-dev-ir")

@@ -10,9 +10,12 @@ from collections.abc import Callable, Iterable, Mapping
 
 from .errors import InputError
 
+NO_PROMPT = "plain"
+"""The prompt name that asks for no prompt (`evaluate`, `MTEBEncoder`; what verification calls the inputs
+without one), so no checkpoint saves a prompt by that name."""
 # Names a trained task prompt cannot take: a checkpoint's `document` prompt is the one documents get (training
 # gives them none), and `plain` is what verification calls the inputs without a prompt.
-RESERVED_PROMPT_NAMES = ("document", "plain")
+RESERVED_PROMPT_NAMES = ("document", NO_PROMPT)
 
 
 def prompt_name_problem(name: object) -> str | None:

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, MissingDependencyError
+from ..prompts import NO_PROMPT
 from .encode import Encoder
-from .scorecard import NO_PROMPT
 
 DEFAULT_PROMPT_NAMES = {"STS": "sts", "query": "query", "document": "document"}
 """MTEB key -> the checkpoint prompt used when the caller names none for that key (dropped where the checkpoint has

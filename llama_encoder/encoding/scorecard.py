@@ -36,6 +36,7 @@ import numpy as np
 from ..atomic import atomic_file
 from ..dtypes import describe_compute_dtype, resolve_compute_dtype
 from ..errors import InputError, MissingInputError
+from ..prompts import NO_PROMPT
 from ..readers import read_sts, sha256_file
 from .encode import Encoder, _checkpoint_file, is_encoder_config
 from .evaluate import evaluate_retrieval, evaluate_sts, read_retrieval, retrieval_files
@@ -130,8 +131,6 @@ def saved_prompts(checkpoint: str | os.PathLike) -> dict[str, str] | None:
     return json.loads(config.read_text()).get("prompts") or {}
 
 
-NO_PROMPT = "plain"
-"""The prompt name that asks for no prompt (a name no checkpoint saves; see `prompts.RESERVED_PROMPT_NAMES`)."""
 DEFAULT_PROMPT_NAMES = {"sts": "sts", "retrieval": "query"}
 """A set kind -> the checkpoint prompt its sentences (STS) or queries (retrieval) get when the set names none."""
 
@@ -355,7 +354,6 @@ __all__ = [
     "EvalSet",
     "SentenceTransformerEncoder",
     "DEFAULT_PROMPT_NAMES",
-    "NO_PROMPT",
     "check_prompt_names",
     "format_table",
     "load_encoder",

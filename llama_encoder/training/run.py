@@ -516,7 +516,9 @@ def _contrastive_trainer(args, model, sets, trainer_args, evaluator):
         (`loss_<dataset>`) in a run of several: their losses differ in kind (CoSENT's are larger than InfoNCE's), so
         the one logged `loss` moves with the datasets the steps happened to draw."""
 
-        set_losses: dict = {}
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.set_losses: dict[str, tuple] = {}  # dataset -> (summed loss, steps) since the last log
 
         def add_model_card_callback(self, default_args_dict) -> None:
             """No sentence-transformers model card: `convert` writes the checkpoint's card."""
@@ -527,7 +529,7 @@ def _contrastive_trainer(args, model, sets, trainer_args, evaluator):
             if model.training and name is not None and len(sets) > 1:
                 loss = (result[0] if return_outputs else result).detach()
                 total, count = self.set_losses.get(name, (0.0, 0))
-                self.set_losses = {**self.set_losses, name: (total + loss, count + 1)}
+                self.set_losses[name] = (total + loss, count + 1)
             return result
 
         def log(self, logs: dict, *args, **kwargs) -> None:
