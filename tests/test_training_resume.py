@@ -2,6 +2,7 @@
 `--resume` ends with exactly the adapter of an uninterrupted run: the trainer restores the optimizer, scheduler, data
 position and RNG (SimCSE's attention dropout, MNTP's masking), and our checkpoints restore the trained tensors."""
 
+import logging
 import os
 import signal
 import subprocess
@@ -97,7 +98,7 @@ def uninterrupted(setup):
 
 @pytest.mark.parametrize("objective", ["simcse", "mntp"])
 def test_a_stopped_run_resumes_to_the_uninterrupted_adapter(objective, setup, uninterrupted, tmp_path,
-                                                            monkeypatch):
+                                                            monkeypatch, caplog):
     straight = uninterrupted(objective)
     out = tmp_path / "adapter"
     real = run_module.prepare_run
@@ -120,7 +121,9 @@ def test_a_stopped_run_resumes_to_the_uninterrupted_adapter(objective, setup, un
     # --keep-checkpoints 2
     assert [p.name for p in checkpoints(tmp_path / "adapter-checkpoints")] == ["checkpoint-4", "checkpoint-6"]
 
-    summary = train(_args(setup, out, objective, resume=True, log_every=1))
+    with caplog.at_level(logging.INFO, logger="llama_encoder.training.run"):
+        summary = train(_args(setup, out, objective, resume=True, log_every=1))
+    assert f"--resume: continuing from {tmp_path / 'adapter-checkpoints' / 'checkpoint-6'}." in caplog.messages
     assert summary["steps"] == STEPS
     assert [h["step"] for h in summary["history"]] == list(range(7, STEPS + 1))  # only the remaining steps ran
     _assert_same_adapter(out, straight)

@@ -105,7 +105,9 @@ def _prepare_output(args: TrainingArguments, is_main: bool) -> Path | None:
     if args.resume:
         if not found:
             logger.warning("--resume: no checkpoint in %s; starting from step 0.", folder)
-        return found[-1] if found else None
+            return None
+        logger.info("--resume: continuing from %s.", found[-1])
+        return found[-1]
     if found and not args.overwrite:
         raise OutputExistsError(f"{folder} holds checkpoints of an earlier run ({found[-1].name}). Pass --resume to "
                                 "continue it, or --overwrite to start over.")
