@@ -447,6 +447,7 @@ def install(args: argparse.Namespace) -> None:
                                "command": summaries[stage].get("command"),
                                "reproduce": f"llama-encoder train {stage} {STAGE_ARGS[stage]}",
                                "steps": summaries[stage].get("steps"),
+                               "scheduled_steps": summaries[stage].get("scheduled_steps"),
                                "tokens": summaries[stage].get("tokens"),
                                "wall_seconds": summaries[stage].get("wall_seconds"),
                                "tokens_per_second": summaries[stage].get("tokens_per_second"),

@@ -42,8 +42,10 @@ def test_the_card_section_shows_the_scorecard_beside_raw_baselines_and_dashes_fo
 
     manifest = {
         "description": "Trained on a mix.", "stored_form": "bfloat16-r16",
-        "recipe": {"mntp": {"objective": "mntp", "steps": 80, "tokens": 247139, "wall_seconds": 630.0,
-                            "compute_dtype": "bfloat16"}},
+        "recipe": {"mntp": {"objective": "mntp", "steps": 80, "scheduled_steps": 260, "tokens": 247139,
+                            "wall_seconds": 630.0, "compute_dtype": "bfloat16"},
+                   "supervised": {"objective": "supervised", "steps": 175, "scheduled_steps": 175, "tokens": 1000,
+                                  "wall_seconds": None}},
         "mix": [{"name": "sts", "prompt_name": "sts", "instruction": "Find the same meaning", "loss": "cosent",
                  "examples": 5749}],
         "scorecard": {"sts-dev": {"spearman": 87.1234}, "squad-dev-ir": {"ndcg@10": 70.0, "recall@100": 98.5}},
@@ -56,7 +58,9 @@ def test_the_card_section_shows_the_scorecard_beside_raw_baselines_and_dashes_fo
     }
     lines = DefaultAdapters((), manifest, "# Notice\n\nCC BY-SA text.\n").card_section()
     assert lines[2] == "Trained on a mix."
-    assert "| mntp | mntp | 80 | 247,139 | 10.5 | bfloat16 |" in lines
+    assert "| mntp | mntp | 80 of 260 | 247,139 | 10.5 | bfloat16 |" in lines  # stopped at its time cap
+    assert "| supervised | supervised | 175 | 1,000 | - | - |" in lines  # ran its whole schedule; time unrecorded
+    assert any(line.startswith('Steps "N of M": the stage stopped at step N') for line in lines)
     assert "| sts | `sts` | Find the same meaning | cosent | 5,749 |" in lines
     assert "| this checkpoint | 87.12 | 70.00 | 98.50 |" in lines
     assert "| MiniLM | 86.72 | 77.34 | 99.04 |" in lines  # raw scores x100

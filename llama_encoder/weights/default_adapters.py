@@ -41,12 +41,18 @@ class DefaultAdapters:
             "|---|---|---:|---:|---:|---|"]
         for stage, info in m.get("recipe", {}).items():
             seconds = info.get("wall_seconds")
-            lines.append(f"| {stage} | {info.get('objective')} | {info.get('steps')} | {_figure(info.get('tokens'))} | "
+            steps, scheduled = info.get("steps"), info.get("scheduled_steps")
+            if scheduled and steps != scheduled:  # stopped at the time cap (--stop-at-step) on the full schedule
+                steps = f"{steps} of {scheduled}"
+            lines.append(f"| {stage} | {info.get('objective')} | {steps} | {_figure(info.get('tokens'))} | "
                          f"{_figure(seconds and seconds / 60, 1)} | {info.get('compute_dtype') or '-'} |")
+        if any(info.get("scheduled_steps") not in (None, info.get("steps")) for info in m.get("recipe", {}).values()):
+            lines += ["", "Steps \"N of M\": the stage stopped at step N, its time cap (`--stop-at-step`), of a "
+                      "schedule planned for M steps, whose learning rate it kept."]
         if m.get("mix"):
             lines += ["", "Supervised mix (each set trained behind its instruction; the prompt name is the "
                       "checkpoint's `prompt_name` for it):", "",
-                      "| dataset | prompt name | instruction | loss | examples |", "|---|---|---|---|---:|",
+                      "| dataset | prompt name | instruction | loss | examples in the set |", "|---|---|---|---|---:|",
                       *[f"| {d['name']} | `{d.get('prompt_name')}` | {d.get('instruction') or '-'} | {d.get('loss')} | "
                         f"{_figure(d.get('examples'))} |" for d in m["mix"]]]
         lines += ["", "Reproduce with:", "", "```bash", *m.get("reproduce", []), "```"]
