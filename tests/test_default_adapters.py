@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llama_encoder.configuration_llama_encoder import DEFAULT_INSTRUCTION_TEMPLATE
 from llama_encoder.conversion_scripts.convert import convert
 from llama_encoder.errors import InputChangedError, InputError, MissingInputError
 from llama_encoder.weights.default_adapters import DEFAULT_ADAPTERS_DIR, default_adapters
@@ -34,7 +35,12 @@ def test_manifest_lists_every_shipped_file_with_its_sha256_and_stays_under_25_mb
         adapter = read_adapter(folder)
         assert adapter.modules and adapter.config["r"] in (8, 16)
     section = "\n".join(loaded.card_section())
-    assert "STS Benchmark train split" in section and "CC BY-SA" in section and "demonstration" in section
+    assert "**STS Benchmark** train split" in section and "CC BY-SA" in section and "SQuAD" in section
+    for entry in manifest["mix"]:  # every trained set with its prompt name and instruction
+        assert f"| {entry['name']} | `{entry['prompt_name']}` | {entry['instruction']} |" in section
+    sts, squad = manifest["scorecard"]["sts-dev"], manifest["scorecard"]["squad-dev-ir"]
+    assert f"| this checkpoint | {sts['spearman']:.2f} | {squad['ndcg@10']:.2f} | {squad['recall@100']:.2f} |" \
+        in section
 
 
 def test_the_card_section_shows_the_scorecard_beside_raw_baselines_and_dashes_for_what_was_not_measured():
@@ -79,11 +85,15 @@ def test_a_modified_or_missing_shipped_file_is_refused(tmp_path):
         default_adapters(tmp_path / "absent")
 
 
-def test_the_shipped_adapters_trained_no_instructions_so_the_package_template_applies():
-    """Their records predate recorded templates; STS pairs with no instruction leave the template to the package."""
-    for stage in ("mntp", "supervised"):
-        adapter = read_adapter(DEFAULT_ADAPTERS_DIR / stage)
-        assert (adapter.instruction_template, adapter.prompt_instructions) == (None, {})
+def test_the_shipped_supervised_adapter_records_the_newline_template_and_each_trained_prompt():
+    """What `convert` writes as the checkpoint's prompts: the supervised stage's template and instructions, one per
+    prompt name of the manifest's mix; MNTP trained none."""
+    manifest = json.loads((DEFAULT_ADAPTERS_DIR / "manifest.json").read_text())
+    mntp, supervised = (read_adapter(DEFAULT_ADAPTERS_DIR / stage) for stage in ("mntp", "supervised"))
+    assert (mntp.instruction_template, mntp.prompt_instructions) == (None, {})
+    assert supervised.instruction_template == DEFAULT_INSTRUCTION_TEMPLATE
+    assert supervised.prompt_instructions == {d["prompt_name"]: d["instruction"] for d in manifest["mix"]}
+    assert "query" in supervised.prompt_instructions
 
 
 def test_untrained_with_an_adapter_is_refused_before_anything_is_written(tmp_path):
@@ -105,14 +115,21 @@ def test_the_default_merge_equals_the_shipped_adapters_given_explicitly(tmp_path
     changed = [k for k in a if not torch.equal(a[k], c[k])]
     assert any("q_proj" in k for k in changed) and any("down_proj" in k for k in changed)
     card = (default.out_dir / "README.md").read_text()
-    assert "## Training" in card and "STS Benchmark train split" in card
+    assert "## Training" in card and "**STS Benchmark** train split" in card
     assert "## Training" not in (untrained.out_dir / "README.md").read_text()
-    # native all the way, given or by default: the shipped adapters were trained without instructions, so the query
-    # prompt takes the package's template, which ends in a newline, and stock Sentence Transformers pools exactly the
-    # encoder's tokens
+    # no instruction-trained adapter: the package's newline template, so the bare base is native too
+    bare_prompts = json.loads((untrained.out_dir / "config_sentence_transformers.json").read_text())["prompts"]
+    assert bare_prompts["query"].endswith("\nQuery:\n") and set(bare_prompts) == {"query", "document"}
+    assert json.loads((untrained.out_dir / "modules.json").read_text())[1]["type"] == \
+        "sentence_transformers.models.Pooling"
+    # native all the way, given or by default: the supervised adapter was trained with the newline template, which
+    # stock Sentence Transformers pools exactly, and every prompt it trained is a named prompt of the checkpoint
+    trained = read_adapter(DEFAULT_ADAPTERS_DIR / "supervised").prompt_instructions
     for result in (default, explicit):
         modules = json.loads((result.out_dir / "modules.json").read_text())
         assert modules[1]["type"] == "sentence_transformers.models.Pooling"
         assert result.verification["engines"]["sentence_transformers"]["status"] == "verified"
         prompts = json.loads((result.out_dir / "config_sentence_transformers.json").read_text())["prompts"]
-        assert prompts["query"].endswith("\nQuery:\n") and set(prompts) == {"query", "document"}
+        assert set(prompts) == {"document", *trained} and prompts["document"] == ""
+        assert all(prompts[name] == DEFAULT_INSTRUCTION_TEMPLATE.format(instruction=instruction)
+                   for name, instruction in trained.items())
