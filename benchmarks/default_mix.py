@@ -14,7 +14,7 @@ stage stops at step 175 of its one-epoch schedule of 279 (`--stop-at-step`), hav
   snli      1,000 random SNLI triples: the first contradiction is the hard negative (recipe `max_examples`,
             `max_negatives: 1`).
   sts       all 5,749 STS Benchmark train pairs, CoSENT on their scores, listed twice (`sts`, `sts-second-pass`):
-            the second pass is 16% of the mix's tokens (SQuAD's passages are 39%) and kept STS dev at the
+            the second pass is 16% of the mix's tokens (SQuAD's triples: 39%) and kept STS dev at the
             STS-only default's level (87.34 against 87.32; one pass in the first run of the mix: 86.30).
 
 SQuAD and NQ share the retrieval instruction that becomes the checkpoint's `query` prompt; the others get prompts of
