@@ -361,7 +361,9 @@ def test_main_job_on_the_embedded_smollm2(tmp_path):
         "transformers": "verified", "sentence_transformers": "verified", "tei": "by format"}
     native_checks = [c for c in result.verification["checks"] if c["name"].startswith(("automodel_native",
                                                                                          "sentence_transformers_native"))]
-    assert {c["prompt"] for c in native_checks} == {"plain", "query"}
+    saved = json.loads((out / "config_sentence_transformers.json").read_text())["prompts"]
+    assert {"query", "sts"} <= set(saved)  # the default's trained task prompts; each one was compared
+    assert {c["prompt"] for c in native_checks} == {"plain"} | {name for name, text in saved.items() if text}
     assert all(c["max_cosine_distance"] <= 1e-4 for c in native_checks)
     run = subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "compare_sentences.py"), str(out)],
                          capture_output=True, text=True, cwd=tmp_path, timeout=600, stdin=subprocess.DEVNULL)
