@@ -39,14 +39,15 @@ class DefaultAdapters:
             "", f"Stored as {m.get('stored_form', '?')}.", "",
             "| stage | objective | steps | tokens | wall time (min) | compute dtype |",
             "|---|---|---:|---:|---:|---|"]
+        stopped = False  # any stage stopped at its time cap (--stop-at-step) on the full schedule
         for stage, info in m.get("recipe", {}).items():
             seconds = info.get("wall_seconds")
             steps, scheduled = info.get("steps"), info.get("scheduled_steps")
-            if scheduled and steps != scheduled:  # stopped at the time cap (--stop-at-step) on the full schedule
-                steps = f"{steps} of {scheduled}"
+            if scheduled and steps != scheduled:
+                steps, stopped = f"{steps} of {scheduled}", True
             lines.append(f"| {stage} | {info.get('objective')} | {steps} | {_figure(info.get('tokens'))} | "
                          f"{_figure(seconds and seconds / 60, 1)} | {info.get('compute_dtype') or '-'} |")
-        if any(info.get("scheduled_steps") not in (None, info.get("steps")) for info in m.get("recipe", {}).values()):
+        if stopped:
             lines += ["", "Steps \"N of M\": the stage stopped at step N, its time cap (`--stop-at-step`), of a "
                       "schedule planned for M steps, whose learning rate it kept."]
         if m.get("mix"):
