@@ -14,6 +14,10 @@ their questions):
   mntp-only        no supervised stage (where the ingredients start from)
 
     python benchmarks/mix_ablations.py --workdir runs/default          # ~1 hour on 2 cores at the defaults
+    python benchmarks/mix_ablations.py --workdir runs/default --variants reference --seeds 42 7 13
+
+`--seeds` trains a variant once per seed (LoRA init, data order, dropout) to size the noise between runs; the table
+then shows each seed and the spread (max - min) of a variant's nDCG@10.
 
 The workdir is the one `default_adapters.py train` filled (mntp/, data/). Each variant is skipped when its scores
 exist (a run cut short continues where it stopped). Figures are relative: small runs on a subset say which way an
@@ -37,7 +41,8 @@ from default_mix import RETRIEVAL_INSTRUCTION  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SQUAD_DEV = REPO.parent / "shared/data/squad-dev-ir"
-SEED = 22
+SEED = 22  # the dev subset's sample
+TRAIN_SEED = 42  # `train`'s default seed: its runs keep the variant's plain name
 TRAIN_ARGS = ("--lr", "3e-4", "--max-length", "128", "--group-by-length", "--lora-dropout", "0",
               "--dtype", "auto", "--save-every", "10", "--keep-checkpoints", "1", "--log-every", "4", "--no-progress")
 VARIANTS = {  # name: (mined negatives kept, instruction, batch size, GradCache mini-batch, steps as a share)
@@ -87,6 +92,19 @@ def recipe(workdir: Path, negatives: bool, instruction: bool) -> dict:
     return {"datasets": entries}
 
 
+def run_name(variant: str, seed: int) -> str:
+    """A variant's folder and results key: the plain name at the default seed, `name-seedN` otherwise."""
+    return variant if seed == TRAIN_SEED else f"{variant}-seed{seed}"
+
+
+def spreads(variants: dict) -> dict[str, float]:
+    """nDCG@10 max - min over the seeds of each variant run with more than one."""
+    by_variant: dict[str, list[float]] = {}
+    for name, scores in variants.items():
+        by_variant.setdefault(name.split("-seed")[0], []).append(scores["ndcg@10"])
+    return {name: max(v) - min(v) for name, v in by_variant.items() if len(v) > 1}
+
+
 def _scores(checkpoint: Path, subset: Path, out: Path) -> dict:
     if not out.is_file():
         _run([_cli(), "evaluate", str(checkpoint), "--retrieval", f"squad-dev-subset={subset}", "--json", str(out),
@@ -109,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for training (default: 2)")
     parser.add_argument("--variants", nargs="+", choices=[*VARIANTS, "mntp-only"],
                         default=[*VARIANTS, "mntp-only"], help="which variants (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[TRAIN_SEED],
+                        help=f"train each variant once per seed, to size the noise (default: {TRAIN_SEED}, "
+                             "`train`'s default); mntp-only has no training and ignores them")
     args = parser.parse_args(argv)
     try:
         mntp = args.workdir / "mntp"
@@ -118,14 +139,20 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchmarkError(f"{args.squad_dev} is not a BEIR folder; pass --squad-dev")
         root = args.workdir / "ablations"
         subset = dev_subset(args.squad_dev, root / "squad-dev-subset", args.runs, args.run_length, args.queries)
-        results = {"host": host(), "steps": args.steps, "subset": {
-            "paragraphs": sum(1 for _ in (subset / "corpus.jsonl").open()),
-            "queries": sum(1 for _ in (subset / "queries.jsonl").open())}, "variants": {}}
-        for name in args.variants:
+        subset_info = {"paragraphs": sum(1 for _ in (subset / "corpus.jsonl").open()),
+                       "queries": sum(1 for _ in (subset / "queries.jsonl").open())}
+        previous = json.loads((root / "results.json").read_text()) if (root / "results.json").is_file() else {}
+        kept = previous.get("variants", {}) if (previous.get("steps"), previous.get("subset")) == (
+            args.steps, subset_info) else {}  # results of an earlier call at the same scale stay in the table
+        results = {"host": host(), "steps": args.steps, "subset": subset_info, "variants": kept}
+        runs = [(variant, seed) for variant in args.variants
+                for seed in ([TRAIN_SEED] if variant == "mntp-only" else args.seeds)]
+        for variant, seed in runs:
+            name = run_name(variant, seed)
             folder = root / name
             adapters = ["--adapter", str(mntp)]
-            if name != "mntp-only":
-                negatives, instruction, batch, mini, share = VARIANTS[name]
+            if variant != "mntp-only":
+                negatives, instruction, batch, mini, share = VARIANTS[variant]
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / "recipe.json").write_text(json.dumps(recipe(args.workdir, negatives, instruction), indent=2))
                 if not (folder / "adapter" / "training_summary.json").is_file():
@@ -133,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                           str(folder / "recipe.json"), "--out", str(folder / "adapter"), "--resume",
                           "--batch-size", str(batch), *(["--mini-batch-size", str(mini)] if mini else []),
                           "--max-steps", str(max(1, round(args.steps * share))), "--threads", str(args.threads),
-                          *TRAIN_ARGS])
+                          "--seed", str(seed), *TRAIN_ARGS])
                 adapters += ["--adapter", str(folder / "adapter")]
             encoder = folder / "encoder"
             if not (encoder / "config.json").is_file():
@@ -143,7 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     except BenchmarkError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    subset_info = results["subset"]
     print(f"\nSQuAD dev subset ({subset_info['paragraphs']} paragraphs, {subset_info['queries']} questions), "
           f"{args.steps} steps at batch 32 from the MNTP adapter; x100:")
     print(f"{'variant':<18}{'nDCG@10':>9}{'Recall@100':>12}{'vs reference':>14}")
@@ -152,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         ndcg = 100 * scores["ndcg@10"]
         delta = f"{100 * (scores['ndcg@10'] - reference):+.2f}" if reference is not None else "-"
         print(f"{name:<18}{ndcg:>9.2f}{100 * scores['recall@100']:>12.2f}{delta:>14}")
+    for name, spread in spreads(results["variants"]).items():
+        print(f"{name}: nDCG@10 spread over seeds {100 * spread:.2f} (max - min)")
     h = results["host"]
     print(f"host: {h.get('cpu')} ({h.get('logical_cpus', '?')} logical CPUs), torch {h.get('torch')}")
     return 0

@@ -54,3 +54,12 @@ def test_each_variant_changes_one_ingredient_of_the_reference_recipe(tmp_path):
     (tmp_path / "data" / "nq-train-600-mined.jsonl").unlink()
     with pytest.raises(mix_ablations.BenchmarkError, match="default_adapters.py train"):
         mix_ablations.recipe(tmp_path, negatives=True, instruction=True)
+
+
+def test_seeds_name_their_runs_and_the_spread_is_taken_per_variant():
+    assert mix_ablations.run_name("reference", mix_ablations.TRAIN_SEED) == "reference"
+    assert mix_ablations.run_name("no-negatives", 7) == "no-negatives-seed7"
+    variants = {"reference": {"ndcg@10": 0.60}, "reference-seed7": {"ndcg@10": 0.62},
+                "reference-seed13": {"ndcg@10": 0.59}, "no-negatives": {"ndcg@10": 0.61},
+                "no-negatives-seed7": {"ndcg@10": 0.605}, "mntp-only": {"ndcg@10": 0.55}}
+    assert mix_ablations.spreads(variants) == pytest.approx({"reference": 0.03, "no-negatives": 0.005})
