@@ -18,7 +18,8 @@ logger = logging.getLogger("llama_encoder")
 
 CONVERT_EPILOG = """examples:
   llama-encoder convert --out smollm2-encoder
-      the embedded SmolLM2-135M-Instruct with the shipped MNTP + supervised adapters merged (trained on STS train)
+      the embedded SmolLM2-135M-Instruct with the shipped MNTP + supervised adapters merged (trained on a public
+      retrieval, NLI and STS mix)
   llama-encoder convert --untrained --out smollm2-untrained
       the same base as a bare, untrained bidirectional encoder
   llama-encoder convert --base meta-llama/Meta-Llama-3-8B-Instruct \\
