@@ -12,13 +12,14 @@ PACKAGE = Path(llama_encoder.__file__).parent
 HUB_FILES = {"configuration_llama_encoder", "modeling_llama_encoder", "sentence_transformers_llama_encoder"}
 # What each part may not import (parts are top-level files or folders of llama_encoder).
 FORBIDDEN = {
-    "weights": {"conversion_scripts", "encoding", "training", "cli"},
+    "weights": {"conversion_scripts", "encoding", "training", "cli", "engines"},
     "conversion_scripts": {"encoding", "training", "cli"},
     "encoding": {"weights", "conversion_scripts", "training", "cli"},
     "training": {"conversion_scripts", "cli"},
-    # engines: runners for other serving engines (vLLM), used by conversion_scripts (verification) and encoding
-    # (embed --engine); they read checkpoint folders only, never the weights or conversion layers.
-    "engines": {"weights", "conversion_scripts", "encoding", "training", "cli"},
+    # engines: each serving engine's knowledge (vLLM's runner, TEI's parsing rules), used by conversion_scripts
+    # (verification) and cli (embed --engine vllm); they read checkpoint folders (through weights' readers at most),
+    # never the conversion, encoding or training layers.
+    "engines": {"conversion_scripts", "encoding", "training", "cli"},
     **{name: {"errors", "atomic", "dtypes", "readers", "weights", "conversion_scripts", "encoding", "training",
               "cli", "engines"} for name in HUB_FILES},
     **{name: {"weights", "conversion_scripts", "encoding", "training", "cli", "engines"}

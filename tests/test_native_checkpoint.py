@@ -22,8 +22,8 @@ from llama_encoder.conversion_scripts.layout import (
     plan_layout,
     sentence_transformers_mismatch,
 )
-from llama_encoder.conversion_scripts.tei import check_tei_folder
 from llama_encoder.conversion_scripts.verify import max_cosine_distance
+from llama_encoder.engines.tei import check_tei_folder
 from llama_encoder.errors import InputError
 from llama_encoder.modeling_llama_encoder import LlamaEncoderModel, tokenize_for_encoder
 from tests.tiny import save_tiny_base

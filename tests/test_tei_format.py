@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from llama_encoder.configuration_llama_encoder import BASE_FAMILIES
-from llama_encoder.conversion_scripts.tei import (
+from llama_encoder.engines.tei import (
     RUNTIME_NOTES,
     TEI_CHECKED_FAMILIES,
     TEI_SOURCE_COMMIT,

@@ -384,7 +384,7 @@ def _models(folder: Path, causal: bool):
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     stock = None
     if causal:  # the same weights as the family's stock model forced causal: the negative control
-        from llama_encoder.conversion_scripts.tei import FAMILY_LABELS
+        from llama_encoder.engines.tei import FAMILY_LABELS
 
         family = json.loads((folder / "config.json").read_text())["model_type"]
         if family == "gemma3_text":  # Gemma3's switch is use_bidirectional_attention

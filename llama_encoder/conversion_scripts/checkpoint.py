@@ -32,6 +32,7 @@ from safetensors.torch import save_model
 
 from ..atomic import atomic_file
 from ..configuration_llama_encoder import LlamaEncoderConfig
+from ..engines.tei import FAMILY_LABELS
 from ..errors import InputError, MissingInputError
 from ..modeling_llama_encoder import LlamaEncoderModel
 from ..readers import sha256_file
@@ -49,7 +50,6 @@ from .layout import (
     native_config_dict,
     plan_layout,
 )
-from .tei import FAMILY_LABELS
 
 logger = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import transformers
 
 from ..configuration_llama_encoder import BASE_FAMILIES, attention_window, encoder_layer_types, gemma3_rope
+from ..engines.tei import FAMILY_LABELS, TEI_CHECKED_FAMILIES
 from ..errors import InputError
 from ..modeling_llama_encoder import tokenize_for_encoder
-from .tei import FAMILY_LABELS, TEI_CHECKED_FAMILIES
 
 FORMATS = ("native", "remote-code")
 DEFAULT_FORMAT = "native"

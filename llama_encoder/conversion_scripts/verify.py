@@ -620,7 +620,7 @@ def verify_checkpoint(
     engines = engine_claims(layout)
     if layout.native:
         if engines["tei"]["status"] == "by format":  # a family (and window) TEI's rules are written for
-            from .tei import check_tei_folder
+            from ..engines.tei import check_tei_folder
 
             tei = check_tei_folder(out_dir, pooling_mode=layout.pooling_mode, prompts=prompts)
             checks.append({"name": "tei_file_format", "passed": tei.loadable, "tei": tei.to_dict(),
