@@ -6,6 +6,10 @@ tokenizer / sentence-transformers files, merge the weights a second time from th
 the shard writer (the reference), compare a sample of the written tensors with it and embed reference sentences with
 it, verify the folder in a fresh process that cannot import the package, write the model card with the figures and
 the file manifest, and only then rename the folder into place. Any failure leaves the destination as it was.
+
+`convert` runs this as stages, each taking and returning small records: `_resolve_inputs` (options -> `_Inputs`),
+`_plan_checkpoint` (-> `_Plan`), then in the temporary folder `_merge_weights`, `_write_checkpoint_files`,
+`_verify` (-> the report) and `_write_card` (-> the report with its manifest).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +38,7 @@ from ..dtypes import DTYPES
 from ..errors import InputError
 from ..modeling_llama_encoder import LatentAttentionPooling
 from ..weights.base_model import BaseModel, resolve_base
-from ..weights.default_adapters import default_adapters
+from ..weights.default_adapters import DefaultAdapters, default_adapters
 from ..weights.encoder import encoder_config, encoder_from_state_dict
 from ..weights.lora import LoraAdapter, read_adapter, validate_adapter_against
 from ..weights.merge import merged_state_dict, stream_merge
@@ -45,7 +50,7 @@ from .checkpoint import (
     write_checkpoint,
     write_model_card,
 )
-from .layout import DEFAULT_FORMAT, binding_window, drop_idle_window, plan_layout
+from .layout import DEFAULT_FORMAT, CheckpointLayout, binding_window, drop_idle_window, plan_layout
 from .manifest import write_verification_manifest
 from .verify import (
     DEFAULT_SENTENCES,
@@ -194,6 +199,207 @@ def _reference_model(source: BaseModel, adapters: list[LoraAdapter], head: dict[
     return encoder_from_state_dict(config, state)
 
 
+@dataclass(frozen=True)
+class _Options:
+    """`convert`'s arguments, as given."""
+
+    out: str | os.PathLike
+    base: str | None
+    gguf: str | os.PathLike | None
+    adapters: list[str | os.PathLike] | tuple | None
+    untrained: bool
+    pooling: str | None
+    query_instruction: str | None
+    query_prompt: str | None
+    document_prompt: str | None
+    normalize: bool | None
+    max_seq_length: int | None
+    dtype: str
+    shard_size: str | int
+    padding_side: str
+    model_id: str | None
+    overwrite: bool
+    allow_pickle: bool
+    cache_dir: str | os.PathLike | None
+    tolerance: float
+    format: str
+    vllm: bool | None
+    vllm_python: str | None
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What the checkpoint is made from: the checked destination, the base, the adapters in merge order (`shipped`:
+    the shipped defaults, when they are the adapters), the base's weight shapes and the shard size in bytes."""
+
+    dest: Path
+    source: BaseModel
+    adapters: list[LoraAdapter]
+    shipped: DefaultAdapters | None
+    shapes: dict[str, tuple[int, ...]]
+    shard_bytes: int
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What will be written: the encoder config, the weights' dtype, the pooling-head tensors, the prompts, the
+    maximum sequence length, the layout, the card's adapter records and training section, and the bytes the shards
+    take (for a disk-full message)."""
+
+    config: LlamaEncoderConfig
+    dtype: torch.dtype
+    head: dict[str, torch.Tensor]
+    prompts: dict[str, str]
+    max_seq_length: int
+    layout: CheckpointLayout
+    merged_adapters: list[dict]
+    training_section: Sequence[str]
+    needed_bytes: int
+
+
+def _resolve_inputs(options: _Options) -> _Inputs:
+    """Takes the options; checks them and the destination, reads the base and the adapters (the shipped defaults
+    for the embedded base when none are named) and checks each adapter against the base; returns the `_Inputs`.
+    Nothing is written."""
+    if options.padding_side not in ("left", "right"):
+        raise InputError(f"padding_side must be left or right; got {options.padding_side!r}.")
+    if options.query_prompt is not None and options.query_instruction is not None:
+        raise InputError("Give either a query instruction or a full query prompt, not both.")
+    if options.untrained and options.adapters:
+        raise InputError("--untrained converts the bare base; it cannot be combined with --adapter. Drop one of them.")
+    shard_bytes = parse_size(options.shard_size)
+    dest = check_destination(options.out, overwrite=options.overwrite)
+    folders, shipped = options.adapters, None
+    if folders is None:
+        if options.base is None and options.gguf is None and not options.untrained:
+            shipped = default_adapters()
+            folders = shipped.folders
+            logger.info("Merging the shipped default adapters (%s) into the embedded default base; --untrained "
+                        "skips them", ", ".join(folder.name for folder in folders))
+        else:
+            folders = ()
+
+    source = resolve_base(base=options.base, gguf=options.gguf,
+                          cache_dir=Path(options.cache_dir) if options.cache_dir else None,
+                          allow_pickle=options.allow_pickle)
+    adapters = [read_adapter(path, allow_pickle=options.allow_pickle) for path in folders]
+    shapes = source.weight_shapes()
+    for adapter in adapters:
+        validate_adapter_against(adapter, source.config.to_dict(), shapes)
+        if adapter.base_model_name_or_path and adapter.base_model_name_or_path != source.name:
+            logger.warning(
+                "Adapter %s names %s as its base; merging it into %s. Shapes are checked, but make sure this is the "
+                "model it was trained on.", adapter.path, adapter.base_model_name_or_path, source.name,
+            )
+    return _Inputs(dest=dest, source=source, adapters=adapters, shipped=shipped, shapes=shapes,
+                   shard_bytes=shard_bytes)
+
+
+def _plan_checkpoint(options: _Options, inputs: _Inputs) -> _Plan:
+    """Takes the options and the `_Inputs`; decides the pooling, dtype, config, prompts, maximum sequence length and
+    layout; returns the `_Plan`. Nothing is written."""
+    source, adapters = inputs.source, inputs.adapters
+    mode, sizes, head = _pooling_settings(adapters, options.pooling)
+    torch_dtype = _resolve_dtype(options.dtype, source)
+    config = encoder_config(source.config, pooling_mode=mode, latent_sizes=sizes, dtype=torch_dtype,
+                            normalize=options.normalize)
+    dims = _matryoshka_dimensions(adapters, config.hidden_size)
+    if dims:  # where vLLM reads them (and our card names them)
+        config.matryoshka_dimensions, config.is_matryoshka = dims, True
+    if mode == "latent_attention" and not head:
+        logger.warning(
+            "Pooling is latent_attention but no adapter carries a trained latent-attention head; the head is "
+            "freshly initialised (close to mean pooling). Train it with the adapters to get its benefit."
+        )
+        head = _initial_latent_head(config)
+
+    config.instruction_template, trained = _trained_prompts(adapters)
+    prompts = {**default_prompts(config), **trained}
+    if trained:
+        logger.info("Task prompts the adapters were trained with: %s (instruction template %r)",
+                    ", ".join(sorted(trained)), config.instruction_template)
+    if options.query_instruction is not None:
+        prompts["query"] = config.instruction_prompt(options.query_instruction)
+    if options.query_prompt is not None:
+        prompts["query"] = options.query_prompt
+    if options.document_prompt is not None:
+        prompts["document"] = options.document_prompt
+    max_seq_length = resolve_max_seq_length(config, source.tokenizer, options.max_seq_length)
+    window = getattr(config, "sliding_window", None)
+    if drop_idle_window(config, max_seq_length):
+        logger.info("The base's sliding window (%s tokens) never binds for inputs of at most %d tokens: the "
+                    "checkpoint is written as full attention, which computes the same", window, max_seq_length)
+    if config.eos_token_id is None and source.tokenizer.eos_token_id is not None:
+        config.eos_token_id = source.tokenizer.eos_token_id  # some engines (TEI's Qwen3) need the id in config.json
+    layout = plan_layout(format=options.format, pooling_mode=mode, tokenizer=source.tokenizer, prompts=prompts,
+                         padding_side=options.padding_side, family=config.base_model_type,
+                         window=binding_window(config, max_seq_length))
+    if layout.native and layout.sentence_transformers == "custom":
+        logger.warning("The checkpoint keeps its own Sentence Transformers module (SentenceTransformer then needs "
+                       "trust_remote_code=True): %s. Pass --query-prompt with a prompt ending in a newline (and train "
+                       "with an --instruction-template ending in one) to make it native.", layout.custom_reason)
+    # What the merged shards take in the output dtype (the other files are small), for a disk-full message.
+    elements = sum(map(math.prod, inputs.shapes.values())) + sum(t.numel() for t in head.values())
+    return _Plan(config=config, dtype=torch_dtype, head=head, prompts=prompts, max_seq_length=max_seq_length,
+                 layout=layout, merged_adapters=[_adapter_record(adapter) for adapter in adapters],
+                 training_section=inputs.shipped.card_section() if inputs.shipped else (),
+                 needed_bytes=torch_dtype.itemsize * elements)
+
+
+def _card_arguments(options: _Options, inputs: _Inputs, plan: _Plan) -> dict:
+    """What the model card says, as `write_checkpoint` and `write_model_card` both take it (less the tokenizer)."""
+    return dict(model_id=options.model_id or str(inputs.dest), base_name=inputs.source.name,
+                license=inputs.source.license, merged_adapters=plan.merged_adapters, prompts=plan.prompts,
+                max_seq_length=plan.max_seq_length, training_section=plan.training_section, layout=plan.layout)
+
+
+def _merge_weights(inputs: _Inputs, plan: _Plan, folder: Path) -> dict:
+    """Takes the `_Inputs` and the `_Plan`; stream-merges the base, the adapters and the pooling head into shards in
+    `folder`; returns `stream_merge`'s record of the weight files."""
+    return stream_merge(inputs.source.tensor_source(), inputs.adapters, folder, shard_size_bytes=inputs.shard_bytes,
+                        dtype=plan.dtype, extra_tensors=plan.head or None)
+
+
+def _write_checkpoint_files(options: _Options, inputs: _Inputs, plan: _Plan, folder: Path) -> None:
+    """Takes the options, the `_Inputs` and the `_Plan`; writes the config, Hub files, tokenizer and Sentence
+    Transformers files the layout names into `folder`, and the base's licence files (and the Gemma notice)."""
+    write_checkpoint(None, out_dir=folder, weights_written=True, config=plan.config, padding_side=options.padding_side,
+                     tokenizer=inputs.source.tokenizer, **_card_arguments(options, inputs, plan))
+    for name, path in inputs.source.source_files.items():
+        if _LICENSE_FILES.match(name):
+            shutil.copyfile(path, folder / name)
+    if inputs.source.license == "gemma" and not (folder / "NOTICE").exists():  # the Gemma Terms of Use ask for it
+        (folder / "NOTICE").write_text(GEMMA_NOTICE + "\n", encoding="utf-8")
+
+
+def _verify(options: _Options, inputs: _Inputs, plan: _Plan, folder: Path) -> dict:
+    """Takes the options, the `_Inputs` and the `_Plan`; merges the weights a second time, in memory (the
+    reference), compares a sample of the written tensors and the reference sentences' embeddings with it, and checks
+    `folder` in a fresh process; returns `verify_checkpoint`'s report (raises `VerificationError` if it fails). The
+    reference model is freed before the fresh process starts."""
+    weights_named = "the base and adapter weights" if inputs.adapters else "the base weights"
+    reference = (f"an in-memory model of {weights_named} merged a second time from their files (in float32, rounded "
+                 f"once to {str(plan.dtype).removeprefix('torch.')}, without the shard writer)")
+    written = WrittenWeights(folder, reference="that second merge in float32, before rounding")
+    model = _reference_model(inputs.source, inputs.adapters, plan.head, plan.config, plan.dtype, written)
+    expected = {name: compute_reference_embeddings(model, inputs.source.tokenizer, DEFAULT_SENTENCES, prompt,
+                                                   max_length=plan.max_seq_length)
+                for name, prompt in verified_prompts(plan.prompts).items()}
+    del model
+    gc.collect()
+    return verify_checkpoint(folder, expected=expected, reference=reference, weights=written,
+                             tolerance=options.tolerance, write_manifest=False, layout=plan.layout, vllm=options.vllm,
+                             vllm_python=options.vllm_python)
+
+
+def _write_card(options: _Options, inputs: _Inputs, plan: _Plan, folder: Path, report: dict) -> dict:
+    """Takes the options, the `_Inputs`, the `_Plan` and the verification report; writes the model card (with the
+    report's figures) and verification.json (with the file manifest) into `folder`; returns the report with its
+    manifest."""
+    write_model_card(folder, config=plan.config, verification=report, **_card_arguments(options, inputs, plan))
+    return write_verification_manifest(folder, report)
+
+
 def convert(
     *,
     out: str | os.PathLike,
@@ -237,118 +443,27 @@ def convert(
     anything is written, and `VerificationError` if the written checkpoint does not hold or embed like the
     independently merged model (nothing is left in place).
     """
-    if padding_side not in ("left", "right"):
-        raise InputError(f"padding_side must be left or right; got {padding_side!r}.")
-    if query_prompt is not None and query_instruction is not None:
-        raise InputError("Give either a query instruction or a full query prompt, not both.")
-    if untrained and adapters:
-        raise InputError("--untrained converts the bare base; it cannot be combined with --adapter. Drop one of them.")
-    shard_bytes = parse_size(shard_size)
-    dest = check_destination(out, overwrite=overwrite)
-    shipped = None
-    if adapters is None:
-        if base is None and gguf is None and not untrained:
-            shipped = default_adapters()
-            adapters = shipped.folders
-            logger.info("Merging the shipped default adapters (%s) into the embedded default base; --untrained "
-                        "skips them", ", ".join(folder.name for folder in adapters))
-        else:
-            adapters = ()
-
-    source = resolve_base(
-        base=base, gguf=gguf, cache_dir=Path(cache_dir) if cache_dir else None, allow_pickle=allow_pickle
+    options = _Options(
+        out=out, base=base, gguf=gguf, adapters=adapters, untrained=untrained, pooling=pooling,
+        query_instruction=query_instruction, query_prompt=query_prompt, document_prompt=document_prompt,
+        normalize=normalize, max_seq_length=max_seq_length, dtype=dtype, shard_size=shard_size,
+        padding_side=padding_side, model_id=model_id, overwrite=overwrite, allow_pickle=allow_pickle,
+        cache_dir=cache_dir, tolerance=tolerance, format=format, vllm=vllm, vllm_python=vllm_python,
     )
-    loaded = [read_adapter(path, allow_pickle=allow_pickle) for path in adapters]
-    shapes = source.weight_shapes()
-    for adapter in loaded:
-        validate_adapter_against(adapter, source.config.to_dict(), shapes)
-        if adapter.base_model_name_or_path and adapter.base_model_name_or_path != source.name:
-            logger.warning(
-                "Adapter %s names %s as its base; merging it into %s. Shapes are checked, but make sure this is the "
-                "model it was trained on.", adapter.path, adapter.base_model_name_or_path, source.name,
-            )
-    mode, sizes, head = _pooling_settings(loaded, pooling)
-    torch_dtype = _resolve_dtype(dtype, source)
-    config = encoder_config(source.config, pooling_mode=mode, latent_sizes=sizes, dtype=torch_dtype,
-                            normalize=normalize)
-    dims = _matryoshka_dimensions(loaded, config.hidden_size)
-    if dims:  # where vLLM reads them (and our card names them)
-        config.matryoshka_dimensions, config.is_matryoshka = dims, True
-    if mode == "latent_attention" and not head:
-        logger.warning(
-            "Pooling is latent_attention but no adapter carries a trained latent-attention head; the head is "
-            "freshly initialised (close to mean pooling). Train it with the adapters to get its benefit."
-        )
-        head = _initial_latent_head(config)
-
-    config.instruction_template, trained = _trained_prompts(loaded)
-    prompts = {**default_prompts(config), **trained}
-    if trained:
-        logger.info("Task prompts the adapters were trained with: %s (instruction template %r)",
-                    ", ".join(sorted(trained)), config.instruction_template)
-    if query_instruction is not None:
-        prompts["query"] = config.instruction_prompt(query_instruction)
-    if query_prompt is not None:
-        prompts["query"] = query_prompt
-    if document_prompt is not None:
-        prompts["document"] = document_prompt
-    max_seq_length = resolve_max_seq_length(config, source.tokenizer, max_seq_length)
-    window = getattr(config, "sliding_window", None)
-    if drop_idle_window(config, max_seq_length):
-        logger.info("The base's sliding window (%s tokens) never binds for inputs of at most %d tokens: the "
-                    "checkpoint is written as full attention, which computes the same", window, max_seq_length)
-    if config.eos_token_id is None and source.tokenizer.eos_token_id is not None:
-        config.eos_token_id = source.tokenizer.eos_token_id  # some engines (TEI's Qwen3) need the id in config.json
-    layout = plan_layout(format=format, pooling_mode=mode, tokenizer=source.tokenizer, prompts=prompts,
-                         padding_side=padding_side, family=config.base_model_type,
-                         window=binding_window(config, max_seq_length))
-    if layout.native and layout.sentence_transformers == "custom":
-        logger.warning("The checkpoint keeps its own Sentence Transformers module (SentenceTransformer then needs "
-                       "trust_remote_code=True): %s. Pass --query-prompt with a prompt ending in a newline (and train "
-                       "with an --instruction-template ending in one) to make it native.", layout.custom_reason)
-    records = [_adapter_record(adapter) for adapter in loaded]
-    # What the merged shards take in the output dtype (the other files are small), for a disk-full message.
-    needed = torch_dtype.itemsize * (sum(map(math.prod, shapes.values())) + sum(t.numel() for t in head.values()))
-    weights_named = "the base and adapter weights" if loaded else "the base weights"
-    reference = (f"an in-memory model of {weights_named} merged a second time from their files (in float32, rounded "
-                 f"once to {str(torch_dtype).removeprefix('torch.')}, without the shard writer)")
-
-    logger.info("Converting %s with %d adapter(s), pooling %s, %s format, into %s", source.name, len(loaded), mode,
-                layout.format, dest)
-    with atomic_directory(dest, overwrite=overwrite, needed_bytes=needed) as tmp:
-        weights = stream_merge(source.tensor_source(), loaded, tmp, shard_size_bytes=shard_bytes, dtype=torch_dtype,
-                               extra_tensors=head or None)
-        card_args = dict(
-            tokenizer=source.tokenizer, model_id=model_id or str(dest), base_name=source.name, license=source.license,
-            merged_adapters=records, prompts=prompts, max_seq_length=max_seq_length,
-            training_section=shipped.card_section() if shipped else (), layout=layout,
-        )
-        write_checkpoint(None, out_dir=tmp, weights_written=True, config=config, padding_side=padding_side,
-                         **card_args)
-        for name, path in source.source_files.items():
-            if _LICENSE_FILES.match(name):
-                shutil.copyfile(path, tmp / name)
-        if source.license == "gemma" and not (tmp / "NOTICE").exists():  # the Gemma Terms of Use ask for it
-            (tmp / "NOTICE").write_text(GEMMA_NOTICE + "\n", encoding="utf-8")
-
-        written = WrittenWeights(tmp, reference="that second merge in float32, before rounding")
-        model = _reference_model(source, loaded, head, config, torch_dtype, written)
-        del head
-        expected = {name: compute_reference_embeddings(model, source.tokenizer, DEFAULT_SENTENCES, prompt,
-                                                       max_length=max_seq_length)
-                    for name, prompt in verified_prompts(prompts).items()}
-        del model
-        gc.collect()
-        report = verify_checkpoint(tmp, expected=expected, reference=reference, weights=written, tolerance=tolerance,
-                                   write_manifest=False, layout=layout, vllm=vllm, vllm_python=vllm_python)
-        card_args.pop("tokenizer")
-        write_model_card(tmp, config=config, verification=report, **card_args)
-        report = write_verification_manifest(tmp, report)
-        files = sorted(report["files"])
-    logger.info("Checkpoint verified (max cosine distance %.2e) and written to %s", report["max_cosine_distance"], dest)
+    inputs = _resolve_inputs(options)
+    plan = _plan_checkpoint(options, inputs)
+    logger.info("Converting %s with %d adapter(s), pooling %s, %s format, into %s", inputs.source.name,
+                len(inputs.adapters), plan.config.pooling_mode, plan.layout.format, inputs.dest)
+    with atomic_directory(inputs.dest, overwrite=overwrite, needed_bytes=plan.needed_bytes) as tmp:
+        weights = _merge_weights(inputs, plan, tmp)
+        _write_checkpoint_files(options, inputs, plan, tmp)
+        report = _verify(options, inputs, plan, tmp)
+        report = _write_card(options, inputs, plan, tmp, report)
+    logger.info("Checkpoint verified (max cosine distance %.2e) and written to %s", report["max_cosine_distance"],
+                inputs.dest)
     return ConvertResult(
-        out_dir=dest, files=files, merged_adapters=records, verification=report, pooling_mode=mode,
-        dtype=config.dtype, weights=weights, format=layout.format,
+        out_dir=inputs.dest, files=sorted(report["files"]), merged_adapters=plan.merged_adapters, verification=report,
+        pooling_mode=plan.config.pooling_mode, dtype=plan.config.dtype, weights=weights, format=plan.layout.format,
     )
 
 
