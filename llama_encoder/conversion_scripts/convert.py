@@ -425,7 +425,8 @@ def convert(
     vllm: bool | None = None,
     vllm_python: str | None = None,
 ) -> ConvertResult:
-    """Convert a decoder LLM (any family of `BASE_FAMILIES`) plus LoRA adapters (merged in the order given) into an encoder checkpoint at `out`.
+    """Convert a decoder LLM (any family of `BASE_FAMILIES`) plus LoRA adapters (merged in the order given)
+    into an encoder checkpoint at `out`.
 
     `base` is a local HF folder or a Hub repo id, `gguf` a GGUF file; with neither, the embedded SmolLM2-135M-Instruct.
     `adapters=None` means: the shipped default adapters for the embedded base (MNTP + supervised, see
