@@ -35,10 +35,12 @@ import numpy as np
 from ..errors import InputError, MissingDependencyError
 from ..prompts import NO_PROMPT
 from .encode import Encoder
+from .scorecard import DEFAULT_PROMPT_NAMES as SCORECARD_PROMPT_NAMES
 
-DEFAULT_PROMPT_NAMES = {"STS": "sts", "query": "query", "document": "document"}
+DEFAULT_PROMPT_NAMES = {"STS": SCORECARD_PROMPT_NAMES["sts"], "query": SCORECARD_PROMPT_NAMES["retrieval"],
+                        "document": "document"}
 """MTEB key -> the checkpoint prompt used when the caller names none for that key (dropped where the checkpoint has
-no prompt of that name): `evaluate`'s defaults."""
+no prompt of that name): `evaluate`'s defaults, read from the scorecard's, so both score a set alike."""
 PROMPT_TYPES = ("query", "document")
 
 
