@@ -218,8 +218,16 @@ def evaluate(checkpoint: Path, sts_dev: Path, squad: Path | None = None) -> dict
     if squad is not None:
         command += ["--retrieval", f"squad-dev-ir={squad}"]
     card = json.loads(_run(command, capture=True))
-    return {name: {**{metric: round(100 * value, 2) for metric, value in entry["metrics"].items()},
-                   "seconds": entry["seconds"]} for name, entry in card["sets"].items()}
+    return {name: {**percent_scores(entry["metrics"]), "seconds": entry["seconds"]}
+            for name, entry in card["sets"].items()}
+
+
+COUNTS = ("n", "queries", "skipped")  # what a scorecard's metrics count rather than score: never scaled
+
+
+def percent_scores(metrics: dict) -> dict:
+    """A scorecard set's metrics with the scores x100 (rounded to 2 places) and the counts as they are."""
+    return {metric: value if metric in COUNTS else round(100 * value, 2) for metric, value in metrics.items()}
 
 
 def measure(args: argparse.Namespace) -> dict:

@@ -96,8 +96,8 @@ def main() -> int:
         print(f"({note})")
     built = manifest.get("scorecard") or {"sts-dev": {"spearman": manifest.get("sts_dev", {}).get("spearman")}}
     for name in card["sets"]:
-        figures = ", ".join(f"{metric} {value:.2f}" for metric, value in built.get(name, {}).items()
-                            if value is not None)
+        figures = ", ".join(f"{metric} {value}" if isinstance(value, int) else f"{metric} {value:.2f}"
+                            for metric, value in built.get(name, {}).items() if value is not None)
         if figures:
             print(f"(the shipped adapters scored {figures} on {name} when they were built)")
     return 0

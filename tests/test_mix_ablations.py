@@ -63,3 +63,12 @@ def test_seeds_name_their_runs_and_the_spread_is_taken_per_variant():
                 "reference-seed13": {"ndcg@10": 0.59}, "no-negatives": {"ndcg@10": 0.61},
                 "no-negatives-seed7": {"ndcg@10": 0.605}, "mntp-only": {"ndcg@10": 0.55}}
     assert mix_ablations.spreads(variants) == pytest.approx({"reference": 0.03, "no-negatives": 0.005})
+
+
+def test_the_manifest_scales_scores_to_percent_and_keeps_counts():
+    """benchmarks/default_adapters.py: a scorecard set's figures as the manifest stores them."""
+    default_adapters = pytest.importorskip("default_adapters")
+    metrics = {"ndcg@10": 0.684612, "recall@100": 0.979943, "queries": 10570, "skipped": 0}
+    assert default_adapters.percent_scores(metrics) == {"ndcg@10": 68.46, "recall@100": 97.99, "queries": 10570,
+                                                        "skipped": 0}
+    assert default_adapters.percent_scores({"spearman": 0.87344, "n": 1500}) == {"spearman": 87.34, "n": 1500}
