@@ -506,19 +506,17 @@ def iter_documents(path: str | os.PathLike):
     if suffix not in (".txt", ".jsonl"):
         raise ValueError(f"{path}: a documents file is a .txt (one text per line) or a .jsonl (training format "
                          "records, whose `positive` is taken, or a BEIR corpus.jsonl, whose `text` is taken)")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            if suffix == ".txt":
-                yield line.rstrip("\n")
-                continue
-            record = json.loads(line)
-            text = record.get("positive") if isinstance(record, dict) and "positive" in record else (
-                record.get("text") if isinstance(record, dict) else None)
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: a record with neither a `positive` nor a `text` string")
-            yield text
+    from llama_encoder.readers import jsonl_records  # here: the workers in llm2vec's venv never read documents
+
+    if suffix == ".txt":
+        with open(path, encoding="utf-8") as handle:
+            yield from (line.rstrip("\n") for line in handle if line.strip())
+        return
+    for number, record in jsonl_records(path, required=()):  # the package's jsonl reader: same checks, same errors
+        text = record["positive"] if "positive" in record else record.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{number}: a record with neither a `positive` nor a `text` string")
+        yield text
 
 
 def select_documents(texts, n: int, min_chars: int) -> list[str]:
