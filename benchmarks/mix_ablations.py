@@ -28,6 +28,7 @@ and writes WORKDIR/ablations/results.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -39,10 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from default_adapters import BenchmarkError, _cli, _run, host  # noqa: E402
 from default_mix import RETRIEVAL_INSTRUCTION  # noqa: E402
 
+from llama_encoder.training.arguments import TrainingArguments  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SQUAD_DEV = REPO.parent / "shared/data/squad-dev-ir"
 SEED = 22  # the dev subset's sample
-TRAIN_SEED = 42  # `train`'s default seed: its runs keep the variant's plain name
+TRAIN_SEED = next(f.default for f in dataclasses.fields(TrainingArguments) if f.name == "seed")
+"""`train`'s default seed (read from its arguments, not restated): runs at it keep the variant's plain name."""
 TRAIN_ARGS = ("--lr", "3e-4", "--max-length", "128", "--group-by-length", "--lora-dropout", "0",
               "--dtype", "auto", "--save-every", "10", "--keep-checkpoints", "1", "--log-every", "4", "--no-progress")
 VARIANTS = {  # name: (mined negatives kept, instruction, batch size, GradCache mini-batch, steps as a share)
