@@ -706,6 +706,8 @@ class Worker:
         self.label, self.name, self.dtype = label, name, dtype
         revision = label.split(":")[0].partition("@")[2]
         dirs = {**dirs, "use": f"remote@{revision}" if revision else "remote"}
+        if os.sep in python:  # the worker runs in log_dir: a relative interpreter path must not move with it,
+            python = os.path.abspath(python)  # and a venv's python must stay the link (no resolve)
         command = [python, str(Path(__file__).resolve()), "--worker", name, "--worker-dtype", dtype,
                    "--worker-dirs", json.dumps(dirs), "--texts-file", str(args.texts_file),
                    "--threads", str(args.threads), "--batch-size", str(args.batch_size),

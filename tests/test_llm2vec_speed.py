@@ -2,8 +2,9 @@
 end-to-end run on tiny random checkpoints (no llm2vec venv: its ratios then read "-").
 
 The end-to-end runs start a worker process per path (each imports torch and transformers: a few seconds) and time
-one round of a handful of texts; nothing is measured that depends on the host. The vLLM run needs a vLLM interpreter
-(`vllm_python` fixture: skipped without one, failed under LLAMA_ENCODER_REQUIRE_VLLM=1) and one vLLM start-up.
+one round of a handful of texts; nothing is measured that depends on the host. The vLLM run needs a vLLM
+interpreter (`vllm_python` fixture: skipped without one, failed under LLAMA_ENCODER_REQUIRE_VLLM=1) and one vLLM
+start-up; it runs in scripts/test.sh's vLLM step.
 """
 
 from __future__ import annotations
@@ -244,6 +245,7 @@ def test_a_tiny_run_times_both_kinds_on_every_local_path(tmp_path, tiny_pair):
     assert "by module (one more encode with forward hooks" in stdout and "sdpa given: " in stdout
 
 
+@pytest.mark.integration  # real vLLM: runs in scripts/test.sh's vLLM step (-m integration), skipped in the main run
 def test_a_tiny_run_through_vllm(tmp_path, tiny_pair, vllm_python):
     stdout, data = _run(tmp_path, tiny_pair, "--paths", "st-native", "vllm", "--vllm-python", vllm_python,
                         "--threads", "1", timeout=600)
