@@ -12,6 +12,16 @@ Stock Sentence Transformers on a native checkpoint runs the stock transformers f
    freezing use) run faster at a small encoder's shapes on the hosts we measured. Measured here: both libraries on
    the same rows and weights, with their largest difference.
 
+3. **Packing instead of padding** (what Sentence Transformers does with flash-attention varlen) works with sdpa on
+   CPU through a block-diagonal mask: measured here against the padded forward. transformers builds that mask itself
+   from restarting position_ids for causal models only: with `is_causal: false`, `create_causal_mask` hands over to
+   `create_bidirectional_mask` without the position_ids, so packed texts attend to each other. Checked here.
+
+4. **Repeated key/value heads.** With a mask, transformers' sdpa path copies the key/value heads up to the query
+   heads in every layer (`use_gqa_in_sdpa` applies CUDA's rule, no mask, on CPU too), although CPU's sdpa takes
+   grouped heads with a mask (`enable_gqa`) with the same arithmetic. Measured here with `TRANSFORMERS_SDPA_FORCE_GQA=1`
+   against the default.
+
 The script needs torch and transformers only (random weights of the chosen size, no download), so it can be attached
 to an upstream issue as it is. Batch lengths are drawn, not read: sentences (4 + Poisson(3.7) tokens, cut at 17,
 about STS Benchmark's 7.7 mean) and documents (two thirds at the 512 cut, the rest 228-511), ordered the way Sentence
@@ -21,8 +31,9 @@ Transformers and llm2vec order them (by characters, which follow tokens only rou
     python benchmarks/upstream_cpu.py --hidden 2048 --intermediate 8192 --heads 32 --kv-heads 8 --layers 2
 
 Prints the host, per text kind: the stock forward's time (transformers `LlamaModel`, sdpa, bidirectional, padded),
-one pass of every layer's products on padded rows / real rows through MKL / oneDNN, and what each saving is as a
-share of the forward. Figures depend on the CPU; compare ratios measured in the same run only.
+one pass of every layer's products on padded rows / real rows through MKL / oneDNN, what each saving is as a share
+of the forward, the packed forward's time, and the two packed-vs-padded checks. Figures depend on the CPU; compare
+ratios measured in the same run only.
 """
 
 from __future__ import annotations
@@ -30,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import statistics
 import sys
@@ -40,6 +52,11 @@ import torch
 import torch.nn.functional as F
 
 logger = logging.getLogger("upstream_cpu")
+
+# Packed and padded rows agree to float32 summation order (~1e-6 of the scale at these sizes); texts that attend to
+# each other move their rows by tenths of the scale. Anything under this counts as "kept apart".
+SAME = 1e-3
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
 
 
 def host_line() -> str:
@@ -142,9 +159,27 @@ def time_products(rows_per_batch: list[int], shapes, layers: int, repeats: int, 
     return summary
 
 
-def time_stock_forward(batches: list[list[int]], args, generator: torch.Generator) -> float:
-    """Median seconds of transformers' own LlamaModel (random weights, sdpa, is_causal false where the installed
-    transformers honours it) over the padded batches, under inference_mode."""
+def packed_inputs(batch: list[int], input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One padded batch as one row without padding: the real tokens in a row, positions restarting at 0 for every
+    text (what `DataCollatorWithFlattening` gives), and the block-diagonal bool mask (1, 1, T, T) that keeps every
+    text to itself."""
+    ids = torch.cat([input_ids[row, :length] for row, length in enumerate(batch)])[None]
+    positions = torch.cat([torch.arange(length) for length in batch])[None]
+    text = torch.cat([torch.full((length,), row) for row, length in enumerate(batch)])
+    return ids, positions, (text[:, None] == text[None, :])[None, None]
+
+
+def _relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+def time_stock_forward(batches: list[list[int]], args, generator: torch.Generator) -> dict:
+    """transformers' own LlamaModel (random weights, sdpa, `is_causal` false) over the batches, under
+    inference_mode: the padded batches as encode forms them (median seconds), and, where a batch packs into at most
+    --packed-max-tokens, the same texts packed one row per batch with a block-diagonal mask (no padding reaches any
+    product; attention then spans the whole row). Checks on the first batch: the packed rows against the padded
+    ones, and whether transformers builds the block-diagonal mask itself from restarting position_ids (it does for
+    causal models; `create_causal_mask` hands `is_causal=False` to `create_bidirectional_mask` without them)."""
     from transformers import LlamaConfig, LlamaModel
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
@@ -153,20 +188,66 @@ def time_stock_forward(batches: list[list[int]], args, generator: torch.Generato
     config.is_causal = False
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
     model = LlamaModel(config).eval()
-    prepared = []
+    padded, packed = [], []
     for batch in batches:
         mask = padding_mask(batch)
-        prepared.append((torch.randint(0, 1024, mask.shape, generator=generator), mask))
+        input_ids = torch.randint(0, 1024, mask.shape, generator=generator)
+        padded.append({"input_ids": input_ids, "attention_mask": mask})
+        if sum(batch) <= args.packed_max_tokens:
+            ids, positions, block = packed_inputs(batch, input_ids)
+            packed.append({"input_ids": ids, "position_ids": positions, "attention_mask": block})
 
-    def one_pass() -> float:
-        start = time.perf_counter()
+    def one_pass(inputs, force_gqa: bool = False) -> float:
+        # transformers reads TRANSFORMERS_SDPA_FORCE_GQA at every sdpa call (use_gqa_in_sdpa)
+        previous = os.environ.pop(FORCE_GQA, None)
+        if force_gqa:
+            os.environ[FORCE_GQA] = "1"
+        try:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                for kwargs in inputs:
+                    model(**kwargs)
+            return time.perf_counter() - start
+        finally:
+            os.environ.pop(FORCE_GQA, None)
+            if previous is not None:
+                os.environ[FORCE_GQA] = previous
+
+    grouped = args.heads != args.kv_heads
+    result = {"padded_s": None, "packed_s": None, "padded_gqa_s": None, "packed_batches": len(packed)}
+    timings = {"padded": [], "packed": [], "padded_gqa": []}
+    one_pass(padded)
+    if len(packed) == len(batches):
+        one_pass(packed)
+    for _ in range(args.repeats):  # alternate, so each sees the same load
+        timings["padded"].append(one_pass(padded))
+        if grouped:
+            timings["padded_gqa"].append(one_pass(padded, force_gqa=True))
+        if len(packed) == len(batches):
+            timings["packed"].append(one_pass(packed))
+    for name, values in timings.items():
+        if values:
+            result[f"{name}_s"] = statistics.median(values)
+    if grouped:
         with torch.inference_mode():
-            for input_ids, mask in prepared:
-                model(input_ids=input_ids, attention_mask=mask)
-        return time.perf_counter() - start
-
-    one_pass()
-    return statistics.median(one_pass() for _ in range(args.repeats))
+            repeated = model(**padded[0]).last_hidden_state
+            os.environ[FORCE_GQA] = "1"
+            try:
+                direct = model(**padded[0]).last_hidden_state
+            finally:
+                os.environ.pop(FORCE_GQA, None)
+        result["gqa_vs_repeat"] = _relative_difference(direct, repeated)
+    first = batches[0]
+    if sum(first) <= args.packed_max_tokens:
+        with torch.inference_mode():
+            reference = model(**padded[0]).last_hidden_state
+            rows = torch.cat([reference[row, :length] for row, length in enumerate(first)])
+            ids, positions, block = packed_inputs(first, padded[0]["input_ids"])
+            result["packed_vs_padded"] = _relative_difference(
+                model(input_ids=ids, position_ids=positions, attention_mask=block).last_hidden_state[0], rows)
+            result["positions_only_vs_padded"] = _relative_difference(
+                model(input_ids=ids, position_ids=positions).last_hidden_state[0], rows)
+    return result
 
 
 def measure(kind: str, lengths: list[int], args, generator: torch.Generator) -> dict:
@@ -178,7 +259,8 @@ def measure(kind: str, lengths: list[int], args, generator: torch.Generator) -> 
                 sum(real), sum(padded))
     result = {"texts": len(lengths), "batches": len(batches), "real_tokens": sum(real),
               "padded_tokens": sum(padded), "padding_overhead": sum(padded) / sum(real) - 1}
-    result["forward_s"] = time_stock_forward(batches, args, generator)
+    result["forward"] = time_stock_forward(batches, args, generator)
+    result["forward_s"] = result["forward"]["padded_s"]
     result["products_padded"] = time_products(padded, shapes, args.layers, args.repeats, generator)
     result["products_real"] = time_products(real, shapes, args.layers, args.repeats, generator)
     return result
@@ -208,6 +290,24 @@ def report(kind: str, result: dict) -> list[str]:
                      f"(forward x{forward / (forward - saved_both):.2f} faster without them)")
     else:
         lines.append("  2. oneDNN's prepacked linear is not in this torch build: not measured")
+    stock = result["forward"]
+    if stock["packed_s"] is not None:
+        lines.append(f"  3. the same texts packed, one row per batch, block-diagonal mask (stock LlamaModel): "
+                     f"{stock['packed_s']:.3f} s, {forward / stock['packed_s']:.2f}x as fast as the padded forward")
+    else:
+        lines.append("  3. packed forward not timed: a batch holds more than --packed-max-tokens real tokens "
+                     "(attention over the packed row would cost more than the padding)")
+    if "packed_vs_padded" in stock:
+        lines.append(f"     packed vs padded, first batch: largest difference {stock['packed_vs_padded']:.1e} of the "
+                     f"scale with the block-diagonal mask; {stock['positions_only_vs_padded']:.1e} with restarting "
+                     f"position_ids and no mask ("
+                     + ("transformers keeps the texts apart itself)" if stock["positions_only_vs_padded"] < SAME
+                        else "transformers lets the texts attend to each other: the bidirectional mask ignores "
+                             "position_ids)"))
+    if stock["padded_gqa_s"] is not None:
+        lines.append(f"  4. grouped key/value heads given to sdpa with the mask ({FORCE_GQA}=1) instead of repeated: "
+                     f"{stock['padded_gqa_s']:.3f} s, {forward / stock['padded_gqa_s']:.2f}x as fast as the padded "
+                     f"forward; largest difference {stock['gqa_vs_repeat']:.1e} of the scale")
     return lines
 
 
@@ -228,6 +328,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=9, help="attention heads (SmolLM2-135M: 9)")
     parser.add_argument("--kv-heads", type=int, default=3, help="key/value heads (SmolLM2-135M: 3)")
     parser.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM2-135M: 30)")
+    parser.add_argument("--packed-max-tokens", type=int, default=2048,
+                        help="time the packed forward (one row per batch, block-diagonal mask) only where every "
+                        "batch's real tokens fit in this many; its attention spans the whole row, so long documents "
+                        "would pay far more in attention than padding costs them")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per measurement (median reported)")
     parser.add_argument("--seed", type=int, default=0, help="seed for lengths, weights and inputs")

@@ -712,8 +712,13 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
             key = (key * cos) + (_rotate_half(key) * sin)
             query, key = to_batch(query, heads), to_batch(key, kv_heads)
             value = to_batch(value.view(tokens, kv_heads, head_dim), kv_heads)
-            if padded:  # as transformers' sdpa does with a mask: repeat the key/value heads
-                groups = heads // kv_heads
+            if padded and query.device.type == "cpu":
+                # CPU's sdpa kernels take grouped key/value heads with a mask: no copies, the same arithmetic
+                attended = F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=mask, scale=attn.scaling, enable_gqa=heads != kv_heads
+                )
+            elif padded:  # elsewhere a mask with grouped heads falls back to the math kernel: repeat them, as
+                groups = heads // kv_heads  # transformers' sdpa does
                 if groups > 1:
                     key = key[:, :, None].expand(batch, kv_heads, groups, seq_len, head_dim)
                     key = key.reshape(batch, heads, seq_len, head_dim)

@@ -39,6 +39,16 @@ def test_batches_keep_every_text_and_count_padding_as_encode_would():
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
 
 
+def test_a_packed_batch_keeps_every_text_to_itself():
+    input_ids = torch.tensor([[11, 12, 13], [21, 0, 0], [31, 32, 0]])
+    ids, positions, block = upstream.packed_inputs([3, 1, 2], input_ids)
+    assert ids.tolist() == [[11, 12, 13, 21, 31, 32]]
+    assert positions.tolist() == [[0, 1, 2, 0, 0, 1]]
+    text = [0, 0, 0, 1, 2, 2]
+    assert block.shape == (1, 1, 6, 6)
+    assert block[0, 0].tolist() == [[a == b for b in text] for a in text]
+
+
 def test_layer_shapes_are_a_llama_layers_seven_products():
     # SmolLM2-135M: 9 heads of 64, 3 key/value heads -> k and v project to 192
     assert upstream.layer_shapes(576, 1536, 9, 3) == [
@@ -73,7 +83,7 @@ def test_a_tiny_run_prints_both_kinds_with_the_host(tmp_path):
     process = subprocess.run(
         [sys.executable, str(SCRIPT), "--hidden", "32", "--intermediate", "64", "--heads", "4", "--kv-heads", "2",
          "--layers", "1", "--sentences", "40", "--documents", "6", "--max-length", "48", "--batch-size", "8",
-         "--repeats", "1", "--threads", "1", "--json", str(out)],
+         "--repeats", "1", "--threads", "1", "--packed-max-tokens", "100", "--json", str(out)],
         capture_output=True, text=True, timeout=300, check=True)
     data = json.loads(out.read_text())
     assert process.stdout.startswith("host: ") and data["host_line"] in process.stdout
@@ -85,3 +95,16 @@ def test_a_tiny_run_prints_both_kinds_with_the_host(tmp_path):
         assert result["forward_s"] > 0 and result["products_padded"]["mkl_s"] > 0
         assert f"{kind}: {texts} texts" in process.stdout
     assert "1. padding in the products" in process.stdout
+    # sentences (batches of 8 texts of at most 17 tokens) pack within 100 tokens; documents (40-48 tokens) do not
+    sentences, documents = data["kinds"]["sentences"]["forward"], data["kinds"]["documents"]["forward"]
+    assert sentences["packed_s"] > 0 and sentences["packed_batches"] == 5
+    assert documents["packed_s"] is None and documents["packed_batches"] == 0
+    assert "3. packed forward not timed" in process.stdout
+    # packed rows with the block-diagonal mask are the padded rows up to float32 summation order
+    assert sentences["packed_vs_padded"] < upstream.SAME
+    kept_apart = sentences["positions_only_vs_padded"] < upstream.SAME
+    assert ("transformers keeps the texts apart itself" in process.stdout) == kept_apart
+    assert ("the bidirectional mask ignores position_ids" in process.stdout) == (not kept_apart)
+    # 4 heads over 2 key/value heads: sdpa given the grouped heads computes what it computes on repeated ones
+    assert sentences["padded_gqa_s"] > 0 and sentences["gqa_vs_repeat"] < upstream.SAME
+    assert "4. grouped key/value heads given to sdpa" in process.stdout
