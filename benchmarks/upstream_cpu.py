@@ -178,8 +178,9 @@ def time_stock_forward(batches: list[list[int]], args, generator: torch.Generato
     inference_mode: the padded batches as encode forms them (median seconds), and, where a batch packs into at most
     --packed-max-tokens, the same texts packed one row per batch with a block-diagonal mask (no padding reaches any
     product; attention then spans the whole row). Checks on the first batch: the packed rows against the padded
-    ones, and whether transformers builds the block-diagonal mask itself from restarting position_ids (it does for
-    causal models; `create_causal_mask` hands `is_causal=False` to `create_bidirectional_mask` without them)."""
+    ones, and whether transformers builds the block-diagonal mask itself from restarting position_ids with no cache
+    (it does for causal models; `create_causal_mask` hands `is_causal=False` to `create_bidirectional_mask` without
+    them)."""
     from transformers import LlamaConfig, LlamaModel
 
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
@@ -246,7 +247,7 @@ def time_stock_forward(batches: list[list[int]], args, generator: torch.Generato
             result["packed_vs_padded"] = _relative_difference(
                 model(input_ids=ids, position_ids=positions, attention_mask=block).last_hidden_state[0], rows)
             result["positions_only_vs_padded"] = _relative_difference(
-                model(input_ids=ids, position_ids=positions).last_hidden_state[0], rows)
+                model(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0], rows)
     return result
 
 
