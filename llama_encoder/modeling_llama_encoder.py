@@ -678,10 +678,16 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
         padded = not bool(keep.all())
         states = inputs_embeds.reshape(batch * seq_len, hidden)
         positions = position_ids.expand(batch, seq_len).reshape(1, batch * seq_len)
+        mask = None
         if padded:
             index = keep.reshape(-1).nonzero().squeeze(1)
             states, positions = states.index_select(0, index), positions.index_select(1, index)
             mask = keep[:, None, None, :].expand(batch, 1, seq_len, seq_len)
+        # sdpa takes the grouped key/value heads as they are (`enable_gqa`: no copies, the same arithmetic), except
+        # with a mask off CPU, where that falls back to the math kernel: there they are repeated, as transformers' sdpa
+        # does with a mask.
+        groups = heads // kv_heads
+        repeat_heads = padded and groups > 1 and inputs_embeds.device.type != "cpu"
         tokens = states.shape[0]
         cos, sin = self.rotary_emb(states[None], positions)
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # (tokens, 1, head_dim): one row per real token
@@ -712,23 +718,14 @@ class LlamaEncoderModel(LlamaPreTrainedModel):
             key = (key * cos) + (_rotate_half(key) * sin)
             query, key = to_batch(query, heads), to_batch(key, kv_heads)
             value = to_batch(value.view(tokens, kv_heads, head_dim), kv_heads)
-            if padded and query.device.type == "cpu":
-                # CPU's sdpa kernels take grouped key/value heads with a mask: no copies, the same arithmetic
-                attended = F.scaled_dot_product_attention(
-                    query, key, value, attn_mask=mask, scale=attn.scaling, enable_gqa=heads != kv_heads
-                )
-            elif padded:  # elsewhere a mask with grouped heads falls back to the math kernel: repeat them, as
-                groups = heads // kv_heads  # transformers' sdpa does
-                if groups > 1:
-                    key = key[:, :, None].expand(batch, kv_heads, groups, seq_len, head_dim)
-                    key = key.reshape(batch, heads, seq_len, head_dim)
-                    value = value[:, :, None].expand(batch, kv_heads, groups, seq_len, head_dim)
-                    value = value.reshape(batch, heads, seq_len, head_dim)
-                attended = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling)
-            else:
-                attended = F.scaled_dot_product_attention(
-                    query, key, value, scale=attn.scaling, enable_gqa=heads != kv_heads
-                )
+            if repeat_heads:
+                key = key[:, :, None].expand(batch, kv_heads, groups, seq_len, head_dim)
+                key = key.reshape(batch, heads, seq_len, head_dim)
+                value = value[:, :, None].expand(batch, kv_heads, groups, seq_len, head_dim)
+                value = value.reshape(batch, heads, seq_len, head_dim)
+            attended = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, scale=attn.scaling, enable_gqa=heads != kv_heads and not repeat_heads
+            )
             attended = attended.transpose(1, 2).reshape(batch * seq_len, heads * head_dim)
             if padded:
                 attended = attended.index_select(0, index)
